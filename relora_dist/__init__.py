@@ -1,0 +1,25 @@
+"""relora_dist: ReLoRA pre-training on single process, DDP and (later) DeepSpeed, FSDP2 and fairscale."""
+
+from .config import LLAMA_PROJECTIONS, ReLoRAConfig
+from .layer import ReLoRALinear, lora_parameters, relora_layers, wrap
+from .merge import merge_and_reinit, merge_and_reinit_layers
+from .prune import prune_adam_states, prune_states
+from .schedule import Actions, ReLoRAController, jagged_cosine
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLAMA_PROJECTIONS",
+    "ReLoRAConfig",
+    "ReLoRALinear",
+    "wrap",
+    "relora_layers",
+    "lora_parameters",
+    "merge_and_reinit",
+    "merge_and_reinit_layers",
+    "prune_adam_states",
+    "prune_states",
+    "jagged_cosine",
+    "ReLoRAController",
+    "Actions",
+]

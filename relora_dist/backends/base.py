@@ -1,0 +1,140 @@
+"""The one interface every distributed engine implements.
+
+Two halves:
+- training ops the loop calls (setup, forward context, backward, step, checkpoint), so the loop never
+  branches on which engine it runs;
+- `ShardAccess`: where the pieces of W, A, B and their Adam states live on this rank. Merge, re-init
+  and prune are written once (`relora_dist.merge`, `relora_dist.prune`) on top of it.
+
+A piece is a flat range of the *full* flattened tensor: replicated engines hand out one piece that
+starts at 0; ZeRO-1/2 fragments, ZeRO-3 `ds_tensor` slices and FSDP2 row shards are flat ranges too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Piece:
+    """Elements [start, start + numel) of a full flattened tensor held by this rank.
+
+    `views` are all writable holders of those elements (low-precision param, fp32 master, ...):
+    every write must reach all of them, in place.
+    """
+
+    start: int
+    views: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.views[0].numel() if self.views else 0
+
+
+class ShardAccess(ABC):
+    """Where ReLoRA tensors live on this rank. Every rank must call every method in the same order."""
+
+    @abstractmethod
+    def full_fp32(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """Full fp32 values (masters where they exist) of small params, in one packed collective."""
+
+    @abstractmethod
+    def weight_pieces(self, layer: nn.Module) -> list[Piece]:
+        """Writable local pieces of a ReLoRA layer's frozen W."""
+
+    @abstractmethod
+    def param_pieces(self, param: nn.Parameter) -> list[Piece]:
+        """Writable local pieces of a trainable param (A or B), masters included."""
+
+    @abstractmethod
+    def state_pieces(self, param: nn.Parameter, key: str) -> list[Piece]:
+        """Local pieces of an Adam state of `param`; empty where this rank holds none (yet)."""
+
+    @abstractmethod
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        """Sum over the ranks whose pieces are disjoint (no-op when every rank holds everything)."""
+
+
+class Backend(ABC):
+    """Training ops of one engine (single process/DDP, DeepSpeed, FSDP2, fairscale)."""
+
+    name: str = "base"
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def setup(self, model: nn.Module, make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], param_groups: list[dict]) -> None:
+        """Wrap `model` and build its optimizer from param groups. Called again after the warm-start phase switch."""
+
+    @property
+    @abstractmethod
+    def model(self) -> nn.Module:
+        """The module to call for forward passes (possibly wrapped)."""
+
+    @property
+    @abstractmethod
+    def unwrapped_model(self) -> nn.Module:
+        """The user's model, without engine wrappers."""
+
+    @property
+    @abstractmethod
+    def optimizer(self) -> torch.optim.Optimizer: ...
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Context for micro-batches off the accumulation boundary (no gradient communication)."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip and return the global gradient norm (identical on every rank)."""
+
+    @abstractmethod
+    def step(self) -> None:
+        """Optimizer step on the accumulation boundary."""
+
+    @abstractmethod
+    def zero_grad(self) -> None: ...
+
+    def set_lr(self, lr_per_group: list[float]) -> None:
+        for group, lr in zip(self.optimizer.param_groups, lr_per_group):
+            group["lr"] = lr
+
+    @abstractmethod
+    def shard_access(self) -> ShardAccess: ...
+
+    @abstractmethod
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a small tensor over all ranks (loss logging, evaluation)."""
+
+    def barrier(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write model and optimizer state into `directory` (every rank calls it)."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote (every rank calls it, after `setup`)."""
+
+    def model_state_for_export(self) -> dict[str, torch.Tensor]:
+        """Full model state dict on rank 0 (consolidating shards where needed); {} elsewhere."""
+        return {k: v.detach().cpu() for k, v in self.unwrapped_model.state_dict().items()} if self.rank == 0 else {}
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.unwrapped_model.named_parameters() if p.requires_grad)

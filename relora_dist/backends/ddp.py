@@ -1,0 +1,91 @@
+"""Single process and torch DDP: replicated model, plain torch optimizer, local merge and prune."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..merge import ReplicatedAccess
+from .base import Backend
+
+
+class DDPBackend(Backend):
+    """World size 1 runs the bare model; larger worlds wrap it in DDP (gloo on CPU, NCCL on GPUs).
+
+    `dtype="bf16"` is autocast mixed precision over fp32 parameters (the fp32 params are the masters).
+    """
+
+    name = "ddp"
+
+    def __init__(self, *, device: torch.device, dtype: str = "fp32"):
+        self.device = device
+        self.dtype = dtype
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self._module: nn.Module | None = None
+        self._wrapped: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def setup(self, model, make_optimizer, param_groups):
+        self._module = model.to(self.device)
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._wrapped = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        else:
+            self._wrapped = model
+        self._optimizer = make_optimizer(param_groups)
+
+    @property
+    def model(self):
+        return self._wrapped
+
+    @property
+    def unwrapped_model(self):
+        return self._module
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    def forward_context(self):
+        if self.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def no_sync(self):
+        return self._wrapped.no_sync() if isinstance(self._wrapped, DistributedDataParallel) else contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm):
+        params = [p for p in self._module.parameters() if p.requires_grad]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+    def step(self):
+        self._optimizer.step()
+
+    def zero_grad(self):
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def shard_access(self):
+        return ReplicatedAccess(self._optimizer)
+
+    def all_reduce_sum(self, tensor):
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def save(self, directory: Path):
+        if self.rank == 0:
+            torch.save(self._module.state_dict(), directory / "model.pt")
+            torch.save(self._optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path):
+        self._module.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
+        self._optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))

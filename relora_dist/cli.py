@@ -1,0 +1,67 @@
+"""Console entry points: relora-train and relora-export. User errors end in one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "datasets", "transformers", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(prog: str, error: Exception) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    from .distributed import close_distributed
+    from .train.arguments import parse_run_config
+
+    try:
+        cfg, args = parse_run_config(argv)
+        if getattr(args, "dry_run", False):
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        from .train.trainer import Trainer
+
+        summary = Trainer(cfg).train()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"val_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "
+                  f"tokens/s {summary['tokens_per_s']:.0f}  wall {summary['wall_s']:.1f}s  -> {cfg.train.out}/summary.json")
+        return 0
+    except (ValueError, FloatingPointError) as e:
+        return _fail("relora-train", e)
+    finally:
+        close_distributed()
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    parser = argparse.ArgumentParser(prog="relora-export", description="Write a merged HF model from a relora-train checkpoint.")
+    parser.add_argument("checkpoint", help="checkpoint directory (OUT/checkpoints/step_N)")
+    parser.add_argument("out_dir", help="where to write the merged model (safetensors + tokenizer)")
+    args = parser.parse_args(argv)
+    from .export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir)
+    except ValueError as e:
+        return _fail("relora-export", e)
+    print(f"merged model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

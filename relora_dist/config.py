@@ -1,0 +1,91 @@
+"""ReLoRA hyper-parameters, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRUNE_METHODS = ("reset", "random", "magnitude")
+
+PruneMethod = Literal["reset", "random", "magnitude"]
+
+
+@dataclass
+class ReLoRAConfig:
+    """What ReLoRA does to a model and when (SPEC section 1).
+
+    Periods count optimizer updates of the ReLoRA phase (after the warm start), never micro-batches.
+    """
+
+    rank: int = 128
+    """Rank r of every low-rank pair (A: r x in, B: out x r)."""
+    alpha: float = 32.0
+    """Scale numerator: the low-rank path is multiplied by s = alpha / rank."""
+    dropout: float = 0.1
+    """Dropout on the input of the low-rank path only."""
+    target_modules: tuple[str, ...] = LLAMA_PROJECTIONS
+    """nn.Linear modules whose dotted name contains any of these substrings are wrapped."""
+    merge_every: int = 1000
+    """Merge s*B@A into W and re-draw A, B=0 every this many updates."""
+    reset_every: int | None = None
+    """Prune the Adam states of A/B and restart the LR every this many updates (default: merge_every)."""
+    restart_warmup_steps: int = 100
+    """Linear LR re-warm-up length after each restart (LR is exactly 0 at the restart)."""
+    prune: PruneMethod = "magnitude"
+    """How the Adam states of A/B are pruned at a reset: reset (zero), random, magnitude."""
+    prune_ratio: float = 0.9
+    """Fraction of entries zeroed by random/magnitude pruning (ignored by reset)."""
+    warm_start_steps: int = 0
+    """Full-rank updates before the model is wrapped (0 = ReLoRA from scratch)."""
+    seed: int = 0
+    """Seed of the dedicated generators for re-init and random masks (never the global RNG)."""
+    reference_prune_semantics: bool = False
+    """Reproduce the authors' code: independent masks for exp_avg and exp_avg_sq, thresholds per key."""
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.rank <= 0:
+            raise ValueError(f"relora rank must be > 0, got {self.rank} (--rank)")
+        if self.alpha <= 0:
+            raise ValueError(f"relora alpha must be > 0, got {self.alpha} (--lora-alpha)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout} (--lora-dropout)")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"target_modules must be non-empty strings, got {self.target_modules!r}")
+        if self.merge_every <= 0 or self.reset_period <= 0:
+            raise ValueError(
+                f"merge_every and reset_every must be > 0, got {self.merge_every} and {self.reset_period}"
+                " (--merge-every, --reset-every)"
+            )
+        if self.restart_warmup_steps < 0:
+            raise ValueError(f"restart_warmup_steps must be >= 0, got {self.restart_warmup_steps}")
+        for name, period in (("merge_every", self.merge_every), ("reset_every", self.reset_period)):
+            if period < self.restart_warmup_steps:
+                raise ValueError(
+                    f"{name} ({period} updates) must be >= the restart warm-up ({self.restart_warmup_steps})"
+                    f" (--{name.replace('_', '-')}, --restart-warmup-steps)"
+                )
+        if self.prune not in PRUNE_METHODS:
+            raise ValueError(f"prune must be one of {', '.join(PRUNE_METHODS)}, got {self.prune!r} (--prune)")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise ValueError(f"prune ratio must be in [0, 1), got {self.prune_ratio} (--prune-ratio)")
+        if self.warm_start_steps < 0:
+            raise ValueError(f"warm_start_steps must be >= 0, got {self.warm_start_steps} (--warm-start-steps)")
+
+    @property
+    def reset_period(self) -> int:
+        """Updates between optimizer resets and LR restarts (reset_every, else merge_every)."""
+        return self.merge_every if self.reset_every is None else self.reset_every
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+__all__ = ["ReLoRAConfig", "LLAMA_PROJECTIONS", "PRUNE_METHODS"]

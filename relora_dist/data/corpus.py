@@ -1,0 +1,184 @@
+"""Text sources: the embedded offline corpus and user datasets, split into train/val."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import sysconfig
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Stdlib directories that are tests, vendored tools or third-party code, not library docs.
+_SKIP_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "ensurepip"}
+)
+_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TextSplits:
+    train: list[str]
+    val: list[str]
+    source: str
+
+
+def _source_docstrings(source: bytes) -> str:
+    """Docstrings of a module, its classes and functions (ast.walk order); empty if unparsable."""
+    try:
+        with warnings.catch_warnings():
+            # Old stdlib files contain invalid escapes that only warn; the docstrings are still fine.
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError, UnicodeDecodeError):
+        return ""
+    docs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and doc.strip():
+                docs.append(doc.strip())
+    return "\n\n".join(docs)
+
+
+def embedded_corpus_documents() -> list[str]:
+    """The standard library's own documentation: pydoc topics, then stdlib source docstrings.
+
+    Nothing is imported or downloaded besides `pydoc_data.topics`, so this works offline and
+    is deterministic for a given Python installation (sorted keys, sorted directory walk).
+    """
+    from pydoc_data.topics import topics
+
+    documents = [topics[key] for key in sorted(topics) if topics[key].strip()]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                source = Path(dirpath, name).read_bytes()
+            except OSError:
+                continue
+            text = _source_docstrings(source)
+            if text:
+                documents.append(text)
+    logger.debug("embedded corpus: %d documents, %d chars", len(documents), sum(map(len, documents)))
+    return documents
+
+
+def looks_like_local_path(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Hub names are 'owner/name' or 'name'; anything else with path syntax is a local path.
+
+    A single '/' is allowed for hub names, so 'owner/name' reaches the hub while
+    './x', '/abs/x', 'a/b/c' and names ending in a known file suffix do not.
+    """
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    return Path(name).suffix.lower() in suffixes
+
+
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    """(datasets loader name, sorted data files) for a file or a directory of one file type."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _LOADERS)
+    if not files:
+        raise ValueError(f"no .txt/.jsonl/.json/.parquet files found in {path}")
+    kinds = {_LOADERS.get(p.suffix.lower()) for p in files}
+    if None in kinds:
+        raise ValueError(f"unsupported dataset file type: {path} (use .txt, .jsonl, .json or .parquet)")
+    if len(kinds) > 1:
+        raise ValueError(f"dataset directory {path} mixes file types {sorted(kinds)}; use one type")
+    return kinds.pop(), [str(p) for p in files]
+
+
+def _all_blank(files: list[str]) -> bool:
+    """True if every file is empty (or, for .txt, whitespace only); only used on load errors."""
+    for name in files:
+        path = Path(name)
+        if path.stat().st_size == 0:
+            continue
+        if path.suffix.lower() == ".txt" and not path.read_text(encoding="utf-8", errors="replace").strip():
+            continue
+        return False
+    return True
+
+
+def _load_texts(dataset: str, text_field: str, cache_dir: str | Path | None) -> tuple[list[str], str]:
+    import datasets
+
+    path = Path(dataset).expanduser()
+    cache = str(cache_dir) if cache_dir is not None else None
+    if path.exists():
+        loader, files = _local_files(path)
+        # A .txt paragraph (blank-line separated) is one document, so the hold-out is not line noise.
+        extra = {"sample_by": "paragraph"} if loader == "text" else {}
+        try:
+            ds = datasets.load_dataset(loader, data_files=files, split="train", cache_dir=cache, **extra)
+        except Exception as exc:  # datasets raises assorted errors for empty or malformed files
+            if _all_blank(files):
+                raise ValueError(f"dataset {dataset} contains no non-empty texts") from exc
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            raise ValueError(f"could not load dataset {dataset}: {type(exc).__name__}: {first_line}") from exc
+        source = f"local {loader} dataset {path} ({len(files)} file{'s' if len(files) != 1 else ''})"
+        field = "text" if loader == "text" else text_field
+        strip_newlines = loader == "text"  # paragraph splitting leaves stray leading newlines
+    elif looks_like_local_path(dataset, tuple(_LOADERS)):
+        raise ValueError(f"dataset path not found: {dataset}")
+    else:
+        try:
+            ds = datasets.load_dataset(dataset, split="train", cache_dir=cache)
+        except Exception as exc:  # network, auth and missing-repo errors all mean the same to the user
+            raise ValueError(
+                f"dataset {dataset!r} is not an existing path and could not be loaded from the hub "
+                f"({type(exc).__name__})"
+            ) from exc
+        source = f"hub dataset {dataset}"
+        field = text_field
+        strip_newlines = False
+    if field not in ds.column_names:
+        raise ValueError(f"dataset {dataset} has no {field!r} column (columns: {ds.column_names})")
+    texts = [t for t in ds[field] if isinstance(t, str) and t.strip()]
+    return [t.strip("\n") for t in texts] if strip_newlines else texts, source
+
+
+def _hold_out(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Every k-th document (k = round(1/val_fraction)) goes to val; always >= 1 of each."""
+    if len(documents) < 2:
+        raise ValueError(f"need at least 2 documents for a train/val split, got {len(documents)}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    k = min(max(2, round(1.0 / val_fraction)), len(documents))
+    train = [d for i, d in enumerate(documents) if i % k != k - 1]
+    val = [d for i, d in enumerate(documents) if i % k == k - 1]
+    return train, val
+
+
+def load_text_splits(
+    dataset: str | None,
+    *,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+    cache_dir: str | Path | None = None,
+) -> TextSplits:
+    """Load documents and split them into a deterministic document-level train/val hold-out.
+
+    `dataset=None` uses the embedded stdlib corpus; otherwise a local file/directory
+    (.txt, .jsonl/.json, .parquet) or a hub dataset name. `cache_dir` is handed to
+    `datasets.load_dataset` (None: the datasets library default).
+    """
+    if dataset is None:
+        documents = embedded_corpus_documents()
+        source = f"embedded Python stdlib documentation ({len(documents)} documents)"
+    else:
+        documents, source = _load_texts(dataset, text_field, cache_dir)
+        if not documents:
+            raise ValueError(f"dataset {dataset} contains no non-empty texts")
+    train, val = _hold_out(documents, val_fraction)
+    logger.info("%s: %d train / %d val documents", source, len(train), len(val))
+    return TextSplits(train=train, val=val, source=source)

@@ -1,0 +1,58 @@
+"""Export a merged HF LLaMA model (safetensors + tokenizer) that plain `from_pretrained` loads.
+
+An un-merged ReLoRA checkpoint loaded by plain HF code silently drops the last cycle (the lora_* keys
+are ignored): exports always fold s*B@A into W first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from .train.checkpoint import read_trainer_state
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], scale: float | None) -> dict[str, torch.Tensor]:
+    """W + scale * B @ A for every (lora_A, lora_B) pair, in W's dtype; lora keys dropped."""
+    merged = {k: v for k, v in state.items() if ".lora_" not in k}
+    for key in state:
+        if key.endswith(".lora_A"):
+            prefix = key[: -len(".lora_A")]
+            if scale is None:
+                raise ValueError("the state dict holds lora_A/lora_B but no ReLoRA scale was given")
+            weight = merged[f"{prefix}.weight"]
+            delta = (state[f"{prefix}.lora_B"].float() @ state[key].float()) * scale
+            merged[f"{prefix}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return merged
+
+
+def export_merged(state: dict[str, torch.Tensor], config: LlamaConfig, tokenizer, out_dir: str | Path, scale: float | None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(merged_state_dict(state, scale), strict=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """relora-export: a checkpoint directory written by relora-train (single process or DDP) -> merged HF model."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint not found: {checkpoint}")
+    trainer_state = read_trainer_state(path)
+    weights = path / "model.pt"
+    if not weights.is_file():
+        raise ValueError(f"{checkpoint} has no consolidated model.pt (backend {trainer_state.get('backend')!r})")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/corrupt files
+        raise ValueError(f"checkpoint {weights} cannot be read: {type(e).__name__}") from None
+    config = LlamaConfig(**json.loads((path / "model_config.json").read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer") if (path / "tokenizer").is_dir() else None
+    return export_merged(state, config, tokenizer, out_dir, trainer_state.get("lora_scale"))

@@ -1,0 +1,126 @@
+"""The ReLoRA linear layer and the in-place model wrapper (PEFT-style module replacement)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ReLoRAConfig
+from .randomness import kaiming_uniform_A
+
+
+class ReLoRALinear(nn.Module):
+    """y = x W^T + bias + scale * (dropout(x) A^T) B^T with W frozen and A (r x in), B (out x r) trainable.
+
+    `weight` and `bias` keep nn.Linear's names, so a merged state dict maps back to HF names as is.
+    `relora_name` (the module's dotted name in the unwrapped model) keys its random streams.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        bias: bool = True,
+        weight: nn.Parameter | None = None,
+        bias_param: nn.Parameter | None = None,
+        relora_name: str = "",
+        seed: int = 0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if rank <= 0 or rank > min(in_features, out_features):
+            raise ValueError(
+                f"rank {rank} is invalid for {relora_name or 'a layer'} ({in_features} -> {out_features}):"
+                f" it must be in [1, {min(in_features, out_features)}] (--rank)"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        self.relora_name, self.seed = relora_name, seed
+        if weight is None:
+            weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+            nn.init.kaiming_uniform_(weight, a=5**0.5)
+        weight.requires_grad_(False)
+        self.weight = weight
+        if bias_param is None and bias:
+            bias_param = nn.Parameter(torch.zeros(out_features, device=weight.device, dtype=weight.dtype))
+        self.register_parameter("bias", bias_param)
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora(restart_index=0)
+
+    @torch.no_grad()
+    def reset_lora(self, *, restart_index: int) -> None:
+        """A <- Kaiming-uniform from the keyed generator, B <- 0 (never both zero: SPEC section 1)."""
+        A = kaiming_uniform_A(tuple(self.lora_A.shape), seed=self.seed, restart_index=restart_index, name=self.relora_name)
+        self.lora_A.copy_(A)
+        self.lora_B.zero_()
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A in fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = F.linear(x, self.weight, self.bias)
+        low_rank = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return frozen + self.scale * low_rank
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}"
+
+
+def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
+    """Replace every nn.Linear whose dotted name contains a target substring by a ReLoRALinear, in place.
+
+    W is frozen and shared with the original module (no copy); everything else stays trainable.
+    Call it before the model is handed to a distributed backend.
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and any(t in name for t in config.target_modules)
+    ]
+    if not targets:
+        raise ValueError(
+            f"target modules {list(config.target_modules)} match no nn.Linear in {type(model).__name__}"
+            " (--target-modules)"
+        )
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        replacement = ReLoRALinear(
+            linear.in_features,
+            linear.out_features,
+            rank=config.rank,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            bias=linear.bias is not None,
+            weight=linear.weight,
+            bias_param=linear.bias,
+            relora_name=name,
+            seed=config.seed,
+        )
+        setattr(parent, child, replacement)
+    return model
+
+
+def relora_layers(model: nn.Module) -> list[ReLoRALinear]:
+    """All ReLoRA layers in a stable order (works through DDP/engine wrappers)."""
+    return [m for m in model.modules() if isinstance(m, ReLoRALinear)]
+
+
+def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(stable name, parameter) for every A and B; names are independent of wrappers."""
+    out = []
+    for layer in relora_layers(model):
+        out.append((f"{layer.relora_name}.lora_A", layer.lora_A))
+        out.append((f"{layer.relora_name}.lora_B", layer.lora_B))
+    return out

@@ -1,0 +1,109 @@
+"""LLaMA presets (SPEC section 5) as HF LlamaConfig, and the Control model sizing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# name: (hidden, ffn, layers, heads). "tiny" and "debug" are CPU-sized flavours for tests and the demo.
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "debug": (32, 88, 2, 2),
+    "tiny": (128, 352, 2, 4),
+    "9m": (128, 352, 4, 4),
+    "20m": (256, 688, 4, 4),
+    "35m": (384, 1024, 6, 8),
+    "60m": (512, 1376, 8, 8),
+    "130m": (768, 2048, 12, 12),
+    "250m": (768, 2560, 24, 16),
+    "350m": (1024, 2736, 24, 16),
+    "1b": (2048, 5461, 24, 32),
+    "3b": (2560, 6848, 32, 32),
+    "7b": (4096, 11008, 32, 32),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def _normalise(name: str) -> str:
+    return name.removeprefix("llama_").removeprefix("llama-").lower()
+
+
+def llama_config(preset: str | None, *, vocab_size: int, config_path: str | None = None, max_positions: int = 1024) -> LlamaConfig:
+    """A preset, or any HF LLaMA config JSON (its vocab is replaced by the tokenizer's)."""
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ValueError(f"model config not found: {config_path} (--model-config)")
+        try:
+            cfg = LlamaConfig(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"model config {config_path} is not a LLaMA config JSON: {e}") from None
+        cfg.vocab_size = vocab_size
+        return cfg
+    key = _normalise(preset or "")
+    if key not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)} (--model)")
+    hidden, ffn, layers, heads = PRESETS[key]
+    return llama_config_from_shape(hidden, ffn, layers, heads, vocab_size=vocab_size, max_positions=max_positions)
+
+
+def llama_config_from_shape(hidden: int, ffn: int, layers: int, heads: int, *, vocab_size: int, max_positions: int = 1024) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+
+
+def build_model(config: LlamaConfig) -> LlamaForCausalLM:
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(config: LlamaConfig) -> int:
+    """Total parameters of a LLaMA config, computed from shapes (no allocation)."""
+    h, f, L, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    head = 0 if config.tie_word_embeddings else v * h
+    return v * h + L * per_layer + h + head
+
+
+def relora_trainable_parameters(config: LlamaConfig, rank: int) -> int:
+    """Parameters ReLoRA trains: A/B of the 7 projections + embeddings, head and norms."""
+    h, f, L, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]  # (in, out)
+    lora = L * sum(rank * (i + o) for i, o in shapes)
+    head = 0 if config.tie_word_embeddings else v * h
+    return lora + v * h + head + L * 2 * h + h
+
+
+def control_config(config: LlamaConfig, rank: int) -> LlamaConfig:
+    """A full-rank model with the same depth, heads and ffn ratio whose size is closest to what ReLoRA trains."""
+    target = relora_trainable_parameters(config, rank)
+    heads = config.num_attention_heads
+    ratio = config.intermediate_size / config.hidden_size
+    best = None
+    for hidden in range(heads * 2, config.hidden_size + 1, heads * 2):  # even head dim for rotary
+        candidate = llama_config_from_shape(
+            hidden, max(1, round(hidden * ratio)), config.num_hidden_layers, heads,
+            vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
+        )
+        gap = abs(count_parameters(candidate) - target)
+        if best is None or gap < best[0]:
+            best = (gap, candidate)
+    if best is None:
+        raise ValueError(f"cannot size a Control model below hidden {config.hidden_size} with {heads} heads")
+    return best[1]

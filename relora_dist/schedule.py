@@ -1,0 +1,144 @@
+"""The jagged cosine schedule and the controller that drives merges, resets and LR restarts.
+
+One counter (successful optimizer updates) decides everything, so a skipped NaN step can never
+desynchronise merges from LR restarts (the reference code's B10).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .config import ReLoRAConfig
+
+METHODS = ("full", "relora", "lora", "lora_ws", "control")
+
+
+def jagged_cosine(
+    step: int,
+    *,
+    total_steps: int,
+    first_warmup: int,
+    restart_warmup: int = 0,
+    cycle_length: int | None = None,
+    min_lr_ratio: float = 0.1,
+) -> float:
+    """LR factor at update `step` (0-based) of a schedule over `total_steps` updates (SPEC section 1).
+
+    Linear warm-up over `first_warmup`, one global cosine down to `min_lr_ratio`; at every multiple
+    of `cycle_length` the factor drops to exactly 0 and climbs linearly back to the envelope in
+    `restart_warmup` steps. `cycle_length=None` gives a plain warm-up + cosine.
+    """
+
+    def envelope(u: float) -> float:
+        progress = (u - first_warmup) / max(1, total_steps - first_warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    if step < first_warmup:
+        return step / max(1, first_warmup)
+    if cycle_length:
+        since_restart, restart = step % cycle_length, step // cycle_length
+        if step >= cycle_length and since_restart < restart_warmup:
+            return since_restart / max(1, restart_warmup) * envelope(restart * cycle_length + restart_warmup)
+    return envelope(step)
+
+
+@dataclass
+class Actions:
+    """What the training loop must do after the update just taken."""
+
+    wrap: bool = False  # full-rank warm start finished: wrap the model, rebuild the optimizer
+    merge: bool = False
+    reset: bool = False
+    merge_index: int = 0  # keys the re-init draw (0 is the draw at wrap time)
+    reset_index: int = 0  # keys the random prune masks
+
+
+@dataclass
+class ReLoRAController:
+    """Phase, LR factor, merges and resets for one run, from one counter of successful updates.
+
+    Phase 1 (full rank, `warm_start_steps` updates for relora/lora_ws) follows a warm-up + cosine laid
+    out over the whole run, as the reference ran it; phase 2 starts a new schedule over the remaining
+    updates (with restarts for relora).
+    """
+
+    method: str
+    total_steps: int
+    relora: ReLoRAConfig
+    warmup_steps: int
+    min_lr_ratio: float = 0.1
+    step: int = 0
+    merges: int = 0
+    resets: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)} (--method)")
+        if self.total_steps <= 0:
+            raise ValueError(f"steps must be > 0, got {self.total_steps} (--steps)")
+        if self.phase2_start >= self.total_steps and self.method in ("relora", "lora_ws"):
+            raise ValueError(
+                f"warm start ({self.relora.warm_start_steps} updates) must end before the run ({self.total_steps})"
+                " (--warm-start-steps, --steps)"
+            )
+        shortest_phase = self.total_steps - self.phase2_start or self.total_steps
+        if not 0 <= self.warmup_steps <= shortest_phase:
+            raise ValueError(f"warmup_steps {self.warmup_steps} must be in [0, {shortest_phase}] (--warmup-steps)")
+
+    @property
+    def phase2_start(self) -> int:
+        """First update taken with the low-rank model (== total_steps for full-rank methods)."""
+        if self.method in ("full", "control"):
+            return self.total_steps
+        if self.method == "lora":
+            return 0
+        return self.relora.warm_start_steps
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether the next update is taken with the wrapped model."""
+        return self.step >= self.phase2_start
+
+    @property
+    def restarts(self) -> bool:
+        return self.method == "relora"
+
+    def lr_factor(self, step: int | None = None) -> float:
+        """LR multiplier for update `step` (default: the next one)."""
+        step = self.step if step is None else step
+        if step < self.phase2_start:
+            return jagged_cosine(step, total_steps=self.total_steps, first_warmup=self.warmup_steps, min_lr_ratio=self.min_lr_ratio)
+        return jagged_cosine(
+            step - self.phase2_start,
+            total_steps=self.total_steps - self.phase2_start,
+            first_warmup=self.warmup_steps,
+            restart_warmup=self.relora.restart_warmup_steps if self.restarts else 0,
+            cycle_length=self.relora.reset_period if self.restarts else None,
+            min_lr_ratio=self.min_lr_ratio,
+        )
+
+    def after_update(self) -> Actions:
+        """Call once per successful optimizer update (never for a skipped one)."""
+        done = self.step
+        self.step += 1
+        actions = Actions(wrap=self.step == self.phase2_start and self.method in ("relora", "lora_ws"))
+        if self.restarts and done >= self.phase2_start:
+            t = done - self.phase2_start  # right after the update taken at LR factor 0 (t = k * cycle)
+            actions.merge = t > 0 and t % self.relora.merge_every == 0
+            actions.reset = t > 0 and t % self.relora.reset_period == 0
+        if actions.merge:
+            self.merges += 1
+        if actions.reset:
+            self.resets += 1
+        actions.merge_index, actions.reset_index = self.merges, self.resets
+        return actions
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "merges": self.merges, "resets": self.resets}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.merges, self.resets = int(state["step"]), int(state["merges"]), int(state["resets"])
+
+    def describe(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "relora"}

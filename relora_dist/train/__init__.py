@@ -1,0 +1,1 @@
+"""Training run configuration, loop, checkpoints and metrics."""

@@ -1,0 +1,277 @@
+"""The training loop: one code path for every method and backend.
+
+Per optimizer update: micro-batches (no gradient sync off the boundary) -> clip -> finite check (same
+decision on every rank) -> step -> controller -> wrap / merge / prune -> eval -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..backends import build_backend
+from ..data import GlobalBatchPlan, build_data, val_batches
+from ..distributed import init_distributed
+from ..layer import lora_parameters, relora_layers, wrap
+from ..merge import merge_and_reinit_layers
+from ..models import build_model, control_config, llama_config
+from ..prune import prune_states
+from ..schedule import ReLoRAController
+from .checkpoint import load_rng, read_trainer_state, resolve_checkpoint, save_checkpoint
+from .config import RunConfig, save_yaml
+from .metrics import MetricsWriter, write_summary
+
+logger = logging.getLogger("relora_dist")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RELORA_CACHE", Path.home() / ".cache" / "relora_dist"))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        t = cfg.train
+        self.dist = init_distributed()
+        self.out = Path(t.out)
+        self.is_main = self.dist.rank == 0
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+        self.data = build_data(
+            cfg.data.dataset, cfg.data.tokenizer, seq_len=cfg.data.seq_len, vocab_size=cfg.data.vocab_size,
+            cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
+            val_fraction=cfg.data.val_fraction,
+        )
+        self.plan = GlobalBatchPlan(len(self.data.train), t.global_batch_size, t.seed, seq_len=cfg.data.seq_len)
+        self.plan.local_microbatches(0, rank=self.dist.rank, world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
+
+        vocab = len(self.data.tokenizer)
+        self.model_config = llama_config(cfg.model.preset, vocab_size=vocab, config_path=cfg.model.config_path,
+                                         max_positions=cfg.model.max_positions)
+        if cfg.data.seq_len > self.model_config.max_position_embeddings:
+            raise ValueError(f"seq_len {cfg.data.seq_len} exceeds the model's max positions"
+                             f" {self.model_config.max_position_embeddings} (--seq-len)")
+        if t.method == "control":
+            self.model_config = control_config(self.model_config, cfg.relora.rank)
+
+        self.controller = ReLoRAController(t.method, t.steps, cfg.relora, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+        self.batches_consumed = 0
+        self.consecutive_skips = 0
+        self.skipped_total = 0
+        self.elapsed_before = 0.0
+
+        resume_dir = resolve_checkpoint(t.resume, self.out) if t.resume else None
+        if resume_dir is not None:
+            self.controller.load_state_dict(read_trainer_state(resume_dir)["controller"])
+
+        torch.manual_seed(t.seed)  # identical init on every rank and world size
+        model = build_model(self.model_config)
+        if self.controller.low_rank:
+            wrap(model, cfg.relora)
+        self.backend = build_backend(t.backend, device=self.dist.device, dtype=t.dtype)
+        self._setup_backend(model)
+        # Dropout streams differ per rank (ReLoRA's own randomness never uses the global RNG).
+        torch.manual_seed(t.seed * 1000 + 1 + self.dist.rank)
+        if resume_dir is not None:
+            self._resume(resume_dir)
+        if self.is_main:
+            save_yaml(cfg, self.out / "config.yaml")
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _param_groups(self, model) -> list[dict]:
+        lora_ids = {id(p) for _, p in lora_parameters(model)}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) not in lora_ids], "name": "full_rank"}]
+        if lora_ids:
+            groups.append({"params": [p for p in trainable if id(p) in lora_ids], "name": "lora"})
+        return groups
+
+    def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+
+    def _setup_backend(self, model) -> None:
+        self.backend.setup(model, self._make_optimizer, self._param_groups(model))
+
+    def _resume(self, path: Path) -> None:
+        state = read_trainer_state(path)
+        self.backend.load(path)
+        self.batches_consumed = state["batches_consumed"]
+        self.skipped_total = state.get("skipped_total", 0)
+        self.elapsed_before = state.get("wall_s", 0.0)
+        if state["world_size"] != self.dist.world_size or not load_rng(path, self.dist.rank):
+            logger.warning("resuming at another world size: dropout RNG streams restart from the seed")
+        if self.is_main:
+            logger.info("resumed from %s at update %d", path, self.controller.step)
+
+    # -- one update ------------------------------------------------------------------------------
+    def _lr(self) -> float:
+        o = self.cfg.optim
+        base = (o.lora_lr or o.lr) if self.controller.low_rank else o.lr
+        return base * self.controller.lr_factor()
+
+    def _train_update(self) -> tuple[float, float, bool]:
+        """Forward/backward over this rank's micro-batches, clip, step if finite. Returns (loss, grad_norm, stepped)."""
+        t, backend = self.cfg.train, self.backend
+        micro = self.plan.local_microbatches(self.batches_consumed, rank=self.dist.rank,
+                                             world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
+        backend.model.train()
+        loss_sum = torch.zeros((), device=self.dist.device)
+        for i, indices in enumerate(micro):
+            batch = self.data.train[indices].to(self.dist.device)
+            sync = i == len(micro) - 1
+            with (contextlib.nullcontext() if sync else backend.no_sync()):
+                with backend.forward_context():
+                    loss = backend.model(input_ids=batch, labels=batch).loss / len(micro)
+                backend.backward(loss)
+            loss_sum += loss.detach().float()
+        grad_norm = backend.clip_grad_norm(self.cfg.optim.grad_clip)
+        loss_mean = backend.all_reduce_sum(loss_sum) / self.dist.world_size
+        stepped = bool(torch.isfinite(loss_mean)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if stepped:
+            lr = self._lr()
+            backend.set_lr([lr] * len(backend.optimizer.param_groups))
+            backend.step()
+        backend.zero_grad()
+        self.batches_consumed += 1
+        return float(loss_mean), float(grad_norm), stepped
+
+    def _apply_actions(self, actions, metrics: MetricsWriter) -> dict:
+        timing = {}
+        step = self.controller.step
+        if actions.wrap:
+            start = time.perf_counter()
+            model = wrap(self.backend.unwrapped_model, self.cfg.relora)
+            self._setup_backend(model)  # new optimizer for the low-rank phase (reference behaviour)
+            timing["wrap_s"] = time.perf_counter() - start
+            metrics.event(f"update {step}: warm start done, model wrapped ({len(relora_layers(model))} ReLoRA layers)")
+        if actions.merge:
+            start = time.perf_counter()
+            layers = relora_layers(self.backend.unwrapped_model)
+            merge_and_reinit_layers(layers, self.backend.shard_access(), restart_index=actions.merge_index)
+            timing["merge_s"] = time.perf_counter() - start
+            metrics.event(f"update {step}: merge #{self.controller.merges} ({len(layers)} layers)")
+        if actions.reset:
+            start = time.perf_counter()
+            r = self.cfg.relora
+            info = prune_states(lora_parameters(self.backend.unwrapped_model), self.backend.shard_access(),
+                                method=r.prune, ratio=r.prune_ratio, seed=r.seed, restart_index=actions.reset_index,
+                                reference=r.reference_prune_semantics)
+            timing["reset_s"] = time.perf_counter() - start
+            metrics.event(f"update {step}: optimizer reset #{self.controller.resets} ({r.prune}, "
+                          f"{100 * info['zeroed']:.1f}% of A/B states zero)")
+        return timing
+
+    # -- evaluation, checkpoints -------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.train
+        val = self.data.val
+        if t.eval_batches > 0:
+            val = val[: t.eval_batches * t.micro_batch_size]
+        model = self.backend.model
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        for batch in val_batches(val, rank=self.dist.rank, world_size=self.dist.world_size, batch_size=t.micro_batch_size):
+            batch = batch.to(self.dist.device)
+            with self.backend.forward_context():
+                loss = model(input_ids=batch, labels=batch).loss
+            tokens = batch.numel() - batch.shape[0]  # labels are shifted by one inside the model
+            totals += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64, device=self.dist.device)
+        model.train()
+        self.backend.all_reduce_sum(totals)
+        return float(totals[0] / totals[1])
+
+    def _trainer_state(self, wall_s: float) -> dict:
+        return {
+            "controller": self.controller.state_dict(), "batches_consumed": self.batches_consumed,
+            "skipped_total": self.skipped_total, "world_size": self.dist.world_size, "wall_s": wall_s,
+            "backend": self.cfg.train.backend, "method": self.cfg.train.method,
+            "lora_scale": self.cfg.relora.scale if self.controller.low_rank else None,
+        }
+
+    def _write_extra(self, directory: Path) -> None:
+        (directory / "model_config.json").write_text(json.dumps(self.model_config.to_dict(), indent=1))
+        self.data.tokenizer.save_pretrained(directory / "tokenizer")
+        save_yaml(self.cfg, directory / "config.yaml")
+
+    def save(self, wall_s: float) -> Path:
+        return save_checkpoint(self.out / "checkpoints", self.controller.step, self.backend, self._trainer_state(wall_s),
+                               self._write_extra, keep=self.cfg.train.keep_checkpoints)
+
+    def export_merged(self, directory: str) -> None:
+        from ..export import export_merged
+
+        state = self.backend.model_state_for_export()
+        if self.is_main:
+            scale = self.cfg.relora.scale if self.controller.low_rank else None
+            export_merged(state, self.model_config, self.data.tokenizer, directory, scale)
+            logger.info("merged HF model written to %s", directory)
+        self.backend.barrier()
+
+    # -- the run ---------------------------------------------------------------------------------
+    def train(self) -> dict:
+        t = self.cfg.train
+        start_wall = time.perf_counter()
+        metrics = MetricsWriter(self.out, enabled=self.is_main, total_steps=t.steps, initial_step=self.controller.step,
+                                progress=t.progress)
+        tokens_per_update = t.global_batch_size * self.cfg.data.seq_len
+        val_loss = None
+        try:
+            while self.controller.step < t.steps:
+                metrics.restart_clock()
+                lr = self._lr()
+                loss, grad_norm, stepped = self._train_update()
+                update_s = metrics.update_time()
+                if not stepped:
+                    self.consecutive_skips += 1
+                    self.skipped_total += 1
+                    metrics.event(f"update {self.controller.step}: non-finite loss/grad ({loss}, {grad_norm}), skipped")
+                    if self.consecutive_skips >= t.max_consecutive_skips:
+                        raise FloatingPointError(f"{self.consecutive_skips} consecutive non-finite updates; aborting"
+                                                 " (--max-consecutive-skips)")
+                    continue
+                self.consecutive_skips = 0
+                actions = self.controller.after_update()
+                timing = self._apply_actions(actions, metrics)
+                step = self.controller.step
+                record = {
+                    "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_update / update_s, "examples_per_s": t.global_batch_size / update_s,
+                    "merges": self.controller.merges, "resets": self.controller.resets,
+                    "low_rank": self.controller.low_rank, "skipped": self.skipped_total, **timing,
+                }
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    record["val_loss"] = self.evaluate()
+                metrics.log(record)
+                if t.save_every and step % t.save_every == 0 and step < t.steps:
+                    self.save(self.elapsed_before + time.perf_counter() - start_wall)
+            val_loss = self.evaluate()
+            wall_s = self.elapsed_before + time.perf_counter() - start_wall
+            self.save(wall_s)
+            if t.export_merged:
+                self.export_merged(t.export_merged)
+        finally:
+            metrics.close()
+        summary = {
+            "method": t.method, "backend": t.backend, "world_size": self.dist.world_size, "steps": self.controller.step,
+            "train_tokens": self.batches_consumed * tokens_per_update, "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)), "wall_s": wall_s, "merges": self.controller.merges,
+            "resets": self.controller.resets, "skipped": self.skipped_total,
+            "model_parameters": sum(p.numel() for p in self.backend.unwrapped_model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in self.backend.unwrapped_model.parameters() if p.requires_grad),
+            "global_batch_size": t.global_batch_size, "seq_len": self.cfg.data.seq_len,
+            "tokens_per_s": self.batches_consumed * tokens_per_update / max(wall_s - self.elapsed_before, 1e-9),
+            "device": str(self.dist.device), "dataset": self.data.source,
+        }
+        if self.is_main:
+            write_summary(self.out, summary)
+        return summary

@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="relora-dist",
+    version="0.1.0",
+    description="ReLoRA pre-training on DDP, DeepSpeed ZeRO 0-3, FSDP2 and fairscale",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["relora_dist", "relora_dist.*"]),
+    install_requires=[
+        # Install torch first on CPU-only machines (a plain requirement pulls a multi-GB CUDA build).
+        "torch>=2.6",  # FSDP2 fully_shard
+        "transformers>=4.46",
+        "tokenizers>=0.20",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "deepspeed>=0.16",
+        "fairscale>=0.4.13",
+        "nvidia-ml-py>=12.535",  # import pynvml (the maintained package, not the deprecated 'pynvml')
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "triton": ["triton>=3.1"],
+        "dev": ["pytest>=8.0", "triton>=3.1"],
+    },
+    entry_points={
+        "console_scripts": [
+            "relora-train=relora_dist.cli:train_main",
+            "relora-export=relora_dist.cli:export_main",
+        ]
+    },
+)
