@@ -16,7 +16,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -136,5 +136,12 @@ class Backend(ABC):
         """Full model state dict on rank 0 (consolidating shards where needed); {} elsewhere."""
         return {k: v.detach().cpu() for k, v in self.unwrapped_model.state_dict().items()} if self.rank == 0 else {}
 
-    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in self.unwrapped_model.named_parameters() if p.requires_grad)
+    def replicated_named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Tensors that must be bit-identical on every rank (all of them for replicated engines)."""
+        model = self.unwrapped_model
+        out = list(model.state_dict().items())
+        for name, param in model.named_parameters():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor):
+                    out.append((f"{name}/{key}", value))
+        return out

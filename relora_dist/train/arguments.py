@@ -38,8 +38,17 @@ def _bool(text: str) -> bool:
 def _converter(annotation: str):
     base = annotation.replace(" | None", "").strip()
     if base.startswith("tuple"):
-        return lambda text: tuple(s.strip() for s in text.split(",") if s.strip())
-    return {"int": int, "float": float, "bool": _bool}.get(base, str)
+        convert = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731
+    else:
+        convert = {"int": int, "float": float, "bool": _bool}.get(base, str)
+    if "None" not in annotation:
+        return convert
+
+    def optional(text: str):
+        return None if text.lower() in ("", "none", "null") else convert(text)
+
+    optional.__name__ = base  # argparse names the type in "invalid X value"
+    return optional
 
 
 class _Parser(argparse.ArgumentParser):

@@ -50,6 +50,8 @@ class OptimConfig:
     """AdamW beta1."""
     beta2: float = 0.999
     """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -78,8 +80,8 @@ class TrainConfig:
     """Seed of model init, data order, dropout and ReLoRA's generators."""
     eval_every: int = 50
     """Evaluate on the validation split every N updates (0: only at the end)."""
-    eval_batches: int = 20
-    """Validation batches per evaluation, over all ranks (0: the whole split)."""
+    eval_batches: int = 4
+    """Validation set size per evaluation, in global batches (0: the whole split). Independent of world size."""
     save_every: int = 0
     """Write a checkpoint every N updates (0: only at the end)."""
     out: str = "runs/default"
@@ -94,6 +96,10 @@ class TrainConfig:
     """How many checkpoints to keep in OUT/checkpoints (the newest)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    stop_after: int | None = None
+    """End this invocation after this many updates in total (checkpoint written), as if preempted; continue with --resume."""
+    check_replicas: bool = False
+    """After every merge/reset, verify that replicated tensors are bit-identical on all ranks (one small all-reduce)."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ from ..prune import prune_states
 from ..schedule import ReLoRAController
 from .checkpoint import load_rng, read_trainer_state, resolve_checkpoint, save_checkpoint
 from .config import RunConfig, save_yaml
+from .consistency import check_replicas
 from .metrics import MetricsWriter, write_summary
 
 logger = logging.getLogger("relora_dist")
@@ -96,7 +97,7 @@ class Trainer:
 
     def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
     def _setup_backend(self, model) -> None:
         self.backend.setup(model, self._make_optimizer, self._param_groups(model))
@@ -168,6 +169,8 @@ class Trainer:
             timing["reset_s"] = time.perf_counter() - start
             metrics.event(f"update {step}: optimizer reset #{self.controller.resets} ({r.prune}, "
                           f"{100 * info['zeroed']:.1f}% of A/B states zero)")
+        if (actions.merge or actions.reset) and self.cfg.train.check_replicas:
+            check_replicas(self.backend.replicated_named_tensors(), self.dist.device, f"update {step}")
         return timing
 
     # -- evaluation, checkpoints -------------------------------------------------------------------
@@ -176,7 +179,7 @@ class Trainer:
         t = self.cfg.train
         val = self.data.val
         if t.eval_batches > 0:
-            val = val[: t.eval_batches * t.micro_batch_size]
+            val = val[: t.eval_batches * t.global_batch_size]
         model = self.backend.model
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
@@ -224,9 +227,10 @@ class Trainer:
         metrics = MetricsWriter(self.out, enabled=self.is_main, total_steps=t.steps, initial_step=self.controller.step,
                                 progress=t.progress)
         tokens_per_update = t.global_batch_size * self.cfg.data.seq_len
-        val_loss = None
+        first_batch = self.batches_consumed
+        target = min(t.steps, t.stop_after) if t.stop_after else t.steps
         try:
-            while self.controller.step < t.steps:
+            while self.controller.step < target:
                 metrics.restart_clock()
                 lr = self._lr()
                 loss, grad_norm, stepped = self._train_update()
@@ -254,22 +258,25 @@ class Trainer:
                 metrics.log(record)
                 if t.save_every and step % t.save_every == 0 and step < t.steps:
                     self.save(self.elapsed_before + time.perf_counter() - start_wall)
+            finished = self.controller.step >= t.steps
             val_loss = self.evaluate()
             wall_s = self.elapsed_before + time.perf_counter() - start_wall
             self.save(wall_s)
-            if t.export_merged:
+            if finished and t.export_merged:
                 self.export_merged(t.export_merged)
+            elif not finished:
+                metrics.event(f"stopped after update {self.controller.step} of {t.steps}; continue with --resume")
         finally:
             metrics.close()
         summary = {
-            "method": t.method, "backend": t.backend, "world_size": self.dist.world_size, "steps": self.controller.step,
+            "finished": finished, "method": t.method, "backend": t.backend, "world_size": self.dist.world_size, "steps": self.controller.step,
             "train_tokens": self.batches_consumed * tokens_per_update, "val_loss": val_loss,
             "val_ppl": math.exp(min(val_loss, 50.0)), "wall_s": wall_s, "merges": self.controller.merges,
             "resets": self.controller.resets, "skipped": self.skipped_total,
             "model_parameters": sum(p.numel() for p in self.backend.unwrapped_model.parameters()),
             "trainable_parameters": sum(p.numel() for p in self.backend.unwrapped_model.parameters() if p.requires_grad),
             "global_batch_size": t.global_batch_size, "seq_len": self.cfg.data.seq_len,
-            "tokens_per_s": self.batches_consumed * tokens_per_update / max(wall_s - self.elapsed_before, 1e-9),
+            "tokens_per_s": (self.batches_consumed - first_batch) * tokens_per_update / max(wall_s - self.elapsed_before, 1e-9),
             "device": str(self.dist.device), "dataset": self.data.source,
         }
         if self.is_main:

@@ -1,0 +1,62 @@
+"""Shared helpers: real CLI runs (single process or torchrun with 2 gloo ranks) on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "launch" / "train.py")
+
+# A debug-sized LLaMA on the embedded corpus. Adam eps 1e-3: with eps 1e-8 Adam turns float
+# summation-order noise in near-zero gradients into +-lr sign flips, which would hide real bugs
+# behind a loose tolerance; with 1e-3 the update is smooth in g and 1-vs-2-rank runs agree to ~1e-6.
+SMALL = [
+    "--model", "debug", "--seq-len", "64", "--vocab-size", "1024", "--global-batch-size", "8",
+    "--micro-batch-size", "2", "--lr", "0.003", "--warmup-steps", "2", "--eval-every", "0",
+    "--eval-batches", "2", "--progress", "false", "--rank", "4", "--lora-alpha", "8", "--lora-dropout", "0",
+    "--eps", "1e-3",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory):
+    """One tokenizer/packed-data cache for the whole session (also used by subprocesses)."""
+    cache = tmp_path_factory.mktemp("relora_cache")
+    old = os.environ.get("RELORA_CACHE")
+    os.environ["RELORA_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("RELORA_CACHE", None)
+    else:
+        os.environ["RELORA_CACHE"] = old
+
+
+def run_cli(args, *, nproc=1, timeout=300, check=True):
+    """Run relora-train for real; torchrun with gloo ranks when nproc > 1."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
+    else:
+        cmd = [sys.executable, TRAIN]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nSTDOUT\n{result.stdout[-3000:]}\nSTDERR\n{result.stderr[-5000:]}")
+    return result
+
+
+def load_run(out: Path):
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(out / "checkpoints" / latest / "model.pt", map_location="cpu", weights_only=True)
+    return summary, metrics, state
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp(min=1e-12)).item() for k in a)
