@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -12,6 +13,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..merge import ReplicatedAccess
 from .base import Backend
+
+
+def _no_buffer_broadcast() -> dict:
+    # LLaMA's only buffers (rotary frequencies) are identical everywhere: skip the per-forward broadcast.
+    # torch 2.13 renamed the switch; older releases only know broadcast_buffers.
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 class DDPBackend(Backend):
@@ -35,7 +44,7 @@ class DDPBackend(Backend):
         self._module = model.to(self.device)
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self._wrapped = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+            self._wrapped = DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_broadcast())
         else:
             self._wrapped = model
         self._optimizer = make_optimizer(param_groups)

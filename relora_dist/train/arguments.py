@@ -110,3 +110,19 @@ def load_yaml(path: str) -> dict:
     if not isinstance(tree, dict):
         raise ValueError(f"config file {path} must hold a mapping of sections")
     return tree
+
+
+def config_reference_markdown() -> str:
+    """The README's config reference: YAML key, flag, default and help of every field."""
+    rows = ["| YAML key | flag | default | meaning |", "|---|---|---|---|"]
+    default = RunConfig()
+    for section in SECTIONS:
+        obj = getattr(default, section)
+        docs = field_docs(type(obj))
+        for f in fields(obj):
+            flag = flag_for(section, f.name)
+            value = getattr(obj, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            rows.append(f"| `{section}.{f.name}` | {f'`--{flag}`' if flag else '(from `--seed`)'} | `{value}` | {docs.get(f.name, '')} |")
+    return "\n".join(rows) + "\n"

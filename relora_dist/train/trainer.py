@@ -279,6 +279,7 @@ class Trainer:
             "tokens_per_s": (self.batches_consumed - first_batch) * tokens_per_update / max(wall_s - self.elapsed_before, 1e-9),
             "device": str(self.dist.device), "dataset": self.data.source,
         }
+        summary["tokens_per_s_per_rank"] = summary["tokens_per_s"] / self.dist.world_size
         if self.is_main:
             write_summary(self.out, summary)
         return summary
