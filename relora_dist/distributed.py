@@ -38,3 +38,26 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
 def close_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank0_first(fn, *, rank: int, world_size: int):
+    """Run `fn` on rank 0, then on the others (which then hit rank 0's caches).
+
+    A failure on rank 0 is raised on every rank (a ValueError with the same message), so a bad input
+    never leaves the other ranks waiting in a collective.
+    """
+    if world_size == 1:
+        return fn()
+    if rank != 0:
+        error = [None]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise ValueError(error[0])
+        return fn()
+    try:
+        result = fn()
+    except Exception as e:
+        dist.broadcast_object_list([str(e) if isinstance(e, ValueError) else f"rank 0 failed: {type(e).__name__}: {e}"], src=0)
+        raise
+    dist.broadcast_object_list([None], src=0)
+    return result

@@ -36,3 +36,14 @@ def test_replica_check_detects_a_diverged_rank():
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "detected: ['diverged']" in out.stdout
+
+
+@pytest.mark.parametrize("prune, dtype", [("magnitude", "fp32"), ("random", "fp32"), ("reset", "fp32"), ("magnitude", "bf16")])
+def test_invariants_on_two_rank_ddp(prune, dtype):
+    """I1-I4 after three merges/resets on DDP, against a single-process reference (tests/dist/invariants.py)."""
+    script = REPO / "tests" / "dist" / "invariants.py"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                          "--backend", "ddp", "--prune", prune, "--dtype", dtype],
+                         capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"INVARIANTS OK backend=ddp dtype={dtype} prune={prune} world=2 restarts=3" in out.stdout

@@ -36,15 +36,17 @@ def test_every_method_trains_with_falling_validation_loss(tmp_path, method):
         assert abs(summary["model_parameters"] - target) < 0.15 * target
 
 
-def test_resume_mid_cycle_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stop_after", [3, 9], ids=["at-phase-switch", "mid-cycle"])
+def test_resume_equals_uninterrupted_run(tmp_path, stop_after):
     """I6 with dropout on: model, optimizer, controller, RNG and data position all restored."""
     args = SMALL + ["--method", "relora", "--steps", "14", "--warm-start-steps", "3", "--merge-every", "4",
                     "--restart-warmup-steps", "1", "--lora-dropout", "0.1"]
     run_cli(args + ["--out", tmp_path / "full"])
-    first = run_cli(args + ["--out", tmp_path / "split", "--stop-after", "9"])  # mid-cycle: merges at 8 and 12
+    # warm start ends after update 3; merges after updates 8 and 12
+    first = run_cli(args + ["--out", tmp_path / "split", "--stop-after", str(stop_after)])
     assert "continue with --resume" in first.stderr + first.stdout
     part_summary, part_metrics, _ = load_run(tmp_path / "split")
-    assert part_summary["finished"] is False and part_summary["steps"] == 9
+    assert part_summary["finished"] is False and part_summary["steps"] == stop_after
     run_cli(args + ["--out", tmp_path / "split", "--resume"])
     full_summary, full_metrics, full_state = load_run(tmp_path / "full")
     split_summary, split_metrics, split_state = load_run(tmp_path / "split")

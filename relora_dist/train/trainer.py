@@ -18,7 +18,7 @@ import torch
 
 from ..backends import build_backend
 from ..data import GlobalBatchPlan, build_data, val_batches
-from ..distributed import init_distributed
+from ..distributed import init_distributed, rank0_first
 from ..layer import lora_parameters, relora_layers, wrap
 from ..merge import merge_and_reinit_layers
 from ..models import build_model, control_config, llama_config
@@ -46,11 +46,12 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
-        self.data = build_data(
+        # Rank 0 trains the tokenizer and packs the data; the other ranks then read its caches.
+        self.data = rank0_first(lambda: build_data(
             cfg.data.dataset, cfg.data.tokenizer, seq_len=cfg.data.seq_len, vocab_size=cfg.data.vocab_size,
             cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
             val_fraction=cfg.data.val_fraction,
-        )
+        ), rank=self.dist.rank, world_size=self.dist.world_size)
         self.plan = GlobalBatchPlan(len(self.data.train), t.global_batch_size, t.seed, seq_len=cfg.data.seq_len)
         self.plan.local_microbatches(0, rank=self.dist.rank, world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
 
