@@ -90,3 +90,18 @@ def test_merged_export_loads_in_plain_hf_with_equal_logits(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert tokenizer.decode(tokenizer("def merge(a, b):")["input_ids"]) == "def merge(a, b):"
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_warm_start_switch_optimizer_policy(tmp_path, keep):
+    """Default: a fresh optimizer after the warm start (reference); --keep-states-at-switch carries
+    the Adam states of embeddings/head/norms over (their step counts keep running)."""
+    run_cli(SMALL + ["--method", "relora", "--steps", "10", "--warm-start-steps", "3", "--merge-every", "4",
+                     "--restart-warmup-steps", "1", "--out", tmp_path, "--stop-after", "5",
+                     "--keep-states-at-switch", str(keep).lower()])
+    checkpoint = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    full_rank, lora = optimizer["param_groups"]
+    steps = {int(optimizer["state"][i]["step"]) for i in full_rank["params"]}
+    assert steps == ({5} if keep else {2})
+    assert {int(optimizer["state"][i]["step"]) for i in lora["params"]} == {2}

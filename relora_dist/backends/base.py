@@ -136,6 +136,14 @@ class Backend(ABC):
         """Full model state dict on rank 0 (consolidating shards where needed); {} elsewhere."""
         return {k: v.detach().cpu() for k, v in self.unwrapped_model.state_dict().items()} if self.rank == 0 else {}
 
+    def param_states(self, params) -> dict:
+        """Optimizer state per parameter object (torch optimizers keyed by param; engines may override)."""
+        return {p: dict(self.optimizer.state[p]) for p in params if p in self.optimizer.state}
+
+    def restore_param_states(self, states: dict) -> None:
+        for param, state in states.items():
+            self.optimizer.state[param] = state
+
     def replicated_named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Tensors that must be bit-identical on every rank (all of them for replicated engines)."""
         model = self.unwrapped_model

@@ -36,8 +36,10 @@ class DataConfig:
     """Tokens per packed training sequence."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation."""
+    text_field: str = "text"
+    """Column holding the text in jsonl/parquet/hub datasets."""
     cache_dir: str | None = None
-    """Where tokenizers and packed data are cached (default ~/.cache/relora_dist)."""
+    """Where tokenizers and packed data are cached (default $RELORA_CACHE or ~/.cache/relora_dist)."""
 
 
 @dataclass
@@ -60,6 +62,8 @@ class OptimConfig:
     """Linear warm-up of each phase's schedule, in updates."""
     min_lr_ratio: float = 0.1
     """Floor of the cosine envelope, as a fraction of the peak."""
+    keep_states_at_switch: bool = False
+    """At the warm-start switch keep the Adam states of what stays full-rank (embeddings, head, norms); default: a fresh optimizer, as the reference."""
 
 
 @dataclass

@@ -50,7 +50,7 @@ class Trainer:
         self.data = rank0_first(lambda: build_data(
             cfg.data.dataset, cfg.data.tokenizer, seq_len=cfg.data.seq_len, vocab_size=cfg.data.vocab_size,
             cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
-            val_fraction=cfg.data.val_fraction,
+            val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
         ), rank=self.dist.rank, world_size=self.dist.world_size)
         self.plan = GlobalBatchPlan(len(self.data.train), t.global_batch_size, t.seed, seq_len=cfg.data.seq_len)
         self.plan.local_microbatches(0, rank=self.dist.rank, world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
@@ -151,8 +151,11 @@ class Trainer:
         step = self.controller.step
         if actions.wrap:
             start = time.perf_counter()
-            model = wrap(self.backend.unwrapped_model, self.cfg.relora)
-            self._setup_backend(model)  # new optimizer for the low-rank phase (reference behaviour)
+            model = self.backend.unwrapped_model
+            kept = self.backend.param_states(model.parameters()) if self.cfg.optim.keep_states_at_switch else {}
+            wrap(model, self.cfg.relora)  # W becomes frozen; every other Parameter object stays the same
+            self._setup_backend(model)  # new optimizer for the low-rank phase (reference behaviour) ...
+            self.backend.restore_param_states({p: s for p, s in kept.items() if p.requires_grad})  # ... or carry states over
             timing["wrap_s"] = time.perf_counter() - start
             metrics.event(f"update {step}: warm start done, model wrapped ({len(relora_layers(model))} ReLoRA layers)")
         if actions.merge:
