@@ -72,3 +72,14 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "relora-train: error: relora rank must be > 0, got 0 (--rank)"
+
+
+def test_resume_from_a_mismatching_checkpoint(tmp_path, capsys):
+    args = BASE + ["--out", str(tmp_path), "--method", "full"]
+    assert train_main(args) == 0
+    capsys.readouterr()
+    assert train_main(args[:] + ["--resume", "--method", "relora"]) == 2
+    assert "was written with method 'full', this run uses 'relora'" in capsys.readouterr().err
+    assert train_main(args + ["--resume", "--model", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit this run" in err[0], err

@@ -96,5 +96,9 @@ class DDPBackend(Backend):
             torch.save(self._optimizer.state_dict(), directory / "optimizer.pt")
 
     def load(self, directory: Path):
-        self._module.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
-        self._optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        try:
+            self._module.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
+            self._optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"checkpoint {directory} does not fit this run: {reason}") from None

@@ -72,7 +72,11 @@ class Trainer:
 
         resume_dir = resolve_checkpoint(t.resume, self.out) if t.resume else None
         if resume_dir is not None:
-            self.controller.load_state_dict(read_trainer_state(resume_dir)["controller"])
+            saved = read_trainer_state(resume_dir)
+            for key in ("method", "backend"):
+                if saved.get(key) != getattr(t, key):
+                    raise ValueError(f"--resume: {resume_dir} was written with {key} {saved.get(key)!r}, this run uses {getattr(t, key)!r}")
+            self.controller.load_state_dict(saved["controller"])
 
         torch.manual_seed(t.seed)  # identical init on every rank and world size
         model = build_model(self.model_config)
