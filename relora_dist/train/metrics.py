@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import logging
 import time
 from pathlib import Path
@@ -13,11 +14,16 @@ logger = logging.getLogger("relora_dist")
 
 
 class MetricsWriter:
+    """A progress bar on a terminal; in logs (no TTY) one line every ~5% of the run instead."""
+
     def __init__(self, out: Path, *, enabled: bool, total_steps: int, initial_step: int, progress: bool):
         self.enabled = enabled
         self._file = open(out / "metrics.jsonl", "a") if enabled else None
-        self._bar = tqdm(total=total_steps, initial=initial_step, disable=not (enabled and progress),
+        interactive = sys.stderr.isatty()
+        self._bar = tqdm(total=total_steps, initial=initial_step, disable=not (enabled and progress and interactive),
                          desc="train", dynamic_ncols=True, mininterval=1.0)
+        self._log_every = max(1, total_steps // 20) if enabled and progress and not interactive else 0
+        self._total = total_steps
         self._last = time.perf_counter()
 
     def update_time(self) -> float:
@@ -36,10 +42,18 @@ class MetricsWriter:
         self._file.flush()
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        if self._log_every and (record["step"] % self._log_every == 0 or "val_loss" in record):
+            val = f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            logger.info("update %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  tokens/s %.0f%s", record["step"], self._total,
+                        record["loss"], record["lr"], record["grad_norm"], record["tokens_per_s"], val)
 
     def event(self, message: str) -> None:
-        if self.enabled:
-            self._bar.write(message) if not self._bar.disable else logger.info(message)
+        if not self.enabled:
+            return
+        if self._bar.disable:
+            logger.info(message)
+        else:
+            self._bar.write(message)
 
     def close(self) -> None:
         if self._file:
