@@ -99,18 +99,19 @@ class Backend(ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip and return the global gradient norm (identical on every rank)."""
+    def step(self, *, lr: float, max_norm: float, loss_is_finite: bool = True) -> tuple[float, bool]:
+        """End of an accumulation window: clip the gradients to `max_norm` (0: no clipping) and take the
+        optimizer step at `lr`, unless the loss or the global gradient norm is non-finite.
 
-    @abstractmethod
-    def step(self) -> None:
-        """Optimizer step on the accumulation boundary."""
+        Engines that clip inside their own step (DeepSpeed) do it there. The decision must be the same
+        on every rank. Returns (global gradient norm, whether the step was taken).
+        """
 
     @abstractmethod
     def zero_grad(self) -> None: ...
 
-    def set_lr(self, lr_per_group: list[float]) -> None:
-        for group, lr in zip(self.optimizer.param_groups, lr_per_group):
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     @abstractmethod

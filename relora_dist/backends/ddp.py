@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import inspect
 from pathlib import Path
 
@@ -72,12 +73,15 @@ class DDPBackend(Backend):
     def backward(self, loss):
         loss.backward()
 
-    def clip_grad_norm(self, max_norm):
+    def step(self, *, lr, max_norm, loss_is_finite=True):
         params = [p for p in self._module.parameters() if p.requires_grad]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-
-    def step(self):
-        self._optimizer.step()
+        # DDP already averaged the gradients, so the norm is the same on every rank.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+        stepped = loss_is_finite and math.isfinite(grad_norm)
+        if stepped:
+            self.set_lr(lr)
+            self._optimizer.step()
+        return grad_norm, stepped
 
     def zero_grad(self):
         self._optimizer.zero_grad(set_to_none=True)

@@ -139,16 +139,12 @@ class Trainer:
                     loss = backend.model(input_ids=batch, labels=batch).loss / len(micro)
                 backend.backward(loss)
             loss_sum += loss.detach().float()
-        grad_norm = backend.clip_grad_norm(self.cfg.optim.grad_clip)
         loss_mean = backend.all_reduce_sum(loss_sum) / self.dist.world_size
-        stepped = bool(torch.isfinite(loss_mean)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if stepped:
-            lr = self._lr()
-            backend.set_lr([lr] * len(backend.optimizer.param_groups))
-            backend.step()
+        grad_norm, stepped = backend.step(lr=self._lr(), max_norm=self.cfg.optim.grad_clip,
+                                          loss_is_finite=bool(torch.isfinite(loss_mean)))
         backend.zero_grad()
         self.batches_consumed += 1
-        return float(loss_mean), float(grad_norm), stepped
+        return float(loss_mean), grad_norm, stepped
 
     def _apply_actions(self, actions, metrics: MetricsWriter) -> dict:
         timing = {}
