@@ -105,3 +105,32 @@ def test_warm_start_switch_optimizer_policy(tmp_path, keep):
     steps = {int(optimizer["state"][i]["step"]) for i in full_rank["params"]}
     assert steps == ({5} if keep else {2})
     assert {int(optimizer["state"][i]["step"]) for i in lora["params"]} == {2}
+
+
+def test_local_datasets_hf_tokenizer_and_model_config_json(tmp_path):
+    """--dataset jsonl/parquet, --tokenizer an HF tokenizer directory, --model-config an HF config JSON."""
+    import datasets
+
+    from relora_dist.data import embedded_corpus_documents
+
+    docs = embedded_corpus_documents()[:120]
+    datasets.Dataset.from_dict({"body": docs}).to_json(tmp_path / "corpus.jsonl")
+    first = SMALL + ["--method", "full", "--steps", "4", "--out", tmp_path / "a", "--dataset", tmp_path / "corpus.jsonl",
+                     "--text-field", "body", "--vocab-size", "512"]
+    run_cli(first)
+    summary, _, _ = load_run(tmp_path / "a")
+    assert summary["dataset"].startswith("local json dataset")
+    checkpoint = tmp_path / "a" / "checkpoints" / "step_0000004"
+
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(tmp_path / "corpus.parquet")
+    model_config = json.loads((checkpoint / "model_config.json").read_text())
+    model_config["num_hidden_layers"] = 1
+    (tmp_path / "one_layer.json").write_text(json.dumps(model_config))
+    second = SMALL + ["--method", "relora", "--steps", "7", "--warm-start-steps", "2", "--merge-every", "2",
+                      "--restart-warmup-steps", "1", "--out", tmp_path / "b", "--dataset", tmp_path / "corpus.parquet",
+                      "--tokenizer", checkpoint / "tokenizer", "--model-config", tmp_path / "one_layer.json"]
+    run_cli(second)
+    summary, _, state = load_run(tmp_path / "b")
+    assert summary["dataset"].startswith("local parquet dataset") and summary["merges"] == 2
+    assert not any(k.startswith("model.layers.1.") for k in state)
+    assert state["model.embed_tokens.weight"].shape[0] == 512
