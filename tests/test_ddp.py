@@ -25,6 +25,7 @@ def test_two_ranks_equal_single_process_after_two_merges_and_resets(tmp_path, pr
     assert ddp_summary["resets"] == ref_summary["resets"] == 2
     assert [m["step"] for m in ddp_metrics if m.get("merge_s") is not None] == [7, 10]
     assert max_relative_difference(ref_state, ddp_state) < 1e-5
+    assert ddp_summary["val_loss"] == pytest.approx(ref_summary["val_loss"], rel=1e-5)  # same held-out set
     for a, b in zip(ddp_metrics, ref_metrics):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 

@@ -55,6 +55,8 @@ class Trainer:
         self.plan = GlobalBatchPlan(len(self.data.train), t.global_batch_size, t.seed, seq_len=cfg.data.seq_len)
         self.plan.local_microbatches(0, rank=self.dist.rank, world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
 
+        self._eval_sequences = self._eval_set_size(len(self.data.val))
+
         vocab = len(self.data.tokenizer)
         self.model_config = llama_config(cfg.model.preset, vocab_size=vocab, config_path=cfg.model.config_path,
                                          max_positions=cfg.model.max_positions)
@@ -91,6 +93,18 @@ class Trainer:
         if self.is_main:
             save_yaml(cfg, self.out / "config.yaml")
 
+    def _eval_set_size(self, available: int) -> int:
+        """Whole global batches of validation sequences: independent of world size, and every rank runs the
+        same number of forward passes (sharded engines communicate inside forward)."""
+        t = self.cfg.train
+        unit = t.global_batch_size if available >= t.global_batch_size else self.dist.world_size * t.micro_batch_size
+        wanted = t.eval_batches * t.global_batch_size if t.eval_batches > 0 else available
+        size = min(wanted, available) // unit * unit
+        if size == 0:
+            raise ValueError(f"validation split has {available} sequences, fewer than one per micro-batch on every rank"
+                             f" ({unit}) (--val-fraction, --micro-batch-size)")
+        return size
+
     # -- setup -----------------------------------------------------------------------------------
     def _param_groups(self, model) -> list[dict]:
         lora_ids = {id(p) for _, p in lora_parameters(model)}
@@ -114,7 +128,8 @@ class Trainer:
         self.skipped_total = state.get("skipped_total", 0)
         self.elapsed_before = state.get("wall_s", 0.0)
         if state["world_size"] != self.dist.world_size or not load_rng(path, self.dist.rank):
-            logger.warning("resuming at another world size: dropout RNG streams restart from the seed")
+            logger.warning("checkpoint written by %d ranks, resumed on %d: dropout RNG streams restart from the seed",
+                           state["world_size"], self.dist.world_size)
         if self.is_main:
             logger.info("resumed from %s at update %d", path, self.controller.step)
 
@@ -181,9 +196,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.train
-        val = self.data.val
-        if t.eval_batches > 0:
-            val = val[: t.eval_batches * t.global_batch_size]
+        val = self.data.val[: self._eval_sequences]
         model = self.backend.model
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
