@@ -106,4 +106,8 @@ def control_config(config: LlamaConfig, rank: int) -> LlamaConfig:
             best = (gap, candidate)
     if best is None:
         raise ValueError(f"cannot size a Control model below hidden {config.hidden_size} with {heads} heads")
-    return best[1]
+    control = best[1]
+    # Hidden sizes move in coarse steps (embeddings scale with them); the ffn width fine-tunes the count.
+    per_ffn_unit = 3 * control.hidden_size * control.num_hidden_layers
+    control.intermediate_size = max(1, control.intermediate_size + round((target - count_parameters(control)) / per_ffn_unit))
+    return control
