@@ -134,3 +134,19 @@ def test_local_datasets_hf_tokenizer_and_model_config_json(tmp_path):
     assert summary["dataset"].startswith("local parquet dataset") and summary["merges"] == 2
     assert not any(k.startswith("model.layers.1.") for k in state)
     assert state["model.embed_tokens.weight"].shape[0] == 512
+
+
+def test_run_directory_is_never_mixed(tmp_path):
+    """A fresh run refuses an OUT holding another run unless --overwrite; resuming from an older
+    checkpoint drops the metrics logged after it, so every update is recorded exactly once."""
+    args = SMALL + ["--method", "relora", "--steps", "10", "--warm-start-steps", "3", "--merge-every", "4",
+                    "--restart-warmup-steps", "1", "--out", tmp_path, "--save-every", "4"]
+    run_cli(args + ["--stop-after", "6"])
+    again = run_cli(args, check=False)
+    assert again.returncode == 2 and "already holds a run; pass --resume" in again.stderr.strip().splitlines()[-1]
+    run_cli(args + ["--resume", tmp_path / "checkpoints" / "step_0000004"])  # as if killed after update 6
+    _, metrics, _ = load_run(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    run_cli(args + ["--overwrite", "true", "--stop-after", "2"])
+    _, metrics, _ = load_run(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2]

@@ -64,6 +64,19 @@ def save_checkpoint(
     return final
 
 
+def claim_run_directory(out: Path, *, overwrite: bool, is_main: bool) -> None:
+    """A fresh run never mixes its metrics and checkpoints with an earlier run's in the same OUT."""
+    previous = [p for p in (out / "checkpoints", out / "metrics.jsonl", out / "summary.json") if p.exists()]
+    if not previous:
+        return
+    if not overwrite:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, --overwrite true to start"
+                         " afresh, or another --out")
+    if is_main:
+        for path in previous:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def resolve_checkpoint(resume: str, out: Path) -> Path:
     """'latest' -> the checkpoint named by OUT/checkpoints/latest; otherwise a checkpoint directory."""
     if resume == "latest":

@@ -92,6 +92,8 @@ class TrainConfig:
     """Run directory: metrics.jsonl, summary.json, config.yaml, checkpoints/."""
     resume: str | None = None
     """Continue from a checkpoint directory, or 'latest' in OUT/checkpoints."""
+    overwrite: bool = False
+    """Start afresh in an OUT that already holds a run (its metrics and checkpoints are deleted)."""
     export_merged: str | None = None
     """At the end, write a merged HF model (safetensors + tokenizer) to this directory."""
     max_consecutive_skips: int = 10

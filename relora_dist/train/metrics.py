@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +18,8 @@ class MetricsWriter:
 
     def __init__(self, out: Path, *, enabled: bool, total_steps: int, initial_step: int, progress: bool):
         self.enabled = enabled
+        if enabled:
+            _truncate_after(out / "metrics.jsonl", initial_step)
         self._file = open(out / "metrics.jsonl", "a") if enabled else None
         interactive = sys.stderr.isatty()
         self._bar = tqdm(total=total_steps, initial=initial_step, disable=not (enabled and progress and interactive),
@@ -59,6 +61,19 @@ class MetricsWriter:
         if self._file:
             self._file.close()
         self._bar.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records past `step` (updates a killed run logged after its last checkpoint): a resumed
+    run re-logs them, so every update appears exactly once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
 def write_summary(out: Path, summary: dict) -> None:

@@ -24,7 +24,7 @@ from ..merge import merge_and_reinit_layers
 from ..models import build_model, control_config, llama_config
 from ..prune import prune_states
 from ..schedule import ReLoRAController
-from .checkpoint import load_rng, read_trainer_state, resolve_checkpoint, save_checkpoint
+from .checkpoint import claim_run_directory, load_rng, read_trainer_state, resolve_checkpoint, save_checkpoint
 from .config import RunConfig, save_yaml
 from .consistency import check_replicas
 from .metrics import MetricsWriter, write_summary
@@ -73,6 +73,9 @@ class Trainer:
         self.elapsed_before = 0.0
 
         resume_dir = resolve_checkpoint(t.resume, self.out) if t.resume else None
+        if resume_dir is None:
+            rank0_first(lambda: claim_run_directory(self.out, overwrite=t.overwrite, is_main=self.is_main),
+                        rank=self.dist.rank, world_size=self.dist.world_size)
         if resume_dir is not None:
             saved = read_trainer_state(resume_dir)
             for key in ("method", "backend"):
