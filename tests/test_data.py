@@ -17,7 +17,6 @@ from relora_dist.data import (
     pack_documents,
     val_batches,
 )
-from relora_dist.data import corpus as corpus_mod
 from relora_dist.data import tokenizer as tokenizer_mod
 
 
