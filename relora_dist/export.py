@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from .merge import add_in_fp32, lora_delta
 from .train.checkpoint import read_trainer_state
 
 
@@ -23,9 +24,9 @@ def merged_state_dict(state: dict[str, torch.Tensor], scale: float | None) -> di
             prefix = key[: -len(".lora_A")]
             if scale is None:
                 raise ValueError("the state dict holds lora_A/lora_B but no ReLoRA scale was given")
-            weight = merged[f"{prefix}.weight"]
-            delta = (state[f"{prefix}.lora_B"].float() @ state[key].float()) * scale
-            merged[f"{prefix}.weight"] = (weight.float() + delta).to(weight.dtype)
+            weight = merged[f"{prefix}.weight"].clone()
+            add_in_fp32(weight.view(-1), lora_delta(state[f"{prefix}.lora_B"].float(), state[key].float(), scale))
+            merged[f"{prefix}.weight"] = weight
     return merged
 
 

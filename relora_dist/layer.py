@@ -64,10 +64,6 @@ class ReLoRALinear(nn.Module):
         self.lora_A.copy_(A)
         self.lora_B.zero_()
 
-    def delta_weight(self) -> torch.Tensor:
-        """scale * B @ A in fp32."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frozen = F.linear(x, self.weight, self.bias)
         low_rank = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)

@@ -10,8 +10,9 @@ from .layer import ReLoRALinear, relora_layers
 from .randomness import kaiming_uniform_A
 
 
-def _delta_slice(B32: torch.Tensor, A32: torch.Tensor, scale: float, start: int, numel: int) -> torch.Tensor:
-    """Flat elements [start, start+numel) of scale * B @ A, computing only the rows they span."""
+def lora_delta(B32: torch.Tensor, A32: torch.Tensor, scale: float, start: int = 0, numel: int | None = None) -> torch.Tensor:
+    """Flat elements [start, start+numel) of scale * B @ A (default: all), computing only the rows they span."""
+    numel = B32.shape[0] * A32.shape[1] - start if numel is None else numel
     in_features = A32.shape[1]
     row0, row1 = start // in_features, -(-(start + numel) // in_features)
     block = (B32[row0:row1] @ A32).mul_(scale).view(-1)
@@ -19,7 +20,7 @@ def _delta_slice(B32: torch.Tensor, A32: torch.Tensor, scale: float, start: int,
     return block[offset : offset + numel]
 
 
-def _add_fp32(view: torch.Tensor, delta: torch.Tensor) -> None:
+def add_in_fp32(view: torch.Tensor, delta: torch.Tensor) -> None:
     # Add in fp32 and round once, so a bf16 W sees one rounding per merge.
     if view.dtype == torch.float32:
         view.add_(delta.to(view.device))
@@ -46,9 +47,9 @@ def merge_and_reinit_layers(layers: list[ReLoRALinear], access: ShardAccess, *, 
             raise FloatingPointError(f"non-finite lora_A/lora_B in {layer.relora_name}: merge refused, W untouched")
     for layer, A32, B32 in zip(layers, masters[0::2], masters[1::2]):
         for piece in access.weight_pieces(layer):
-            delta = _delta_slice(B32, A32, layer.scale, piece.start, piece.numel)
+            delta = lora_delta(B32, A32, layer.scale, piece.start, piece.numel)
             for view in piece.views:
-                _add_fp32(view, delta)
+                add_in_fp32(view, delta)
         A_new = kaiming_uniform_A(tuple(layer.lora_A.shape), seed=layer.seed, restart_index=restart_index, name=layer.relora_name)
         _write(access.param_pieces(layer.lora_A), A_new.view(-1))
         _write(access.param_pieces(layer.lora_B), torch.zeros(layer.lora_B.numel()))

@@ -24,10 +24,6 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def _normalise(name: str) -> str:
     return name.removeprefix("llama_").removeprefix("llama-").lower()
 

@@ -7,7 +7,7 @@ desynchronise merges from LR restarts (the reference code's B10).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .config import ReLoRAConfig
 
@@ -139,6 +139,3 @@ class ReLoRAController:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.merges, self.resets = int(state["step"]), int(state["merges"]), int(state["resets"])
-
-    def describe(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "relora"}

@@ -37,9 +37,6 @@ class GlobalBatchPlan:
         self._cached_epoch: int | None = None
         self._cached_perm: torch.Tensor | None = None
 
-    def epoch_of(self, batch_index: int) -> int:
-        return batch_index // self.batches_per_epoch
-
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._cached_epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

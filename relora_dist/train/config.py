@@ -125,10 +125,6 @@ class RunConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(t, name)} (--{name.replace('_', '-')})")
         if self.data.seq_len <= 1:
             raise ValueError(f"seq_len must be > 1, got {self.data.seq_len} (--seq-len)")
-        if self.model.config_path is None and self.data.seq_len > self.model.max_positions:
-            raise ValueError(
-                f"seq_len {self.data.seq_len} exceeds the model's max positions {self.model.max_positions} (--seq-len)"
-            )
         if not 0 < self.data.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.data.val_fraction} (--val-fraction)")
         if self.optim.lr <= 0 or (self.optim.lora_lr is not None and self.optim.lora_lr <= 0):

@@ -53,7 +53,7 @@ class Trainer:
             val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
         ), rank=self.dist.rank, world_size=self.dist.world_size)
         self.plan = GlobalBatchPlan(len(self.data.train), t.global_batch_size, t.seed, seq_len=cfg.data.seq_len)
-        self.plan.local_microbatches(0, rank=self.dist.rank, world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
+        self.accumulation_steps = self.plan.accumulation_steps(world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
 
         self._eval_sequences = self._eval_set_size(len(self.data.val))
 
@@ -295,7 +295,8 @@ class Trainer:
             "resets": self.controller.resets, "skipped": self.skipped_total,
             "model_parameters": sum(p.numel() for p in self.backend.unwrapped_model.parameters()),
             "trainable_parameters": sum(p.numel() for p in self.backend.unwrapped_model.parameters() if p.requires_grad),
-            "global_batch_size": t.global_batch_size, "seq_len": self.cfg.data.seq_len,
+            "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
+            "accumulation_steps": self.accumulation_steps, "seq_len": self.cfg.data.seq_len,
             "tokens_per_s": (self.batches_consumed - first_batch) * tokens_per_update / max(wall_s - self.elapsed_before, 1e-9),
             "device": str(self.dist.device), "dataset": self.data.source,
         }
