@@ -10,12 +10,21 @@ from .layer import ReLoRALinear, relora_layers
 from .randomness import kaiming_uniform_A
 
 
+ROW_BLOCK = 64
+
+
 def lora_delta(B32: torch.Tensor, A32: torch.Tensor, scale: float, start: int = 0, numel: int | None = None) -> torch.Tensor:
-    """Flat elements [start, start+numel) of scale * B @ A (default: all), computing only the rows they span."""
-    numel = B32.shape[0] * A32.shape[1] - start if numel is None else numel
-    in_features = A32.shape[1]
-    row0, row1 = start // in_features, -(-(start + numel) // in_features)
-    block = (B32[row0:row1] @ A32).mul_(scale).view(-1)
+    """Flat elements [start, start+numel) of scale * B @ A (default: all), computing only the rows they span.
+
+    Rows are computed in blocks aligned to multiples of ROW_BLOCK, so a given element comes out of the
+    same GEMM shape whichever rank or shard asks for it: shards of W stay bit-identical to a full merge.
+    """
+    out_features, in_features = B32.shape[0], A32.shape[1]
+    numel = out_features * in_features - start if numel is None else numel
+    row0 = start // in_features // ROW_BLOCK * ROW_BLOCK
+    row1 = min(-(-(start + numel) // in_features), out_features)
+    blocks = [B32[r : min(r + ROW_BLOCK, out_features)] @ A32 for r in range(row0, row1, ROW_BLOCK)]
+    block = torch.cat(blocks).mul_(scale).view(-1) if blocks else A32.new_zeros(0)
     offset = start - row0 * in_features
     return block[offset : offset + numel]
 
@@ -50,9 +59,11 @@ def merge_and_reinit_layers(layers: list[ReLoRALinear], access: ShardAccess, *, 
             delta = lora_delta(B32, A32, layer.scale, piece.start, piece.numel)
             for view in piece.views:
                 add_in_fp32(view, delta)
-        A_new = kaiming_uniform_A(tuple(layer.lora_A.shape), seed=layer.seed, restart_index=restart_index, name=layer.relora_name)
+        A_new = kaiming_uniform_A(tuple(access.full_shape(layer.lora_A)), seed=layer.seed, restart_index=restart_index,
+                                  name=layer.relora_name)
         _write(access.param_pieces(layer.lora_A), A_new.view(-1))
-        _write(access.param_pieces(layer.lora_B), torch.zeros(layer.lora_B.numel()))
+        _write(access.param_pieces(layer.lora_B), torch.zeros(access.full_shape(layer.lora_B).numel()))
+    access.after_merge(layers)
 
 
 class ReplicatedAccess(ShardAccess):

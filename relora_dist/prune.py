@@ -49,7 +49,7 @@ def prune_states(
 ) -> dict[str, float]:
     """Prune exp_avg/exp_avg_sq of the given params in place. Returns {"zeroed": local fraction zeroed}."""
     state = {name: {key: access.state_pieces(p, key) for key in ADAM_KEYS} for name, p in named_params}
-    numels = {name: p.numel() for name, p in named_params}
+    numels = {name: access.full_shape(p).numel() for name, p in named_params}
 
     if method == "reset":
         masks = {(name, key): torch.zeros(numels[name], dtype=torch.bool) for name, _ in named_params for key in ADAM_KEYS}

@@ -61,6 +61,13 @@ class ShardAccess(ABC):
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         """Sum over the ranks whose pieces are disjoint (no-op when every rank holds everything)."""
 
+    def full_shape(self, param: nn.Parameter) -> torch.Size:
+        """Shape of the whole tensor (ZeRO-3 params are empty outside gathers)."""
+        return param.shape
+
+    def after_merge(self, layers: list[nn.Module]) -> None:
+        """Drop engine caches of W that the merge made stale (e.g. ZeRO++ secondary partitions)."""
+
 
 class Backend(ABC):
     """Training ops of one engine (single process/DDP, DeepSpeed, FSDP2, fairscale)."""
@@ -126,12 +133,19 @@ class Backend(ABC):
             torch.distributed.barrier()
 
     @abstractmethod
-    def save(self, directory: Path) -> None:
-        """Write model and optimizer state into `directory` (every rank calls it)."""
+    def save(self, directory: Path, trainer_state: dict) -> None:
+        """Write model and optimizer state into `directory` (every rank calls it). Engines with their own
+        checkpoint format store `trainer_state` (controller, data position) inside it as well."""
 
     @abstractmethod
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote (every rank calls it, after `setup`)."""
+
+    def release_model(self, build_model: Callable[[], nn.Module]) -> nn.Module:
+        """End this engine's hold on the model and return it as a plain module with full parameters,
+        ready to be re-wrapped at the warm-start switch. Engines that partition or hook the module
+        return a fresh `build_model()` loaded with the full values (fp32 masters where they exist)."""
+        return self.unwrapped_model
 
     def model_state_for_export(self) -> dict[str, torch.Tensor]:
         """Full model state dict on rank 0 (consolidating shards where needed); {} elsewhere."""

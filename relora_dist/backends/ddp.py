@@ -94,7 +94,7 @@ class DDPBackend(Backend):
             dist.all_reduce(tensor)
         return tensor
 
-    def save(self, directory: Path):
+    def save(self, directory: Path, trainer_state: dict):
         if self.rank == 0:
             torch.save(self._module.state_dict(), directory / "model.pt")
             torch.save(self._optimizer.state_dict(), directory / "optimizer.pt")

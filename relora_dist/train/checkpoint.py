@@ -48,7 +48,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     backend.barrier()
-    backend.save(tmp)
+    backend.save(tmp, trainer_state)
     torch.save(rng_state(), tmp / f"rng_rank{backend.rank}.pt")
     if backend.rank == 0:
         write_extra(tmp)

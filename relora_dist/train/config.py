@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..backends import BACKENDS
 from ..config import ReLoRAConfig
 
 DTYPES = ("fp32", "bf16")
@@ -71,7 +72,9 @@ class TrainConfig:
     method: str = "relora"
     """full | relora | lora | lora_ws | control."""
     backend: str = "ddp"
-    """Distributed engine: ddp (single process when world size is 1)."""
+    """Distributed engine: ddp (single process when world size is 1) or deepspeed (needs --deepspeed)."""
+    deepspeed: str | None = None
+    """DeepSpeed JSON config (ZeRO stage, offload, buckets; see launch/configs/zero*.json). Implies --backend deepspeed."""
     steps: int = 200
     """Optimizer updates in the whole run (warm start included)."""
     global_batch_size: int = 16
@@ -79,7 +82,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
     dtype: str = "fp32"
-    """fp32, or bf16 (autocast over fp32 master parameters)."""
+    """fp32, or bf16 (ddp: autocast over fp32 parameters; deepspeed: bf16 parameters with fp32 masters, frozen W in bf16)."""
     seed: int = 0
     """Seed of model init, data order, dropout and ReLoRA's generators."""
     eval_every: int = 50
@@ -118,6 +121,16 @@ class RunConfig:
 
     def validate(self) -> None:
         t = self.train
+        if t.deepspeed and t.backend == "ddp":
+            t.backend = "deepspeed"
+        if t.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {t.backend!r}; available: {', '.join(BACKENDS)} (--backend)")
+        if t.backend == "deepspeed" and not t.deepspeed:
+            raise ValueError("--backend deepspeed needs a DeepSpeed JSON config (--deepspeed launch/configs/zero2.json)")
+        if t.backend != "deepspeed" and t.deepspeed:
+            raise ValueError(f"--deepspeed was given but --backend is {t.backend}")
+        if t.backend == "deepspeed" and self.optim.keep_states_at_switch:
+            raise ValueError("--keep-states-at-switch is not supported with --backend deepspeed")
         if t.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {t.dtype!r} (--dtype)")
         for name in ("global_batch_size", "micro_batch_size", "steps"):

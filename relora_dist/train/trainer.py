@@ -87,7 +87,9 @@ class Trainer:
         model = build_model(self.model_config)
         if self.controller.low_rank:
             wrap(model, cfg.relora)
-        self.backend = build_backend(t.backend, device=self.dist.device, dtype=t.dtype)
+        self.backend = build_backend(t.backend, device=self.dist.device, dtype=t.dtype, config=t.deepspeed,
+                                     micro_batch_size=t.micro_batch_size, accumulation_steps=self.accumulation_steps,
+                                     max_norm=cfg.optim.grad_clip)
         self._setup_backend(model)
         # Dropout streams differ per rank (ReLoRA's own randomness never uses the global RNG).
         torch.manual_seed(t.seed * 1000 + 1 + self.dist.rank)
@@ -169,7 +171,7 @@ class Trainer:
         step = self.controller.step
         if actions.wrap:
             start = time.perf_counter()
-            model = self.backend.unwrapped_model
+            model = self.backend.release_model(lambda: build_model(self.model_config))
             kept = self.backend.param_states(model.parameters()) if self.cfg.optim.keep_states_at_switch else {}
             wrap(model, self.cfg.relora)  # W becomes frozen; every other Parameter object stays the same
             self._setup_backend(model)  # new optimizer for the low-rank phase (reference behaviour) ...

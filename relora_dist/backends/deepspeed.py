@@ -1,0 +1,229 @@
+"""DeepSpeed ZeRO 0/1/2/3 behind the Backend interface (`--backend deepspeed --deepspeed CONFIG.json`).
+
+The user's JSON supplies the engine options (ZeRO stage, offload, buckets); relora_dist fills in what it
+owns: batch sizes, clipping, precision from `--dtype`, and the optimizer (built by the trainer, so every
+backend runs the same AdamW). The loop owns the accumulation boundary
+(`managed_gradient_accumulation: false`): backward per micro-batch, one `engine.step()` per update.
+Where ReLoRA's tensors live in each layout is `deepspeed_layout.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .base import Backend
+from .deepspeed_layout import full_parameters, shard_access_for
+
+logger = logging.getLogger("relora_dist")
+
+CHECKPOINT_TAG = "engine"
+# Sections relora_dist owns: the run config sets them, a DeepSpeed JSON must not.
+OWNED_KEYS = ("optimizer", "scheduler", "train_batch_size", "fp16")
+
+
+def load_engine_config(path: str | Path | dict) -> dict:
+    if isinstance(path, dict):
+        return json.loads(json.dumps(path))
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read DeepSpeed config {path}: {e.strerror} (--deepspeed)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e} (--deepspeed)") from None
+
+
+def _fill(config: dict, key: str, value, flag: str) -> None:
+    """Set `key` to what the run config says; a JSON value of "auto" or the same value is fine."""
+    current = config.get(key, "auto")
+    if current != "auto" and current != value:
+        raise ValueError(f"DeepSpeed config sets {key}={current!r} but the run uses {value!r} ({flag}); "
+                         f"remove it from the JSON or set it to \"auto\"")
+    config[key] = value
+
+
+def engine_config(base: dict, *, dtype: str, micro_batch_size: int, accumulation_steps: int, world_size: int,
+                  max_norm: float) -> dict:
+    """The config handed to deepspeed.initialize: the user's JSON plus what the run config decides."""
+    config = json.loads(json.dumps(base))
+    for key in OWNED_KEYS:
+        if key in config and not (key == "train_batch_size" and config[key] == "auto"):
+            raise ValueError(f"DeepSpeed config must not set '{key}': relora_dist builds the optimizer, schedule and"
+                             f" batch itself (see --lr, --global-batch-size, --dtype); fp16 is not supported")
+    config.pop("train_batch_size", None)
+    _fill(config, "train_micro_batch_size_per_gpu", micro_batch_size, "--micro-batch-size")
+    _fill(config, "gradient_accumulation_steps", accumulation_steps, "--global-batch-size / --micro-batch-size")
+    _fill(config, "gradient_clipping", float(max_norm), "--grad-clip")
+    bf16 = config.setdefault("bf16", {})
+    enabled = bf16.get("enabled", "auto")
+    if enabled != "auto" and bool(enabled) != (dtype == "bf16"):
+        raise ValueError(f"DeepSpeed config has bf16.enabled={enabled} but --dtype is {dtype}; set it to \"auto\"")
+    bf16["enabled"] = dtype == "bf16"
+    config["managed_gradient_accumulation"] = False  # the training loop owns the boundary
+    zero = config.setdefault("zero_optimization", {"stage": 0})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if stage == 1:
+        zero.setdefault("overlap_comm", False)  # DeepSpeed allows overlap with a caller-owned boundary only at 2/3
+    if zero.get("offload_param", {}).get("device", "none") == "nvme" or zero.get("offload_optimizer", {}).get("device", "none") == "nvme":
+        raise ValueError("NVMe offload is not supported by relora_dist's reset (use \"device\": \"cpu\")")
+    # The trainer's torch AdamW runs under ZeRO (also with CPU offload, where DeepSpeed would insist on its own).
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    if world_size * micro_batch_size * accumulation_steps <= 0:
+        raise ValueError("batch sizes must be positive")
+    return config
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, *, device: torch.device, dtype: str, config: str | Path | dict, micro_batch_size: int,
+                 accumulation_steps: int, max_norm: float):
+        self.device = device
+        self.dtype = dtype
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.config = engine_config(load_engine_config(config), dtype=dtype, micro_batch_size=micro_batch_size,
+                                    accumulation_steps=accumulation_steps, world_size=self.world_size, max_norm=max_norm)
+        self.stage = self.config["zero_optimization"].get("stage", 0)
+        self.engine = None
+        self._guard = None  # set when the engine steps a plain torch optimizer (see setup)
+
+    # -- engine lifecycle ---------------------------------------------------------------------------
+    def setup(self, model, make_optimizer, param_groups):
+        import deepspeed
+
+        if not dist.is_initialized():  # single process: DeepSpeed still wants a process group
+            deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+        optimizer = make_optimizer(param_groups)
+        config = dict(self.config)
+        plain = self.stage == 0 and self.dtype == "fp32"
+        if plain:
+            # DeepSpeed steps a bare torch optimizer without any non-finite check: clip and check here.
+            self._guard = _FiniteStepGuard(optimizer, config["gradient_clipping"])
+            config["gradient_clipping"] = 0.0
+        self.engine, *_ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer, config=config)
+
+    def release_model(self, build_model):
+        names = [n for n, _ in self.engine.module.named_parameters()]
+        state = full_parameters(self.engine, self.shard_access(), names)
+        self.engine.destroy()
+        self.engine = None
+        with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
+            model = build_model()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model.load_state_dict({n: v for n, v in state.items()}, strict=False)
+        missing = trainable - set(state)
+        if missing:
+            raise RuntimeError(f"parameters missing after DeepSpeed release: {sorted(missing)[:4]}")
+        return model
+
+    @property
+    def model(self):
+        return self.engine
+
+    @property
+    def unwrapped_model(self):
+        return self.engine.module
+
+    @property
+    def optimizer(self):
+        return self.engine.optimizer
+
+    # -- one update -----------------------------------------------------------------------------------
+    def no_sync(self):
+        return contextlib.nullcontext()  # gradients are reduced at engine.step() (or partitioned per backward)
+
+    def backward(self, loss):
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divided by the micro-batch count
+
+    def set_lr(self, lr):
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, *, lr, max_norm, loss_is_finite=True):
+        self.set_lr(lr)
+        self.engine.step()
+        if self._guard is not None:
+            grad_norm, stepped = self._guard.last_norm, self._guard.last_stepped
+        else:
+            # ZeRO wrappers and the bf16 ones skip the update themselves when the global norm is non-finite.
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
+            stepped = self.engine.was_step_applied()
+        if stepped and not loss_is_finite:
+            logger.warning("non-finite loss but finite gradients: DeepSpeed applied the update")
+        return grad_norm, stepped
+
+    def zero_grad(self):
+        pass  # engine.step() already cleared the gradients (and its partitioned buffers)
+
+    def shard_access(self):
+        return shard_access_for(self.engine)
+
+    def all_reduce_sum(self, tensor):
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    # -- checkpoints and export -----------------------------------------------------------------------
+    def save(self, directory, trainer_state):
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"relora_trainer": trainer_state})
+
+    def load(self, directory):
+        try:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
+        except (RuntimeError, ValueError, KeyError, OSError, AssertionError, EOFError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"checkpoint {directory} does not fit this DeepSpeed run: {reason}") from None
+        if path is None:
+            raise ValueError(f"checkpoint {directory} has no DeepSpeed engine state (written by another backend?)")
+
+    def model_state_for_export(self):
+        module = self.engine.module
+        names = [n for n, _ in module.named_parameters()]
+        state = full_parameters(self.engine, self.shard_access(), names)
+        if self.rank != 0:
+            return {}
+        out = {n: v.cpu() for n, v in state.items()}
+        out.update({n: b.detach().cpu() for n, b in module.named_buffers() if n in module.state_dict()})
+        return out
+
+    def param_states(self, params):
+        raise ValueError("--keep-states-at-switch is not supported with --backend deepspeed")
+
+    def replicated_named_tensors(self):
+        """Tensors every rank holds whole: all params below ZeRO-3, persistent ones at ZeRO-3."""
+        out = []
+        for name, p in self.engine.module.named_parameters():
+            if not hasattr(p, "ds_id") or p.data.numel() == p.ds_numel:
+                out.append((name, p.data))
+        return out
+
+
+class _FiniteStepGuard:
+    """Stage 0 fp32 hands DeepSpeed a bare torch optimizer: clip the (already all-reduced) gradients and skip
+    the update when their norm is non-finite, the same rule the ZeRO wrappers apply."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float):
+        self.last_norm, self.last_stepped = float("nan"), False
+        step = optimizer.step
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+
+        def guarded(*args, **kwargs):
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            self.last_norm = float(norm)
+            self.last_stepped = math.isfinite(self.last_norm)
+            return step(*args, **kwargs) if self.last_stepped else None
+
+        optimizer.step = guarded

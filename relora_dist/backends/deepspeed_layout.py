@@ -1,0 +1,281 @@
+"""Where W, A, B, their fp32 masters and Adam states live inside a DeepSpeed 0.19 engine.
+
+The layout is detected by capability (what the optimizer wrapper holds), not from the config:
+
+| wrapper                                   | masters                              | access class        |
+|-------------------------------------------|--------------------------------------|---------------------|
+| plain torch optimizer (stage 0, fp32)     | the params themselves                | ReplicatedAccess    |
+| FP16_(Unfused)Optimizer (stage 0, bf16)   | replicated fp32 copies               | ReplicatedMasters   |
+| DeepSpeedZeroOptimizer, BF16_Optimizer    | a flat fp32 partition per rank       | PartitionedMasters  |
+| DeepSpeedZeroOptimizer_Stage3             | `ds_tensor` slices, fp32 slices      | Stage3Slices        |
+
+Every holder of A/B is written (low-precision param, master, state), in place: params are views into
+flat buffers the engine communicates. See research/distributed_internals.md section 2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..merge import ReplicatedAccess
+from .base import Piece, ShardAccess
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1)
+
+
+def _offset_in(buffer: torch.Tensor, view: torch.Tensor) -> int:
+    """Element offset of `view`'s storage inside the flat `buffer` it is a view of."""
+    return (view.data_ptr() - buffer.data_ptr()) // buffer.element_size()
+
+
+def _state_tensor(optimizer: torch.optim.Optimizer, holder: torch.Tensor, key: str) -> torch.Tensor | None:
+    # .get: never insert into the optimizer's state defaultdict.
+    value = optimizer.state.get(holder, {}).get(key)
+    return value if isinstance(value, torch.Tensor) and value.numel() > 1 else None
+
+
+class ReplicatedMasters(ShardAccess):
+    """ZeRO-0 with bf16/fp16: every rank holds each param whole plus a replicated fp32 copy."""
+
+    def __init__(self, wrapper):
+        self.inner = wrapper.optimizer
+        self.master: dict[int, torch.Tensor] = {}
+        if hasattr(wrapper, "fp32_groups"):  # FP16_UnfusedOptimizer: one fp32 tensor per param
+            for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+                for lp, hp in zip(lp_group, hp_group):
+                    self.master[id(lp)] = (hp, hp)
+        else:  # FP16_Optimizer: one flat fp32 tensor per group, params back to back in group order
+            for lp_group, flat in zip(wrapper.fp16_groups, wrapper.fp32_groups_flat):
+                offset = 0
+                for lp in lp_group:
+                    self.master[id(lp)] = (flat.narrow(0, offset, lp.numel()), flat)
+                    offset += lp.numel()
+
+    def full_fp32(self, params):
+        return [self.master[id(p)][0].detach().view(p.shape).float().clone() for p in params]
+
+    def weight_pieces(self, layer):
+        return [Piece(0, [_flat(layer.weight.data)])]
+
+    def param_pieces(self, param):
+        return [Piece(0, [_flat(param.data), _flat(self.master[id(param)][0])])]
+
+    def state_pieces(self, param, key):
+        view, holder = self.master[id(param)]
+        state = _state_tensor(self.inner, holder, key)
+        if state is None:
+            return []
+        return [Piece(0, [state.narrow(0, _offset_in(holder, view), view.numel()) if holder is not view else _flat(state)])]
+
+    def all_reduce_sum_(self, tensor):
+        pass
+
+
+class PartitionedMasters(ShardAccess):
+    """ZeRO-1/2 and BF16_Optimizer: full low-precision params on every rank (views into a flat buffer),
+    fp32 masters and Adam states as one flat partition per rank and group.
+
+    A param's fragment is derived from where `p.data` sits inside the flat buffer, not from
+    `p._hp_mapping`, which points at the wrong slice with `round_robin_gradients` (DeepSpeed 0.19.8).
+    """
+
+    def __init__(self, wrapper, group=None):
+        self.inner = wrapper.optimizer
+        self.group = group
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        if hasattr(wrapper, "single_partition_of_fp32_groups"):
+            groups, flats, masters = wrapper.bit16_groups, wrapper.bit16_groups_flat, wrapper.single_partition_of_fp32_groups
+            partitions = wrapper.parallel_partitioned_bit16_groups
+        else:  # BF16_Optimizer
+            groups, flats, masters = wrapper.bf16_groups, wrapper.bf16_groups_flat, wrapper.fp32_groups_flat_partition
+            partitions = wrapper.bf16_partitioned_groups
+        self.fragment: dict[int, tuple[int, int, torch.Tensor, int]] = {}  # id -> (start in p, numel, master, offset)
+        self.lp_is_master = all(flat.dtype == torch.float32 for flat in flats)
+        for params, flat, master, parts in zip(groups, flats, masters, partitions):
+            own = parts[self.rank]
+            part_start, part_end = _offset_in(flat, own), _offset_in(flat, own) + own.numel()
+            for p in params:
+                begin = _offset_in(flat, p.data)
+                lo, hi = max(begin, part_start), min(begin + p.numel(), part_end)
+                if hi > lo:
+                    self.fragment[id(p)] = (lo - begin, hi - lo, master, lo - part_start)
+
+    def _master_view(self, param) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        if id(param) not in self.fragment:
+            return None
+        start, numel, master, offset = self.fragment[id(param)]
+        return start, master.narrow(0, offset, numel), master
+
+    def full_fp32(self, params):
+        if self.lp_is_master:  # fp32 training: the engine copies the masters into the params every step
+            return [p.detach().float().clone() for p in params]
+        # One packed all-reduce: each rank writes its master fragments at their global offsets.
+        sizes = [p.numel() for p in params]
+        packed = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device if params else "cpu")
+        offset = 0
+        for p, size in zip(params, sizes):
+            found = self._master_view(p)
+            if found is not None:
+                start, view, _ = found
+                packed[offset + start : offset + start + view.numel()].copy_(view)
+            offset += size
+        self.all_reduce_sum_(packed)
+        return [chunk.view(p.shape).clone() for chunk, p in zip(packed.split(sizes), params)]
+
+    def weight_pieces(self, layer):
+        return [Piece(0, [_flat(layer.weight.data)])]  # frozen W: a plain replicated tensor
+
+    def param_pieces(self, param):
+        pieces = [Piece(0, [_flat(param.data)])]
+        found = self._master_view(param)
+        if found is not None:
+            start, view, _ = found
+            pieces.append(Piece(start, [view]))
+        return pieces
+
+    def state_pieces(self, param, key):
+        found = self._master_view(param)
+        if found is None:
+            return []
+        start, view, master = found
+        state = _state_tensor(self.inner, master, key)
+        if state is None:
+            return []
+        return [Piece(start, [state.narrow(0, _offset_in(master, view), view.numel())])]
+
+    def all_reduce_sum_(self, tensor):
+        if self.world > 1:
+            dist.all_reduce(tensor, group=self.group)
+
+
+class Stage3Slices(ShardAccess):
+    """ZeRO-3: every param (frozen W too) is a 1-D slice `ds_tensor` of ceil(numel / world) elements;
+    the last rank's slice is padded. Persistent params also keep a full `p.data` between steps.
+
+    W is merged slice by slice and never gathered; A/B masters come in one packed all-gather.
+    """
+
+    def __init__(self, wrapper, group=None):
+        self.wrapper = wrapper
+        self.inner = wrapper.optimizer
+        self.group = group
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.offloaded = bool(getattr(wrapper, "offload_optimizer", False))
+        if any(wrapper._swappable_optimizer_subgroup(i) for i in range(len(wrapper.fp16_groups))):
+            raise ValueError("NVMe optimizer offload is not supported by relora_dist's ZeRO-3 reset (use cpu offload)")
+
+    def full_shape(self, param):
+        return param.ds_shape
+
+    def _range(self, param) -> tuple[int, int]:
+        size = param.ds_tensor.ds_numel
+        start = self.rank * size
+        return start, max(0, min(param.ds_numel - start, size))
+
+    @staticmethod
+    def _persistent_full(param) -> torch.Tensor | None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if param.ds_status == ZeroParamStatus.AVAILABLE and param.data.numel() == param.ds_numel:
+            return _flat(param.data)
+        return None
+
+    def _master_slice(self, param, key: str | None = None) -> torch.Tensor:
+        group, offset, numel = self.wrapper.grad_position[self.wrapper.get_param_id(param)]
+        flat = self.wrapper.fp32_partitioned_groups_flat[group]
+        holder = flat if key is None else self.inner.state[flat][key]
+        return holder.narrow(0, offset, numel)
+
+    def _pieces(self, param, slice_views: list[torch.Tensor]) -> list[Piece]:
+        start, valid = self._range(param)
+        full = self._persistent_full(param)
+        views = [v.narrow(0, 0, valid) for v in slice_views]
+        if full is None:
+            return [Piece(start, views)] if valid else []
+        # The full copy's own range gets the same values as the slice; the rest in two more pieces.
+        pieces = [Piece(0, [full.narrow(0, 0, start)]), Piece(start + valid, [full.narrow(0, start + valid, param.ds_numel - start - valid)])]
+        return [Piece(start, views + [full.narrow(0, start, valid)])] + [pc for pc in pieces if pc.numel]
+
+    def full_fp32(self, params):
+        if all(self._persistent_full(p) is not None and p.dtype == torch.float32 for p in params) and not self.offloaded:
+            return [p.detach().clone() for p in params]  # persistent fp32 params are their own masters
+        sizes = [p.ds_tensor.ds_numel for p in params]
+        local = torch.cat([self._master_slice(p).to(torch.float32) for p in params]) if params else torch.zeros(0)
+        gathered = torch.empty(self.world * local.numel(), dtype=torch.float32, device=local.device)
+        if self.world > 1:
+            dist.all_gather_into_tensor(gathered, local, group=self.group)
+        else:
+            gathered.copy_(local)
+        per_rank = gathered.view(self.world, -1)
+        out, offset = [], 0
+        for p, size in zip(params, sizes):
+            full = per_rank[:, offset : offset + size].reshape(-1)[: p.ds_numel]
+            out.append(full.view(p.ds_shape).clone())
+            offset += size
+        return out
+
+    def weight_pieces(self, layer):
+        return self._pieces(layer.weight, [layer.weight.ds_tensor])
+
+    def param_pieces(self, param):
+        # In pure fp32 without offload the master aliases ds_tensor: writing both is harmless.
+        return self._pieces(param, [param.ds_tensor, self._master_slice(param)])
+
+    def state_pieces(self, param, key):
+        flat = self.wrapper.fp32_partitioned_groups_flat[self.wrapper.grad_position[self.wrapper.get_param_id(param)][0]]
+        if _state_tensor(self.inner, flat, key) is None:
+            return []
+        start, valid = self._range(param)  # padding excluded: zeros would shift the quantile
+        return [Piece(start, [self._master_slice(param, key).narrow(0, 0, valid)])] if valid else []
+
+    def all_reduce_sum_(self, tensor):
+        if self.world > 1:
+            dist.all_reduce(tensor, group=self.group)
+
+    def after_merge(self, layers):
+        for layer in layers:  # ZeRO++ hpZ keeps a secondary copy of W that only trainable groups invalidate
+            if getattr(layer.weight, "ds_secondary_tensor", None) is not None:
+                layer.weight.ds_secondary_tensor = None
+
+
+def shard_access_for(engine) -> ShardAccess:
+    """The access class matching what `engine.optimizer` holds (see the table above)."""
+    wrapper = engine.optimizer
+    group = getattr(engine, "data_parallel_group", None)
+    if any(hasattr(p, "ds_id") for p in engine.module.parameters()):
+        return Stage3Slices(wrapper, group)
+    if hasattr(wrapper, "single_partition_of_fp32_groups") or hasattr(wrapper, "fp32_groups_flat_partition"):
+        return PartitionedMasters(wrapper, group)
+    if hasattr(wrapper, "fp32_groups") or hasattr(wrapper, "fp32_groups_flat"):
+        return ReplicatedMasters(wrapper)
+    if isinstance(wrapper, torch.optim.Optimizer):
+        return ReplicatedAccess(wrapper)
+    raise ValueError(f"unsupported DeepSpeed optimizer wrapper {type(wrapper).__name__}: cannot locate masters and states")
+
+
+@torch.no_grad()
+def full_parameters(engine, access: ShardAccess, names: list[str]) -> dict[str, torch.Tensor]:
+    """Full fp32 values of the named module parameters on every rank: masters for trainable ones (one packed
+    collective), the module's own values for frozen ones (gathered one at a time under ZeRO-3)."""
+    module: nn.Module = engine.module
+    params = dict(module.named_parameters())
+    trainable = [n for n in names if params[n].requires_grad]
+    out = dict(zip(trainable, access.full_fp32([params[n] for n in trainable])))
+    for name in names:
+        if name in out:
+            continue
+        p = params[name]
+        if hasattr(p, "ds_id") and p.data.numel() != p.ds_numel:  # gathering a persistent param would release it
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                out[name] = p.data.detach().float().clone()
+        else:
+            out[name] = p.data.detach().float().clone()
+    return out

@@ -1,0 +1,84 @@
+"""Count the collectives (and their bytes) a piece of code issues, engines' own calls included.
+
+DeepSpeed's `deepspeed.comm`, FSDP2 and our backends all end in `torch.distributed.<collective>`, looked
+up at call time, so wrapping those attributes for the duration of a `with` block sees every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# name -> index of the argument whose size is the payload (the output buffer for gathers).
+_PAYLOAD_ARG = {
+    "all_reduce": 0, "broadcast": 0, "reduce": 0, "all_gather": 0, "all_gather_into_tensor": 0,
+    "reduce_scatter": 0, "reduce_scatter_tensor": 0, "all_to_all_single": 0, "all_to_all": 0,
+    "_all_gather_base": 0, "_reduce_scatter_base": 0, "all_gather_coalesced": 0, "all_reduce_coalesced": 0,
+    "send": 0, "recv": 0, "isend": 0, "irecv": 0,
+}
+# Gathers are counted by what each rank receives, reduce-scatters by what each rank sends.
+_FULL_SIZE_ARG = {"all_gather_into_tensor": 0, "_all_gather_base": 0, "reduce_scatter_tensor": 1, "_reduce_scatter_base": 1}
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+@dataclass
+class Collective:
+    op: str
+    bytes: int
+
+
+@dataclass
+class CollectiveCounter:
+    """`with CollectiveCounter() as c: ...` then `c.calls`, `c.total_bytes`, `c.by_op()`."""
+
+    calls: list[Collective] = field(default_factory=list)
+    _saved: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.bytes for c in self.calls)
+
+    @property
+    def largest(self) -> int:
+        return max((c.bytes for c in self.calls), default=0)
+
+    def by_op(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for c in self.calls:
+            entry = out.setdefault(c.op, {"calls": 0, "bytes": 0})
+            entry["calls"] += 1
+            entry["bytes"] += c.bytes
+        return out
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            index = _FULL_SIZE_ARG.get(name, _PAYLOAD_ARG[name])
+            # Positional payload, else the largest tensor passed by keyword.
+            size = _nbytes(args[index]) if len(args) > index else max(map(_nbytes, kwargs.values()), default=0)
+            self.calls.append(Collective(name, size))
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def __enter__(self) -> "CollectiveCounter":
+        for name in _PAYLOAD_ARG:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                self._saved[name] = fn
+                setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved.clear()
+
