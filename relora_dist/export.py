@@ -41,19 +41,29 @@ def export_merged(state: dict[str, torch.Tensor], config: LlamaConfig, tokenizer
     return out
 
 
+def _checkpoint_state(path: Path, backend: str | None) -> dict[str, torch.Tensor]:
+    if backend == "deepspeed":
+        from .backends.deepspeed import consolidated_checkpoint_state
+
+        reader, source = (lambda: consolidated_checkpoint_state(path)), path / "engine"
+    else:
+        source = path / "model.pt"
+        reader = lambda: torch.load(source, map_location="cpu", weights_only=True)  # noqa: E731
+    if not source.exists():
+        raise ValueError(f"{path} has no model state ({source.name} missing; backend {backend!r})")
+    try:
+        return reader()
+    except Exception as e:  # torch/DeepSpeed raise several types for truncated/corrupt files
+        raise ValueError(f"checkpoint {source} cannot be read: {type(e).__name__}") from None
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """relora-export: a checkpoint directory written by relora-train (single process or DDP) -> merged HF model."""
+    """relora-export: a checkpoint directory written by relora-train (any backend) -> merged HF model."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise ValueError(f"checkpoint not found: {checkpoint}")
     trainer_state = read_trainer_state(path)
-    weights = path / "model.pt"
-    if not weights.is_file():
-        raise ValueError(f"{checkpoint} has no consolidated model.pt (backend {trainer_state.get('backend')!r})")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated/corrupt files
-        raise ValueError(f"checkpoint {weights} cannot be read: {type(e).__name__}") from None
+    state = _checkpoint_state(path, trainer_state.get("backend"))
     config = LlamaConfig(**json.loads((path / "model_config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer") if (path / "tokenizer").is_dir() else None
     return export_merged(state, config, tokenizer, out_dir, trainer_state.get("lora_scale"))

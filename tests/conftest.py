@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +37,33 @@ def shared_cache(tmp_path_factory):
         os.environ["RELORA_CACHE"] = old
 
 
-def run_cli(args, *, nproc=1, timeout=300, check=True):
-    """Run relora-train for real; torchrun with gloo ranks when nproc > 1."""
-    if nproc > 1:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_command(script, nproc=2) -> list[str]:
+    """The `deepspeed` launcher (it passes --local_rank=N to every rank)."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()), str(script)]
+
+
+def launch_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def run_cli(args, *, nproc=1, timeout=300, check=True, launcher="torchrun"):
+    """Run relora-train for real: torchrun (or the deepspeed launcher) with gloo ranks when nproc > 1."""
+    if launcher == "deepspeed":
+        cmd = deepspeed_command(TRAIN, nproc)
+    elif nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
     else:
         cmd = [sys.executable, TRAIN]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = launch_env()
     result = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nSTDOUT\n{result.stdout[-3000:]}\nSTDERR\n{result.stderr[-5000:]}")

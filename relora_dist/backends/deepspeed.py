@@ -211,6 +211,22 @@ class DeepSpeedBackend(Backend):
         return out
 
 
+def consolidated_checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model state from a checkpoint the DeepSpeed backend wrote, in one process (relora-export).
+
+    ZeRO-1/2/3 shards are put back together by DeepSpeed's own zero_to_fp32 (frozen W included); a stage-0
+    checkpoint holds the whole module.
+    """
+    engine_dir = Path(directory) / CHECKPOINT_TAG
+    if any(engine_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    else:
+        state = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
 class _FiniteStepGuard:
     """Stage 0 fp32 hands DeepSpeed a bare torch optimizer: clip the (already all-reduced) gradients and skip
     the update when their norm is non-finite, the same rule the ZeRO wrappers apply."""

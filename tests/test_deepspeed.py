@@ -1,0 +1,124 @@
+"""DeepSpeed ZeRO 0/1/2/3: real engines on 2 gloo ranks, launched with the `deepspeed` launcher, against a
+single-process torch reference on the same global batches."""
+
+import glob
+import json
+import subprocess
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, SMALL, deepspeed_command, launch_env, max_relative_difference, run_cli
+from relora_dist.backends.deepspeed import engine_config
+from relora_dist.cli import export_main
+
+CONFIGS = REPO / "launch" / "configs"
+RELORA = ["--method", "relora", "--steps", "12", "--warm-start-steps", "3", "--merge-every", "3",
+          "--restart-warmup-steps", "1", "--prune-ratio", "0.8"]
+
+# z{stage}-{dtype}-{prune}[-flags]: see tests/dist/deepspeed_checks.py. Grouped per launch (a start costs ~10 s).
+CASE_GROUPS = {
+    "stages-0-1": ["z0-fp32-magnitude", "z0-fp32-random", "z0-bf16-magnitude", "z1-fp32-magnitude", "z1-fp32-random",
+                   "z1-bf16-magnitude", "z1-bf16-magnitude-bf16opt"],
+    "stage-2": ["z2-fp32-magnitude", "z2-fp32-random", "z2-bf16-magnitude", "z2-fp32-magnitude-rr", "z2-bf16-random-rr",
+                "z2-fp32-magnitude-offload"],
+    "stage-3": ["z3-fp32-magnitude", "z3-fp32-random", "z3-bf16-magnitude", "z3-fp32-magnitude-persist0",
+                "z3-bf16-magnitude-persist0", "z3-fp32-random-persist0", "z3-fp32-magnitude-offload"],
+}
+
+
+@pytest.mark.parametrize("group", list(CASE_GROUPS))
+def test_resets_inside_real_engines_are_exact_and_move_no_W(group):
+    """Per case and restart: the exact expectation from the gathered pre-reset state (bf16 too), no W-sized
+    transfer, identical replicas, and fp32 parameters/states equal to the torch reference (~1e-6)."""
+    cases = CASE_GROUPS[group]
+    cmd = deepspeed_command(REPO / "tests" / "dist" / "deepspeed_checks.py") + ["--cases", ",".join(cases)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launch_env())
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-4000:])
+    for case in cases:
+        assert f"CASE OK {case} " in out.stdout, out.stdout[-3000:]
+    exact = [line for line in out.stdout.splitlines() if line.startswith("CASE OK") and "-rr" not in line]
+    assert all("exact_restarts=3" in line for line in exact)
+
+
+def exported(directory):
+    return load_file(glob.glob(str(directory / "*.safetensors"))[0])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """Single-process torch run on the same global batches (micro-batch 4, so accumulation differs too)."""
+    out = tmp_path_factory.mktemp("reference")
+    run_cli(SMALL + RELORA + ["--out", out, "--micro-batch-size", "4", "--export-merged", out / "hf"])
+    return out
+
+
+@pytest.mark.parametrize("config", ["zero3.json", "zero2.json"])
+def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_path, reference_run, config):
+    """relora-train under `deepspeed`: warm start, 2 merges/resets, merged export (consolidated from ZeRO-3
+    shards on rank 0) equal to the single-process run; merges at LR 0 (I5); a run stopped mid-cycle and
+    resumed from DeepSpeed's own checkpoint equals the uninterrupted one (I6)."""
+    common = SMALL + RELORA + ["--deepspeed", CONFIGS / config]
+    run_cli(common + ["--out", tmp_path / "whole", "--export-merged", tmp_path / "whole" / "hf"], nproc=2, launcher="deepspeed")
+    run_cli(common + ["--out", tmp_path / "split", "--stop-after", "8"], nproc=2, launcher="deepspeed")
+    run_cli(common + ["--out", tmp_path / "split", "--resume", "--export-merged", tmp_path / "split" / "hf"], nproc=2,
+            launcher="deepspeed")
+
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    split = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    reference = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["backend"] == "deepspeed" and summary["merges"] == summary["resets"] == 2
+    assert [m["step"] for m in whole if m.get("merge_s") is not None] == [7, 10]
+    assert all(m["lr"] == 0.0 for m in whole if m.get("merge_s") is not None)  # I5
+    for a, b in zip(whole, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "whole" / "hf")) < 1e-5
+    # I6: same losses and the same final model, from engine.load_checkpoint + the controller state
+    assert [m["loss"] for m in split] == [m["loss"] for m in whole]
+    assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "split" / "hf")) == 0.0
+    # relora-export, one process, from DeepSpeed's sharded checkpoint (zero_to_fp32): the same merged model
+    latest = (tmp_path / "whole" / "checkpoints" / "latest").read_text().strip()
+    assert export_main([str(tmp_path / "whole" / "checkpoints" / latest), str(tmp_path / "offline")]) == 0
+    assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "offline")) == 0.0
+
+
+def test_bf16_zero3_with_cpu_offload_through_the_cli(tmp_path):
+    """bf16 params with fp32 masters and CPU optimizer offload through the full CLI (ZeRO-3, the hardest layout)."""
+    run_cli(SMALL + RELORA + ["--deepspeed", CONFIGS / "zero3_offload.json", "--dtype", "bf16", "--out", tmp_path,
+                              "--check-replicas", "true"], nproc=2, launcher="deepspeed")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["merges"] == 2 and summary["val_loss"] < 7.0
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"optimizer": {"type": "Adam"}}, "must not set 'optimizer'"),
+    ({"fp16": {"enabled": True}}, "must not set 'fp16'"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled=True but --dtype is fp32"),
+    ({"train_micro_batch_size_per_gpu": 7}, "train_micro_batch_size_per_gpu=7"),
+    ({"gradient_clipping": 0.5}, "gradient_clipping=0.5"),
+    ({"zero_optimization": {"stage": 4}}, "stage must be 0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, "NVMe offload"),
+])
+def test_engine_config_rejects_what_the_run_config_owns(bad, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        engine_config(bad, dtype="fp32", micro_batch_size=2, accumulation_steps=2, world_size=2, max_norm=1.0)
+
+
+def test_engine_config_fills_batch_clip_precision_and_boundary():
+    config = engine_config({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}, "train_batch_size": "auto"},
+                           dtype="bf16", micro_batch_size=2, accumulation_steps=3, world_size=2, max_norm=0.7)
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 3
+    assert config["gradient_clipping"] == 0.7 and config["bf16"]["enabled"] is True
+    assert config["managed_gradient_accumulation"] is False and "train_batch_size" not in config
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "deepspeed"], "needs a DeepSpeed JSON config"),
+    (["--deepspeed", "/nonexistent/zero2.json"], "cannot read DeepSpeed config"),
+    (["--deepspeed", str(CONFIGS / "zero2.json"), "--keep-states-at-switch", "true"], "not supported with --backend deepspeed"),
+])
+def test_bad_deepspeed_arguments_give_one_line_errors(tmp_path, args, message):
+    result = run_cli(SMALL + ["--steps", "2", "--out", tmp_path] + args, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
