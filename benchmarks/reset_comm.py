@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -91,7 +92,7 @@ def main():
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                   "cpus": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+                   "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
         out.write_text(json.dumps({"machine": machine, "per_rank_bytes": True, "rows": rows}, indent=1))
         print(f"wrote {out}")
     close_distributed()

@@ -13,17 +13,30 @@ from .randomness import kaiming_uniform_A
 ROW_BLOCK = 64
 
 
-def lora_delta(B32: torch.Tensor, A32: torch.Tensor, scale: float, start: int = 0, numel: int | None = None) -> torch.Tensor:
+def delta_rows(start: int, numel: int, in_features: int, out_features: int) -> tuple[int, int]:
+    """Rows of B that lora_delta reads for flat elements [start, start+numel) of W (ROW_BLOCK-aligned)."""
+    if numel <= 0:
+        return 0, 0
+    row0 = start // in_features // ROW_BLOCK * ROW_BLOCK
+    last = -(-(start + numel) // in_features)
+    return row0, min(row0 + -(-(last - row0) // ROW_BLOCK) * ROW_BLOCK, out_features)
+
+
+def lora_delta(B32: torch.Tensor, A32: torch.Tensor, scale: float, start: int = 0, numel: int | None = None,
+               *, first_row: int = 0, out_features: int | None = None) -> torch.Tensor:
     """Flat elements [start, start+numel) of scale * B @ A (default: all), computing only the rows they span.
 
     Rows are computed in blocks aligned to multiples of ROW_BLOCK, so a given element comes out of the
     same GEMM shape whichever rank or shard asks for it: shards of W stay bit-identical to a full merge.
+    `B32` may hold only rows [first_row, ...) of B (out_features rows in all) covering `delta_rows`.
     """
-    out_features, in_features = B32.shape[0], A32.shape[1]
+    out_features = first_row + B32.shape[0] if out_features is None else out_features
+    in_features = A32.shape[1]
     numel = out_features * in_features - start if numel is None else numel
-    row0 = start // in_features // ROW_BLOCK * ROW_BLOCK
-    row1 = min(-(-(start + numel) // in_features), out_features)
-    blocks = [B32[r : min(r + ROW_BLOCK, out_features)] @ A32 for r in range(row0, row1, ROW_BLOCK)]
+    row0, row1 = delta_rows(start, numel, in_features, out_features)
+    if row0 < first_row or row1 > first_row + B32.shape[0]:
+        raise ValueError(f"lora_delta needs rows [{row0}, {row1}) of B, has [{first_row}, {first_row + B32.shape[0]})")
+    blocks = [B32[r - first_row : min(r + ROW_BLOCK, row1) - first_row] @ A32 for r in range(row0, row1, ROW_BLOCK)]
     block = torch.cat(blocks).mul_(scale).view(-1) if blocks else A32.new_zeros(0)
     offset = start - row0 * in_features
     return block[offset : offset + numel]
@@ -50,13 +63,14 @@ def merge_and_reinit_layers(layers: list[ReLoRALinear], access: ShardAccess, *, 
 
     Raises before touching any W if a master is non-finite. Never gathers W.
     """
-    masters = access.full_fp32([p for layer in layers for p in (layer.lora_A, layer.lora_B)])
-    for layer, A32, B32 in zip(layers, masters[0::2], masters[1::2]):
+    factors = access.lora_factors(layers)
+    for layer, (A32, B32, _) in zip(layers, factors):
         if not (torch.isfinite(A32).all() and torch.isfinite(B32).all()):
             raise FloatingPointError(f"non-finite lora_A/lora_B in {layer.relora_name}: merge refused, W untouched")
-    for layer, A32, B32 in zip(layers, masters[0::2], masters[1::2]):
+    for layer, (A32, B32, first_row) in zip(layers, factors):
+        out_features = access.full_shape(layer.lora_B)[0]
         for piece in access.weight_pieces(layer):
-            delta = lora_delta(B32, A32, layer.scale, piece.start, piece.numel)
+            delta = lora_delta(B32, A32, layer.scale, piece.start, piece.numel, first_row=first_row, out_features=out_features)
             for view in piece.views:
                 add_in_fp32(view, delta)
         A_new = kaiming_uniform_A(tuple(access.full_shape(layer.lora_A)), seed=layer.seed, restart_index=restart_index,

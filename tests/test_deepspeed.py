@@ -41,6 +41,14 @@ def test_resets_inside_real_engines_are_exact_and_move_no_W(group):
     assert all("exact_restarts=3" in line for line in exact)
 
 
+def test_non_finite_loss_on_one_rank_skips_the_update_everywhere():
+    """stage 0 (our guard around the bare optimizer), ZeRO-1/2/3 and bf16 (DeepSpeed's own overflow check)."""
+    out = subprocess.run(deepspeed_command(REPO / "tests" / "dist" / "deepspeed_nan_skip.py"), capture_output=True,
+                         text=True, timeout=300, env=launch_env())
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-4000:])
+    assert out.stdout.count("SKIP OK") == 6, out.stdout[-2000:]
+
+
 def exported(directory):
     return load_file(glob.glob(str(directory / "*.safetensors"))[0])
 

@@ -61,6 +61,13 @@ class ShardAccess(ABC):
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         """Sum over the ranks whose pieces are disjoint (no-op when every rank holds everything)."""
 
+    def lora_factors(self, layers: list[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Per layer (A32 whole, B32 rows, index of the first row): the fp32 masters a merge of this rank's
+        W pieces needs. Default: whole A and B from `full_fp32` (one packed collective); engines whose W
+        pieces span few rows fetch only those rows of B."""
+        masters = self.full_fp32([p for layer in layers for p in (layer.lora_A, layer.lora_B)])
+        return [(A32, B32, 0) for A32, B32 in zip(masters[0::2], masters[1::2])]
+
     def full_shape(self, param: nn.Parameter) -> torch.Size:
         """Shape of the whole tensor (ZeRO-3 params are empty outside gathers)."""
         return param.shape

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..merge import ReplicatedAccess
+from ..merge import ReplicatedAccess, delta_rows
 from .base import Piece, ShardAccess
 
 
@@ -157,7 +157,8 @@ class Stage3Slices(ShardAccess):
     """ZeRO-3: every param (frozen W too) is a 1-D slice `ds_tensor` of ceil(numel / world) elements;
     the last rank's slice is padded. Persistent params also keep a full `p.data` between steps.
 
-    W is merged slice by slice and never gathered; A/B masters come in one packed all-gather.
+    W is merged slice by slice and never gathered. A merge needs all of A but only the rows of B under the
+    local slice of W (plus ROW_BLOCK alignment): one all_to_all brings exactly those.
     """
 
     def __init__(self, wrapper, group=None):
@@ -219,6 +220,81 @@ class Stage3Slices(ShardAccess):
             out.append(full.view(p.ds_shape).clone())
             offset += size
         return out
+
+    # -- merge operands: whole A, and only the rows of B under this rank's slice of W -----------------
+    def _owned(self, param, rank: int) -> tuple[int, int]:
+        size = param.ds_tensor.ds_numel
+        return rank * size, rank * size + max(0, min(param.ds_numel - rank * size, size))
+
+    def _needed_b(self, layer, rank: int) -> tuple[int, int]:
+        """Flat range of B that `rank`'s merge reads (all of B when W is persistent: its full copy is merged)."""
+        out_features, in_features = layer.weight.ds_shape
+        r = layer.lora_B.ds_shape[1]
+        if layer.weight.ds_persist:
+            return 0, out_features * r
+        start, end = self._owned(layer.weight, rank)
+        row0, row1 = delta_rows(start, end - start, in_features, out_features)
+        return row0 * r, row1 * r
+
+    def _segments(self, layers, source: int, dest: int) -> list[tuple[nn.Parameter, int, int]]:
+        """(param, lo, hi) flat ranges `source` holds and `dest` needs: every A, and B under dest's W slice."""
+        out = []
+        for layer in layers:
+            for param, (lo, hi) in ((layer.lora_A, (0, layer.lora_A.ds_numel)), (layer.lora_B, self._needed_b(layer, dest))):
+                own_lo, own_hi = self._owned(param, source)
+                lo, hi = max(lo, own_lo), min(hi, own_hi)
+                if hi > lo:
+                    out.append((param, lo, hi))
+        return out
+
+    def lora_factors(self, layers):
+        if all(self._persistent_full(p) is not None and p.dtype == torch.float32 for layer in layers
+               for p in (layer.lora_A, layer.lora_B)) and not self.offloaded:
+            return super().lora_factors(layers)  # whole fp32 A/B on every rank already: no communication
+        # One all_to_all: each rank sends its slices of every A, and of B where another rank's W slice needs them.
+        local = {id(p): self._master_slice(p).to(torch.float32) for layer in layers for p in (layer.lora_A, layer.lora_B)}
+        send_parts, send_sizes, recv_plan, recv_sizes = [], [], [], []
+        for other in range(self.world):
+            outgoing = [] if other == self.rank else self._segments(layers, self.rank, other)
+            incoming = [] if other == self.rank else self._segments(layers, other, self.rank)
+            for param, lo, hi in outgoing:
+                own_lo = self._owned(param, self.rank)[0]
+                send_parts.append(local[id(param)][lo - own_lo : hi - own_lo])
+            send_sizes.append(sum(hi - lo for _, lo, hi in outgoing))
+            recv_plan.append(incoming)
+            recv_sizes.append(sum(hi - lo for _, lo, hi in incoming))
+        device = next(iter(local.values())).device
+        received = torch.empty(sum(recv_sizes), dtype=torch.float32, device=device)
+        if self.world > 1:
+            send = torch.cat(send_parts) if send_parts else torch.zeros(0, device=device)
+            dist.all_to_all_single(received, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=self.group)
+
+        wanted = {}
+        for layer in layers:
+            wanted[id(layer.lora_A)] = (0, layer.lora_A.ds_numel)
+            wanted[id(layer.lora_B)] = self._needed_b(layer, self.rank)
+        assembled = {key: torch.full((hi - lo,), float("nan"), device=device) for key, (lo, hi) in wanted.items()}
+        for param, lo, hi in self._segments(layers, self.rank, self.rank):  # what this rank holds itself
+            own_lo, base = self._owned(param, self.rank)[0], wanted[id(param)][0]
+            assembled[id(param)][lo - base : hi - base] = local[id(param)][lo - own_lo : hi - own_lo]
+        offset = 0
+        for incoming in recv_plan:
+            for param, lo, hi in incoming:
+                base = wanted[id(param)][0]
+                assembled[id(param)][lo - base : hi - base] = received[offset : offset + hi - lo]
+                offset += hi - lo
+
+        # Ranks hold different rows of B: agree on finiteness so every rank refuses a bad merge alike.
+        bad = torch.tensor([float(not (assembled[id(l.lora_A)].isfinite().all() and assembled[id(l.lora_B)].isfinite().all()))
+                            for l in layers], device=device)
+        self.all_reduce_sum_(bad)
+        factors = []
+        for layer, flag in zip(layers, bad.tolist()):
+            A32 = assembled[id(layer.lora_A)].view(layer.lora_A.ds_shape)
+            r = layer.lora_B.ds_shape[1]
+            b_lo = wanted[id(layer.lora_B)][0]
+            factors.append((A32.fill_(float("nan")) if flag else A32, assembled[id(layer.lora_B)].view(-1, r), b_lo // r))
+        return factors
 
     def weight_pieces(self, layer):
         return self._pieces(layer.weight, [layer.weight.ds_tensor])
