@@ -23,7 +23,8 @@ CASE_GROUPS = {
     "stage-2": ["z2-fp32-magnitude", "z2-fp32-random", "z2-bf16-magnitude", "z2-fp32-magnitude-rr", "z2-bf16-random-rr",
                 "z2-fp32-magnitude-offload"],
     "stage-3": ["z3-fp32-magnitude", "z3-fp32-random", "z3-bf16-magnitude", "z3-fp32-magnitude-persist0",
-                "z3-bf16-magnitude-persist0", "z3-fp32-random-persist0", "z3-fp32-magnitude-offload"],
+                "z3-bf16-magnitude-persist0", "z3-fp32-random-persist0", "z3-fp32-magnitude-offload",
+                "z3-bf16-random-persist0-gathered"],
 }
 
 

@@ -174,13 +174,27 @@ class Stage3Slices(ShardAccess):
     def full_shape(self, param):
         return param.ds_shape
 
-    def _range(self, param) -> tuple[int, int]:
+    def _owned(self, param, rank: int) -> tuple[int, int]:
+        """Flat range [lo, hi) of the whole tensor that `rank`'s slice holds (padding excluded)."""
         size = param.ds_tensor.ds_numel
-        start = self.rank * size
-        return start, max(0, min(param.ds_numel - start, size))
+        return rank * size, rank * size + max(0, min(param.ds_numel - rank * size, size))
+
+    def _range(self, param) -> tuple[int, int]:
+        lo, hi = self._owned(param, self.rank)
+        return lo, hi - lo
+
+    def _votes(self, flags: list[bool]) -> list[int]:
+        """How many ranks say True, per flag (one tiny all-reduce). Whether a param is held whole can differ
+        between ranks in principle, and it decides the size of collectives: decide it together."""
+        counts = torch.tensor([float(f) for f in flags])
+        self.all_reduce_sum_(counts)
+        return [int(c) for c in counts.tolist()]
+
+    def _fp32_whole(self, params) -> bool:
+        return not self.offloaded and all(self._whole_data(p) is not None and p.dtype == torch.float32 for p in params)
 
     @staticmethod
-    def _persistent_full(param) -> torch.Tensor | None:
+    def _whole_data(param) -> torch.Tensor | None:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         if param.ds_status == ZeroParamStatus.AVAILABLE and param.data.numel() == param.ds_numel:
@@ -195,7 +209,7 @@ class Stage3Slices(ShardAccess):
 
     def _pieces(self, param, slice_views: list[torch.Tensor]) -> list[Piece]:
         start, valid = self._range(param)
-        full = self._persistent_full(param)
+        full = self._whole_data(param)
         views = [v.narrow(0, 0, valid) for v in slice_views]
         if full is None:
             return [Piece(start, views)] if valid else []
@@ -204,7 +218,7 @@ class Stage3Slices(ShardAccess):
         return [Piece(start, views + [full.narrow(0, start, valid)])] + [pc for pc in pieces if pc.numel]
 
     def full_fp32(self, params):
-        if all(self._persistent_full(p) is not None and p.dtype == torch.float32 for p in params) and not self.offloaded:
+        if self._votes([self._fp32_whole(params)])[0] == self.world:
             return [p.detach().clone() for p in params]  # persistent fp32 params are their own masters
         sizes = [p.ds_tensor.ds_numel for p in params]
         local = torch.cat([self._master_slice(p).to(torch.float32) for p in params]) if params else torch.zeros(0)
@@ -222,25 +236,22 @@ class Stage3Slices(ShardAccess):
         return out
 
     # -- merge operands: whole A, and only the rows of B under this rank's slice of W -----------------
-    def _owned(self, param, rank: int) -> tuple[int, int]:
-        size = param.ds_tensor.ds_numel
-        return rank * size, rank * size + max(0, min(param.ds_numel - rank * size, size))
-
-    def _needed_b(self, layer, rank: int) -> tuple[int, int]:
-        """Flat range of B that `rank`'s merge reads (all of B when W is persistent: its full copy is merged)."""
+    def _needed_b(self, layer, rank: int, whole_somewhere: bool) -> tuple[int, int]:
+        """Flat range of B that `rank`'s merge reads: all of B where some rank holds W whole (persistent, or
+        left gathered by a forward), since that full copy is merged too."""
         out_features, in_features = layer.weight.ds_shape
         r = layer.lora_B.ds_shape[1]
-        if layer.weight.ds_persist:
+        if whole_somewhere:
             return 0, out_features * r
         start, end = self._owned(layer.weight, rank)
         row0, row1 = delta_rows(start, end - start, in_features, out_features)
         return row0 * r, row1 * r
 
-    def _segments(self, layers, source: int, dest: int) -> list[tuple[nn.Parameter, int, int]]:
+    def _segments(self, layers, whole, source: int, dest: int) -> list[tuple[nn.Parameter, int, int]]:
         """(param, lo, hi) flat ranges `source` holds and `dest` needs: every A, and B under dest's W slice."""
         out = []
-        for layer in layers:
-            for param, (lo, hi) in ((layer.lora_A, (0, layer.lora_A.ds_numel)), (layer.lora_B, self._needed_b(layer, dest))):
+        for layer, w in zip(layers, whole):
+            for param, (lo, hi) in ((layer.lora_A, (0, layer.lora_A.ds_numel)), (layer.lora_B, self._needed_b(layer, dest, w))):
                 own_lo, own_hi = self._owned(param, source)
                 lo, hi = max(lo, own_lo), min(hi, own_hi)
                 if hi > lo:
@@ -248,15 +259,17 @@ class Stage3Slices(ShardAccess):
         return out
 
     def lora_factors(self, layers):
-        if all(self._persistent_full(p) is not None and p.dtype == torch.float32 for layer in layers
-               for p in (layer.lora_A, layer.lora_B)) and not self.offloaded:
-            return super().lora_factors(layers)  # whole fp32 A/B on every rank already: no communication
+        lora = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+        votes = self._votes([self._fp32_whole(lora)] + [self._whole_data(layer.weight) is not None for layer in layers])
+        if votes[0] == self.world:  # whole fp32 A/B (their own masters) on every rank: nothing to fetch
+            return [(layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), 0) for layer in layers]
+        whole = [count > 0 for count in votes[1:]]  # a full copy of W anywhere is merged whole: needs all of B
         # One all_to_all: each rank sends its slices of every A, and of B where another rank's W slice needs them.
         local = {id(p): self._master_slice(p).to(torch.float32) for layer in layers for p in (layer.lora_A, layer.lora_B)}
         send_parts, send_sizes, recv_plan, recv_sizes = [], [], [], []
         for other in range(self.world):
-            outgoing = [] if other == self.rank else self._segments(layers, self.rank, other)
-            incoming = [] if other == self.rank else self._segments(layers, other, self.rank)
+            outgoing = [] if other == self.rank else self._segments(layers, whole, self.rank, other)
+            incoming = [] if other == self.rank else self._segments(layers, whole, other, self.rank)
             for param, lo, hi in outgoing:
                 own_lo = self._owned(param, self.rank)[0]
                 send_parts.append(local[id(param)][lo - own_lo : hi - own_lo])
@@ -270,11 +283,11 @@ class Stage3Slices(ShardAccess):
             dist.all_to_all_single(received, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=self.group)
 
         wanted = {}
-        for layer in layers:
+        for layer, w in zip(layers, whole):
             wanted[id(layer.lora_A)] = (0, layer.lora_A.ds_numel)
-            wanted[id(layer.lora_B)] = self._needed_b(layer, self.rank)
+            wanted[id(layer.lora_B)] = self._needed_b(layer, self.rank, w)
         assembled = {key: torch.full((hi - lo,), float("nan"), device=device) for key, (lo, hi) in wanted.items()}
-        for param, lo, hi in self._segments(layers, self.rank, self.rank):  # what this rank holds itself
+        for param, lo, hi in self._segments(layers, whole, self.rank, self.rank):  # what this rank holds itself
             own_lo, base = self._owned(param, self.rank)[0], wanted[id(param)][0]
             assembled[id(param)][lo - base : hi - base] = local[id(param)][lo - own_lo : hi - own_lo]
         offset = 0

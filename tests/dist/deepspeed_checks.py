@@ -44,7 +44,7 @@ def global_batch(step):
 
 
 def parse_case(name: str) -> dict:
-    """z{stage}-{fp32|bf16}-{prune}[-rr][-persist0][-offload][-bf16opt]"""
+    """z{stage}-{fp32|bf16}-{prune}[-rr][-persist0][-offload][-bf16opt][-gathered]"""
     parts = name.split("-")
     case = {"name": name, "stage": int(parts[0][1]), "dtype": parts[1], "prune": parts[2]}
     zero = {"stage": case["stage"]}
@@ -56,6 +56,8 @@ def parse_case(name: str) -> dict:
             zero["stage3_param_persistence_threshold"] = 0
         elif flag == "offload":
             zero["offload_optimizer"] = {"device": "cpu"}
+        elif flag == "gathered":  # an eval forward right before the reset leaves ZeRO-3 params gathered
+            case["gathered"] = True
         elif flag == "bf16opt":  # stage 1 + fp32 gradient accumulation: DeepSpeed picks BF16_Optimizer
             extra["data_types"] = {"grad_accum_dtype": "fp32"}
         else:
@@ -98,11 +100,13 @@ def full_state(engine, p, key):
     return inner.state[master][key].detach().view(p.shape if not hasattr(p, "ds_shape") else p.ds_shape).clone()
 
 
-def snapshot(engine, layers, named_lora):
+def snapshot(engine, layers, named_trainable):
+    """W of every ReLoRA layer; low-precision value, fp32 master and Adam states of every trainable param
+    (A/B and the rest: a reset must leave embeddings, norms and head untouched, I4)."""
     snap = {}
     for layer in layers:
         snap[f"{layer.relora_name}.weight"] = full_value(layer.weight)
-    for name, p in named_lora:
+    for name, p in named_trainable:
         snap[f"{name}/lp"] = full_value(p)
         snap[f"{name}/master"] = full_master(engine, p)
         for key in ADAM_KEYS:
@@ -145,6 +149,7 @@ def run_case(case, info):
     engine = backend.engine
     layers = rd.relora_layers(backend.unwrapped_model)
     named_lora = rd.lora_parameters(backend.unwrapped_model)
+    named_trainable = [(n, p) for n, p in backend.unwrapped_model.named_parameters() if p.requires_grad]
     ref_named = dict(reference.named_parameters())
     lora_fp32_bytes = 4 * sum(p.ds_numel if hasattr(p, "ds_id") else p.numel() for _, p in named_lora)
     # Magnitude prune: 4 rounds of an int64 [2 queries x tensors, 256] histogram (the exact quantile).
@@ -181,11 +186,22 @@ def run_case(case, info):
         if step not in MERGE_AT:
             continue
         index = MERGE_AT.index(step) + 1
-        pre = snapshot(engine, layers, named_lora) if exact_check else None
+        if step == MERGE_AT[0]:  # I2: B learned from the first updates (A was Kaiming, not zero)
+            assert all(full_master(engine, layer.lora_B).abs().sum() > 0 for layer in layers)
+        if case.get("gathered"):
+            backend.model.eval()
+            with torch.no_grad():
+                backend.model(input_ids=global_batch(-2)[:1])
+            backend.model.train()
+        pre = snapshot(engine, layers, named_trainable) if exact_check else None
+        state_keys = len(getattr(engine.optimizer, "optimizer", engine.optimizer).state)
         with CollectiveCounter() as counter:
             rd.merge_and_reinit_layers(layers, backend.shard_access(), restart_index=index)
-            prune_states(named_lora, backend.shard_access(), method=cfg.prune, ratio=cfg.prune_ratio, seed=cfg.seed,
-                         restart_index=index)
+            stats = prune_states(named_lora, backend.shard_access(), method=cfg.prune, ratio=cfg.prune_ratio, seed=cfg.seed,
+                                 restart_index=index)
+        # I4: no state keys added; about the configured fraction zeroed (measured on this rank's pieces)
+        assert len(getattr(engine.optimizer, "optimizer", engine.optimizer).state) == state_keys
+        assert abs(stats["zeroed"] - cfg.prune_ratio) < 0.15, stats
         rd.merge_and_reinit(reference, restart_index=index)
         prune_states(rd.lora_parameters(reference), ReplicatedAccess(ref_opt), method=cfg.prune, ratio=cfg.prune_ratio,
                      seed=cfg.seed, restart_index=index)
@@ -195,11 +211,23 @@ def run_case(case, info):
         if case["stage"] == 0:
             assert not counter.calls, f"{case['name']}: ZeRO-0 reset communicated {counter.by_op()}"
         if exact_check:
-            post = snapshot(engine, layers, named_lora)
+            post = snapshot(engine, layers, named_trainable)
             expected = expected_after_reset(pre, layers, named_lora, cfg, index)
             bad = [k for k in expected if not torch.equal(expected[k].to(post[k].device), post[k])]
             assert not bad, f"{case['name']} restart {index}: not the exact expectation: {bad[:6]}"
             report["exact"] += 1
+            if fp32:  # I1: the merged engine computes what the pre-reset model computed (after the reset, so the
+                # probe forward cannot leave ZeRO-3 params gathered during it)
+                before = copy.deepcopy(reference)
+                before.load_state_dict({k[: -len("/lp")] if k.endswith("/lp") else k: v for k, v in pre.items()
+                                        if k.endswith("/lp") or k.endswith(".weight")}, strict=False)
+                probe = global_batch(-1)[:1]
+                backend.model.eval()
+                with torch.no_grad():
+                    after_logits = backend.model(input_ids=probe).logits.float()
+                    before_logits = before(input_ids=probe).logits.float()
+                backend.model.train()
+                assert (after_logits - before_logits).abs().max() <= 1e-5 * before_logits.abs().max(), case["name"]
         mismatches = replica_mismatches(backend.replicated_named_tensors(), info.device)
         assert not mismatches, f"{case['name']}: replicas differ: {mismatches[:4]}"
         if fp32:
