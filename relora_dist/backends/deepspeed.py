@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -103,8 +104,10 @@ class DeepSpeedBackend(Backend):
     def setup(self, model, make_optimizer, param_groups):
         import deepspeed
 
-        if not dist.is_initialized():  # single process: DeepSpeed still wants a process group
-            deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+        if not dist.is_initialized():  # single process without a launcher: DeepSpeed still wants a process group
+            for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(name, value)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
         optimizer = make_optimizer(param_groups)
         config = dict(self.config)
         plain = self.stage == 0 and self.dtype == "fp32"
@@ -121,11 +124,11 @@ class DeepSpeedBackend(Backend):
         self.engine = None
         with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
             model = build_model()
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        model.load_state_dict({n: v for n, v in state.items()}, strict=False)
-        missing = trainable - set(state)
-        if missing:
-            raise RuntimeError(f"parameters missing after DeepSpeed release: {sorted(missing)[:4]}")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        params = dict(model.named_parameters())  # tied weights appear once; buffers are rebuilt by build_model
+        lost = [k for k in missing if k in params] + list(unexpected)
+        if lost:
+            raise RuntimeError(f"DeepSpeed release and the rebuilt model disagree on {lost[:4]}")
         return model
 
     @property
