@@ -75,7 +75,25 @@ class ReplicatedMasters(ShardAccess):
         pass
 
 
-class PartitionedMasters(ShardAccess):
+class _ShardedAccess(ShardAccess):
+    """Ranks hold disjoint pieces. Collectives run on the engine's device (NCCL needs CUDA tensors even for
+    CPU-offloaded masters and the CPU-side quantile histograms)."""
+
+    def __init__(self, group, comm_device):
+        self.group = group
+        self.comm_device = torch.device(comm_device)
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+
+    def all_reduce_sum_(self, tensor):
+        if self.world > 1:
+            work = tensor.to(self.comm_device)
+            dist.all_reduce(work, group=self.group)
+            if work is not tensor:
+                tensor.copy_(work)
+
+
+class PartitionedMasters(_ShardedAccess):
     """ZeRO-1/2 and BF16_Optimizer: full low-precision params on every rank (views into a flat buffer),
     fp32 masters and Adam states as one flat partition per rank and group.
 
@@ -83,11 +101,9 @@ class PartitionedMasters(ShardAccess):
     `p._hp_mapping`, which points at the wrong slice with `round_robin_gradients` (DeepSpeed 0.19.8).
     """
 
-    def __init__(self, wrapper, group=None):
+    def __init__(self, wrapper, group=None, comm_device="cpu"):
+        super().__init__(group, comm_device)
         self.inner = wrapper.optimizer
-        self.group = group
-        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
-        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         if hasattr(wrapper, "single_partition_of_fp32_groups"):
             groups, flats, masters = wrapper.bit16_groups, wrapper.bit16_groups_flat, wrapper.single_partition_of_fp32_groups
             partitions = wrapper.parallel_partitioned_bit16_groups
@@ -116,7 +132,7 @@ class PartitionedMasters(ShardAccess):
             return [p.detach().float().clone() for p in params]
         # One packed all-reduce: each rank writes its master fragments at their global offsets.
         sizes = [p.numel() for p in params]
-        packed = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device if params else "cpu")
+        packed = torch.zeros(sum(sizes), dtype=torch.float32, device=self.comm_device)
         offset = 0
         for p, size in zip(params, sizes):
             found = self._master_view(p)
@@ -148,12 +164,8 @@ class PartitionedMasters(ShardAccess):
             return []
         return [Piece(start, [state.narrow(0, _offset_in(master, view), view.numel())])]
 
-    def all_reduce_sum_(self, tensor):
-        if self.world > 1:
-            dist.all_reduce(tensor, group=self.group)
 
-
-class Stage3Slices(ShardAccess):
+class Stage3Slices(_ShardedAccess):
     """ZeRO-3: every param (frozen W too) is a 1-D slice `ds_tensor` of ceil(numel / world) elements;
     the last rank's slice is padded. Persistent params also keep a full `p.data` between steps.
 
@@ -161,12 +173,10 @@ class Stage3Slices(ShardAccess):
     local slice of W (plus ROW_BLOCK alignment): one all_to_all brings exactly those.
     """
 
-    def __init__(self, wrapper, group=None):
+    def __init__(self, wrapper, group=None, comm_device="cpu"):
+        super().__init__(group, comm_device)
         self.wrapper = wrapper
         self.inner = wrapper.optimizer
-        self.group = group
-        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
-        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.offloaded = bool(getattr(wrapper, "offload_optimizer", False))
         if any(wrapper._swappable_optimizer_subgroup(i) for i in range(len(wrapper.fp16_groups))):
             raise ValueError("NVMe optimizer offload is not supported by relora_dist's ZeRO-3 reset (use cpu offload)")
@@ -221,8 +231,8 @@ class Stage3Slices(ShardAccess):
         if self._votes([self._fp32_whole(params)])[0] == self.world:
             return [p.detach().clone() for p in params]  # persistent fp32 params are their own masters
         sizes = [p.ds_tensor.ds_numel for p in params]
-        local = torch.cat([self._master_slice(p).to(torch.float32) for p in params]) if params else torch.zeros(0)
-        gathered = torch.empty(self.world * local.numel(), dtype=torch.float32, device=local.device)
+        local = torch.cat([self._master_slice(p).to(self.comm_device, torch.float32) for p in params]) if params else torch.zeros(0, device=self.comm_device)
+        gathered = torch.empty(self.world * local.numel(), dtype=torch.float32, device=self.comm_device)
         if self.world > 1:
             dist.all_gather_into_tensor(gathered, local, group=self.group)
         else:
@@ -265,7 +275,7 @@ class Stage3Slices(ShardAccess):
             return [(layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), 0) for layer in layers]
         whole = [count > 0 for count in votes[1:]]  # a full copy of W anywhere is merged whole: needs all of B
         # One all_to_all: each rank sends its slices of every A, and of B where another rank's W slice needs them.
-        local = {id(p): self._master_slice(p).to(torch.float32) for layer in layers for p in (layer.lora_A, layer.lora_B)}
+        local = {id(p): self._master_slice(p).to(self.comm_device, torch.float32) for layer in layers for p in (layer.lora_A, layer.lora_B)}
         send_parts, send_sizes, recv_plan, recv_sizes = [], [], [], []
         for other in range(self.world):
             outgoing = [] if other == self.rank else self._segments(layers, whole, self.rank, other)
@@ -276,7 +286,7 @@ class Stage3Slices(ShardAccess):
             send_sizes.append(sum(hi - lo for _, lo, hi in outgoing))
             recv_plan.append(incoming)
             recv_sizes.append(sum(hi - lo for _, lo, hi in incoming))
-        device = next(iter(local.values())).device
+        device = self.comm_device
         received = torch.empty(sum(recv_sizes), dtype=torch.float32, device=device)
         if self.world > 1:
             send = torch.cat(send_parts) if send_parts else torch.zeros(0, device=device)
@@ -299,7 +309,7 @@ class Stage3Slices(ShardAccess):
 
         # Ranks hold different rows of B: agree on finiteness so every rank refuses a bad merge alike.
         bad = torch.tensor([float(not (assembled[id(l.lora_A)].isfinite().all() and assembled[id(l.lora_B)].isfinite().all()))
-                            for l in layers], device=device)
+                            for l in layers])
         self.all_reduce_sum_(bad)
         factors = []
         for layer, flag in zip(layers, bad.tolist()):
@@ -323,10 +333,6 @@ class Stage3Slices(ShardAccess):
         start, valid = self._range(param)  # padding excluded: zeros would shift the quantile
         return [Piece(start, [self._master_slice(param, key).narrow(0, 0, valid)])] if valid else []
 
-    def all_reduce_sum_(self, tensor):
-        if self.world > 1:
-            dist.all_reduce(tensor, group=self.group)
-
     def after_merge(self, layers):
         for layer in layers:  # ZeRO++ hpZ keeps a secondary copy of W that only trainable groups invalidate
             if getattr(layer.weight, "ds_secondary_tensor", None) is not None:
@@ -338,9 +344,9 @@ def shard_access_for(engine) -> ShardAccess:
     wrapper = engine.optimizer
     group = getattr(engine, "data_parallel_group", None)
     if any(hasattr(p, "ds_id") for p in engine.module.parameters()):
-        return Stage3Slices(wrapper, group)
+        return Stage3Slices(wrapper, group, engine.device)
     if hasattr(wrapper, "single_partition_of_fp32_groups") or hasattr(wrapper, "fp32_groups_flat_partition"):
-        return PartitionedMasters(wrapper, group)
+        return PartitionedMasters(wrapper, group, engine.device)
     if hasattr(wrapper, "fp32_groups") or hasattr(wrapper, "fp32_groups_flat"):
         return ReplicatedMasters(wrapper)
     if isinstance(wrapper, torch.optim.Optimizer):
