@@ -50,6 +50,18 @@ def test_non_finite_loss_on_one_rank_skips_the_update_everywhere():
     assert out.stdout.count("SKIP OK") == 6, out.stdout[-2000:]
 
 
+def test_the_deepspeed_bugs_we_work_around_are_real_on_these_shapes():
+    """The reset checks above only prove the workarounds if DeepSpeed's own API fails on the same shapes:
+    ZeRO-3 safe_set_full_fp32_param with numel % world != 0, and _hp_mapping under round_robin_gradients
+    (our storage-offset fragments, packed-masters path included, read the true values there)."""
+    out = subprocess.run(deepspeed_command(REPO / "tests" / "dist" / "deepspeed_bugs.py"), capture_output=True,
+                         text=True, timeout=300, env=launch_env())
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-4000:])
+    assert "OURS OK" in out.stdout, out.stdout[-2000:]
+    for bug in ("BUG1", "BUG2"):
+        assert f"{bug} PRESENT" in out.stdout, f"DeepSpeed fixed {bug}: its workaround and this canary may go"
+
+
 def exported(directory):
     return load_file(glob.glob(str(directory / "*.safetensors"))[0])
 

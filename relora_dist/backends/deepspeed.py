@@ -9,6 +9,7 @@ Where ReLoRA's tensors live in each layout is `deepspeed_layout.py`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -85,6 +86,15 @@ def engine_config(base: dict, *, dtype: str, micro_batch_size: int, accumulation
     return config
 
 
+def _remove_cpu_shm_buffers(rank: int) -> None:
+    """DeepSpeed 0.19.8 on the CPU accelerator maps a ~70 MB /dev/shm file per rank and launch and never
+    unlinks it (RAM that outlives the job). Unlink this rank's at exit; peers keep their mappings."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port:
+        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+            path.unlink(missing_ok=True)
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -99,6 +109,8 @@ class DeepSpeedBackend(Backend):
         self.stage = self.config["zero_optimization"].get("stage", 0)
         self.engine = None
         self._guard = None  # set when the engine steps a plain torch optimizer (see setup)
+        if device.type == "cpu":
+            atexit.register(_remove_cpu_shm_buffers, self.rank)
 
     # -- engine lifecycle ---------------------------------------------------------------------------
     def setup(self, model, make_optimizer, param_groups):
