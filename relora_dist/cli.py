@@ -27,6 +27,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from .distributed import close_distributed
     from .train.arguments import parse_run_config
 
+    clean_exit = False
     try:
         cfg, args = parse_run_config(argv)
         if getattr(args, "dry_run", False):
@@ -40,11 +41,12 @@ def train_main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"val_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "
                   f"tokens/s {summary['tokens_per_s']:.0f}  wall {summary['wall_s']:.1f}s  -> {cfg.train.out}/summary.json")
+        clean_exit = True
         return 0
     except (ValueError, FloatingPointError) as e:
         return _fail("relora-train", e)
     finally:
-        close_distributed()
+        close_distributed(synchronize=clean_exit)
 
 
 def export_main(argv: list[str] | None = None) -> int:

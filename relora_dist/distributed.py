@@ -35,8 +35,13 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def close_distributed() -> None:
+def close_distributed(*, synchronize: bool = True) -> None:
+    """Leave the process group. After a clean run the ranks first meet at a barrier: a gloo rank that
+    tears its group down while a peer is still finishing can leave the job hanging at exit (pytorch#75097).
+    After an error, skip it: a peer may be gone."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

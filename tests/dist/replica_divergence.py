@@ -3,6 +3,7 @@
 import torch
 import torch.distributed as dist
 
+from relora_dist.distributed import close_distributed
 from relora_dist.train.consistency import replica_mismatches
 
 dist.init_process_group("gloo")
@@ -13,4 +14,4 @@ if dist.get_rank() == 1:
 found = replica_mismatches([("same", same), ("diverged", diverged)], torch.device("cpu"))
 if dist.get_rank() == 0:
     print(f"detected: {found}")
-dist.destroy_process_group()
+close_distributed()
