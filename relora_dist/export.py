@@ -46,7 +46,11 @@ def _checkpoint_state(path: Path, backend: str | None) -> dict[str, torch.Tensor
         from .backends.deepspeed import consolidated_checkpoint_state
 
         reader, source = (lambda: consolidated_checkpoint_state(path)), path / "engine"
-    else:
+    elif backend == "fsdp2":
+        from .backends.fsdp2 import CHECKPOINT_DIR, consolidated_checkpoint_state
+
+        reader, source = (lambda: consolidated_checkpoint_state(path)), path / CHECKPOINT_DIR
+    else:  # ddp, fairscale, zero_redundancy: rank 0 wrote the whole module
         source = path / "model.pt"
         reader = lambda: torch.load(source, map_location="cpu", weights_only=True)  # noqa: E731
     if not source.exists():

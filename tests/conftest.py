@@ -1,5 +1,6 @@
 """Shared helpers: real CLI runs (single process or torchrun with 2 gloo ranks) on a tiny model."""
 
+import glob
 import json
 import os
 import socket
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "launch" / "train.py")
@@ -22,6 +24,10 @@ SMALL = [
     "--eval-batches", "2", "--progress", "false", "--rank", "4", "--lora-alpha", "8", "--lora-dropout", "0",
     "--eps", "1e-3",
 ]
+
+# Warm start, then two merges/resets (updates 7 and 10), for the engine-vs-single-process CLI runs.
+RELORA_RUN = ["--method", "relora", "--steps", "12", "--warm-start-steps", "3", "--merge-every", "3",
+              "--restart-warmup-steps", "1", "--prune-ratio", "0.8"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -81,3 +87,20 @@ def load_run(out: Path):
 def max_relative_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp(min=1e-12)).item() for k in a)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, shared_cache):
+    """Single-process torch run of SMALL + RELORA_RUN with a merged export (micro-batch 4, so the accumulation
+    differs from the engines' runs too): what every engine's 2-rank run must equal."""
+    out = tmp_path_factory.mktemp("reference")
+    run_cli(SMALL + RELORA_RUN + ["--out", out, "--micro-batch-size", "4", "--export-merged", out / "hf"])
+    return out
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported(directory: Path) -> dict:
+    return load_file(glob.glob(str(directory / "*.safetensors"))[0])

@@ -1,21 +1,17 @@
 """DeepSpeed ZeRO 0/1/2/3: real engines on 2 gloo ranks, launched with the `deepspeed` launcher, against a
 single-process torch reference on the same global batches."""
 
-import glob
 import json
 import subprocess
 
 import pytest
-from safetensors.torch import load_file
 
-from conftest import REPO, SMALL, deepspeed_command, launch_env, max_relative_difference, run_cli
+from conftest import (REPO, RELORA_RUN as RELORA, SMALL, deepspeed_command, exported, launch_env, max_relative_difference,
+                      read_metrics, run_cli)
 from relora_dist.backends.deepspeed import engine_config
 from relora_dist.cli import export_main
 
 CONFIGS = REPO / "launch" / "configs"
-RELORA = ["--method", "relora", "--steps", "12", "--warm-start-steps", "3", "--merge-every", "3",
-          "--restart-warmup-steps", "1", "--prune-ratio", "0.8"]
-
 # z{stage}-{dtype}-{prune}[-flags]: see tests/dist/deepspeed_checks.py. Grouped per launch (a start costs ~10 s).
 CASE_GROUPS = {
     "stages-0-1": ["z0-fp32-magnitude", "z0-fp32-random", "z0-bf16-magnitude", "z1-fp32-magnitude", "z1-fp32-random",
@@ -62,18 +58,6 @@ def test_the_deepspeed_bugs_we_work_around_are_real_on_these_shapes():
         assert f"{bug} PRESENT" in out.stdout, f"DeepSpeed fixed {bug}: its workaround and this canary may go"
 
 
-def exported(directory):
-    return load_file(glob.glob(str(directory / "*.safetensors"))[0])
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """Single-process torch run on the same global batches (micro-batch 4, so accumulation differs too)."""
-    out = tmp_path_factory.mktemp("reference")
-    run_cli(SMALL + RELORA + ["--out", out, "--micro-batch-size", "4", "--export-merged", out / "hf"])
-    return out
-
-
 @pytest.mark.parametrize("config", ["zero3.json", "zero2.json"])
 def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_path, reference_run, config):
     """relora-train under `deepspeed`: warm start, 2 merges/resets, merged export (consolidated from ZeRO-3
@@ -85,10 +69,8 @@ def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_
     run_cli(common + ["--out", tmp_path / "split", "--resume", "--export-merged", tmp_path / "split" / "hf"], nproc=2,
             launcher="deepspeed")
 
-    whole = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    split = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    whole, split, reference = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split"), read_metrics(reference_run)
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    reference = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     assert summary["backend"] == "deepspeed" and summary["merges"] == summary["resets"] == 2
     assert [m["step"] for m in whole if m.get("merge_s") is not None] == [7, 10]
     assert all(m["lr"] == 0.0 for m in whole if m.get("merge_s") is not None)  # I5

@@ -13,6 +13,7 @@ starts at 0; ZeRO-1/2 fragments, ZeRO-3 `ds_tensor` slices and FSDP2 row shards 
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,26 @@ class Backend(ABC):
         ready to be re-wrapped at the warm-start switch. Engines that partition or hook the module
         return a fresh `build_model()` loaded with the full values (fp32 masters where they exist)."""
         return self.unwrapped_model
+
+    @staticmethod
+    def rebuilt_model(build_model: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> nn.Module:
+        """A fresh `build_model()` holding the full parameter values `state` (for `release_model`)."""
+        with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
+            model = build_model()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        params = dict(model.named_parameters())  # tied weights appear once; buffers are rebuilt by build_model
+        lost = [k for k in missing if k in params] + list(unexpected)
+        if lost:
+            raise RuntimeError(f"released state and the rebuilt model disagree on {lost[:4]}")
+        return model
+
+    def ensure_process_group(self) -> None:
+        """Engines that need a process group even in one plain process get a private 1-rank group."""
+        if not torch.distributed.is_initialized():
+            for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(name, value)
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                                 store=torch.distributed.HashStore(), rank=0, world_size=1)
 
     def model_state_for_export(self) -> dict[str, torch.Tensor]:
         """Full model state dict on rank 0 (consolidating shards where needed); {} elsewhere."""

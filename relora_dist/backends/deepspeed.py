@@ -116,10 +116,7 @@ class DeepSpeedBackend(Backend):
     def setup(self, model, make_optimizer, param_groups):
         import deepspeed
 
-        if not dist.is_initialized():  # single process without a launcher: DeepSpeed still wants a process group
-            for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-                os.environ.setdefault(name, value)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        self.ensure_process_group()  # DeepSpeed wants one even in a plain single process
         optimizer = make_optimizer(param_groups)
         config = dict(self.config)
         plain = self.stage == 0 and self.dtype == "fp32"
@@ -134,14 +131,7 @@ class DeepSpeedBackend(Backend):
         state = full_parameters(self.engine, self.shard_access(), names)
         self.engine.destroy()
         self.engine = None
-        with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
-            model = build_model()
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        params = dict(model.named_parameters())  # tied weights appear once; buffers are rebuilt by build_model
-        lost = [k for k in missing if k in params] + list(unexpected)
-        if lost:
-            raise RuntimeError(f"DeepSpeed release and the rebuilt model disagree on {lost[:4]}")
-        return model
+        return self.rebuilt_model(build_model, state)
 
     @property
     def model(self):

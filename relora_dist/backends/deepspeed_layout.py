@@ -16,11 +16,11 @@ flat buffers the engine communicates. See research/distributed_internals.md sect
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..merge import ReplicatedAccess, delta_rows
+from ..merge import ReplicatedAccess
 from .base import Piece, ShardAccess
+from .sharded import FlatRangeShards, ShardedAccess
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -75,25 +75,7 @@ class ReplicatedMasters(ShardAccess):
         pass
 
 
-class _ShardedAccess(ShardAccess):
-    """Ranks hold disjoint pieces. Collectives run on the engine's device (NCCL needs CUDA tensors even for
-    CPU-offloaded masters and the CPU-side quantile histograms)."""
-
-    def __init__(self, group, comm_device):
-        self.group = group
-        self.comm_device = torch.device(comm_device)
-        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
-        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
-
-    def all_reduce_sum_(self, tensor):
-        if self.world > 1:
-            work = tensor.to(self.comm_device)
-            dist.all_reduce(work, group=self.group)
-            if work is not tensor:
-                tensor.copy_(work)
-
-
-class PartitionedMasters(_ShardedAccess):
+class PartitionedMasters(ShardedAccess):
     """ZeRO-1/2 and BF16_Optimizer: full low-precision params on every rank (views into a flat buffer),
     fp32 masters and Adam states as one flat partition per rank and group.
 
@@ -165,7 +147,7 @@ class PartitionedMasters(_ShardedAccess):
         return [Piece(start, [state.narrow(0, _offset_in(master, view), view.numel())])]
 
 
-class Stage3Slices(_ShardedAccess):
+class Stage3Slices(FlatRangeShards):
     """ZeRO-3: every param (frozen W too) is a 1-D slice `ds_tensor` of ceil(numel / world) elements;
     the last rank's slice is padded. Persistent params also keep a full `p.data` between steps.
 
@@ -184,13 +166,15 @@ class Stage3Slices(_ShardedAccess):
     def full_shape(self, param):
         return param.ds_shape
 
-    def _owned(self, param, rank: int) -> tuple[int, int]:
-        """Flat range [lo, hi) of the whole tensor that `rank`'s slice holds (padding excluded)."""
+    def owned(self, param, rank):
         size = param.ds_tensor.ds_numel
         return rank * size, rank * size + max(0, min(param.ds_numel - rank * size, size))
 
+    def local_fp32(self, param):
+        return self._master_slice(param).to(self.comm_device, torch.float32)
+
     def _range(self, param) -> tuple[int, int]:
-        lo, hi = self._owned(param, self.rank)
+        lo, hi = self.owned(param, self.rank)
         return lo, hi - lo
 
     def _votes(self, flags: list[bool]) -> list[int]:
@@ -230,94 +214,15 @@ class Stage3Slices(_ShardedAccess):
     def full_fp32(self, params):
         if self._votes([self._fp32_whole(params)])[0] == self.world:
             return [p.detach().clone() for p in params]  # persistent fp32 params are their own masters
-        sizes = [p.ds_tensor.ds_numel for p in params]
-        local = torch.cat([self._master_slice(p).to(self.comm_device, torch.float32) for p in params]) if params else torch.zeros(0, device=self.comm_device)
-        gathered = torch.empty(self.world * local.numel(), dtype=torch.float32, device=self.comm_device)
-        if self.world > 1:
-            dist.all_gather_into_tensor(gathered, local, group=self.group)
-        else:
-            gathered.copy_(local)
-        per_rank = gathered.view(self.world, -1)
-        out, offset = [], 0
-        for p, size in zip(params, sizes):
-            full = per_rank[:, offset : offset + size].reshape(-1)[: p.ds_numel]
-            out.append(full.view(p.ds_shape).clone())
-            offset += size
-        return out
-
-    # -- merge operands: whole A, and only the rows of B under this rank's slice of W -----------------
-    def _needed_b(self, layer, rank: int, whole_somewhere: bool) -> tuple[int, int]:
-        """Flat range of B that `rank`'s merge reads: all of B where some rank holds W whole (persistent, or
-        left gathered by a forward), since that full copy is merged too."""
-        out_features, in_features = layer.weight.ds_shape
-        r = layer.lora_B.ds_shape[1]
-        if whole_somewhere:
-            return 0, out_features * r
-        start, end = self._owned(layer.weight, rank)
-        row0, row1 = delta_rows(start, end - start, in_features, out_features)
-        return row0 * r, row1 * r
-
-    def _segments(self, layers, whole, source: int, dest: int) -> list[tuple[nn.Parameter, int, int]]:
-        """(param, lo, hi) flat ranges `source` holds and `dest` needs: every A, and B under dest's W slice."""
-        out = []
-        for layer, w in zip(layers, whole):
-            for param, (lo, hi) in ((layer.lora_A, (0, layer.lora_A.ds_numel)), (layer.lora_B, self._needed_b(layer, dest, w))):
-                own_lo, own_hi = self._owned(param, source)
-                lo, hi = max(lo, own_lo), min(hi, own_hi)
-                if hi > lo:
-                    out.append((param, lo, hi))
-        return out
+        return super().full_fp32(params)
 
     def lora_factors(self, layers):
         lora = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
         votes = self._votes([self._fp32_whole(lora)] + [self._whole_data(layer.weight) is not None for layer in layers])
         if votes[0] == self.world:  # whole fp32 A/B (their own masters) on every rank: nothing to fetch
             return [(layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), 0) for layer in layers]
-        whole = [count > 0 for count in votes[1:]]  # a full copy of W anywhere is merged whole: needs all of B
-        # One all_to_all: each rank sends its slices of every A, and of B where another rank's W slice needs them.
-        local = {id(p): self._master_slice(p).to(self.comm_device, torch.float32) for layer in layers for p in (layer.lora_A, layer.lora_B)}
-        send_parts, send_sizes, recv_plan, recv_sizes = [], [], [], []
-        for other in range(self.world):
-            outgoing = [] if other == self.rank else self._segments(layers, whole, self.rank, other)
-            incoming = [] if other == self.rank else self._segments(layers, whole, other, self.rank)
-            for param, lo, hi in outgoing:
-                own_lo = self._owned(param, self.rank)[0]
-                send_parts.append(local[id(param)][lo - own_lo : hi - own_lo])
-            send_sizes.append(sum(hi - lo for _, lo, hi in outgoing))
-            recv_plan.append(incoming)
-            recv_sizes.append(sum(hi - lo for _, lo, hi in incoming))
-        device = self.comm_device
-        received = torch.empty(sum(recv_sizes), dtype=torch.float32, device=device)
-        if self.world > 1:
-            send = torch.cat(send_parts) if send_parts else torch.zeros(0, device=device)
-            dist.all_to_all_single(received, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=self.group)
-
-        wanted = {}
-        for layer, w in zip(layers, whole):
-            wanted[id(layer.lora_A)] = (0, layer.lora_A.ds_numel)
-            wanted[id(layer.lora_B)] = self._needed_b(layer, self.rank, w)
-        assembled = {key: torch.full((hi - lo,), float("nan"), device=device) for key, (lo, hi) in wanted.items()}
-        for param, lo, hi in self._segments(layers, whole, self.rank, self.rank):  # what this rank holds itself
-            own_lo, base = self._owned(param, self.rank)[0], wanted[id(param)][0]
-            assembled[id(param)][lo - base : hi - base] = local[id(param)][lo - own_lo : hi - own_lo]
-        offset = 0
-        for incoming in recv_plan:
-            for param, lo, hi in incoming:
-                base = wanted[id(param)][0]
-                assembled[id(param)][lo - base : hi - base] = received[offset : offset + hi - lo]
-                offset += hi - lo
-
-        # Ranks hold different rows of B: agree on finiteness so every rank refuses a bad merge alike.
-        bad = torch.tensor([float(not (assembled[id(l.lora_A)].isfinite().all() and assembled[id(l.lora_B)].isfinite().all()))
-                            for l in layers])
-        self.all_reduce_sum_(bad)
-        factors = []
-        for layer, flag in zip(layers, bad.tolist()):
-            A32 = assembled[id(layer.lora_A)].view(layer.lora_A.ds_shape)
-            r = layer.lora_B.ds_shape[1]
-            b_lo = wanted[id(layer.lora_B)][0]
-            factors.append((A32.fill_(float("nan")) if flag else A32, assembled[id(layer.lora_B)].view(-1, r), b_lo // r))
-        return factors
+        # A full copy of W anywhere (persistent, or left gathered by a forward) is merged whole: needs all of B.
+        return self.exchange_factors(layers, [count > 0 for count in votes[1:]])
 
     def weight_pieces(self, layer):
         return self._pieces(layer.weight, [layer.weight.ds_tensor])

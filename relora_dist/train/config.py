@@ -72,7 +72,7 @@ class TrainConfig:
     method: str = "relora"
     """full | relora | lora | lora_ws | control."""
     backend: str = "ddp"
-    """Distributed engine: ddp (single process when world size is 1) or deepspeed (needs --deepspeed)."""
+    """Distributed engine: ddp (single process when world size is 1), deepspeed (needs --deepspeed), fsdp2 (fully_shard per decoder layer), fairscale (OSS + ShardedDDP) or zero_redundancy (DDP + torch ZeroRedundancyOptimizer)."""
     deepspeed: str | None = None
     """DeepSpeed JSON config (ZeRO stage, offload, buckets; see launch/configs/zero*.json). Implies --backend deepspeed."""
     steps: int = 200
@@ -82,7 +82,11 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
     dtype: str = "fp32"
-    """fp32, or bf16 (ddp: autocast over fp32 parameters; deepspeed: bf16 parameters with fp32 masters, frozen W in bf16)."""
+    """fp32, or bf16 (ddp, fairscale, zero_redundancy: autocast over fp32 parameters; deepspeed: bf16 parameters with fp32 masters, frozen W in bf16; fsdp2: bf16 compute and all-gathers over fp32 sharded masters, fp32 gradient reduction)."""
+    fsdp_reshard_after_forward: bool = True
+    """fsdp2: free each layer's gathered parameters after its forward and gather them again for backward (false: keep them, more memory, fewer all-gathers)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (HF non-reentrant gradient checkpointing; any backend)."""
     seed: int = 0
     """Seed of model init, data order, dropout and ReLoRA's generators."""
     eval_every: int = 50
@@ -129,8 +133,8 @@ class RunConfig:
             raise ValueError("--backend deepspeed needs a DeepSpeed JSON config (--deepspeed launch/configs/zero2.json)")
         if t.backend != "deepspeed" and t.deepspeed:
             raise ValueError(f"--deepspeed was given but --backend is {t.backend}")
-        if t.backend == "deepspeed" and self.optim.keep_states_at_switch:
-            raise ValueError("--keep-states-at-switch is not supported with --backend deepspeed")
+        if t.backend != "ddp" and self.optim.keep_states_at_switch:
+            raise ValueError(f"--keep-states-at-switch is not supported with --backend {t.backend} (ddp only)")
         if t.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {t.dtype!r} (--dtype)")
         for name in ("global_batch_size", "micro_batch_size", "steps"):

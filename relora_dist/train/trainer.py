@@ -84,12 +84,12 @@ class Trainer:
             self.controller.load_state_dict(saved["controller"])
 
         torch.manual_seed(t.seed)  # identical init on every rank and world size
-        model = build_model(self.model_config)
+        model = self._build_model()
         if self.controller.low_rank:
             wrap(model, cfg.relora)
         self.backend = build_backend(t.backend, device=self.dist.device, dtype=t.dtype, config=t.deepspeed,
                                      micro_batch_size=t.micro_batch_size, accumulation_steps=self.accumulation_steps,
-                                     max_norm=cfg.optim.grad_clip)
+                                     max_norm=cfg.optim.grad_clip, reshard_after_forward=t.fsdp_reshard_after_forward)
         self._setup_backend(model)
         # Dropout streams differ per rank (ReLoRA's own randomness never uses the global RNG).
         torch.manual_seed(t.seed * 1000 + 1 + self.dist.rank)
@@ -111,6 +111,12 @@ class Trainer:
         return size
 
     # -- setup -----------------------------------------------------------------------------------
+    def _build_model(self):
+        model = build_model(self.model_config)
+        if self.cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
     def _param_groups(self, model) -> list[dict]:
         lora_ids = {id(p) for _, p in lora_parameters(model)}
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -132,7 +138,7 @@ class Trainer:
         self.batches_consumed = state["batches_consumed"]
         self.skipped_total = state.get("skipped_total", 0)
         self.elapsed_before = state.get("wall_s", 0.0)
-        if state["world_size"] != self.dist.world_size or not load_rng(path, self.dist.rank):
+        if (state["world_size"] != self.dist.world_size or not load_rng(path, self.dist.rank)) and self.is_main:
             logger.warning("checkpoint written by %d ranks, resumed on %d: dropout RNG streams restart from the seed",
                            state["world_size"], self.dist.world_size)
         if self.is_main:
@@ -171,7 +177,7 @@ class Trainer:
         step = self.controller.step
         if actions.wrap:
             start = time.perf_counter()
-            model = self.backend.release_model(lambda: build_model(self.model_config))
+            model = self.backend.release_model(self._build_model)
             kept = self.backend.param_states(model.parameters()) if self.cfg.optim.keep_states_at_switch else {}
             wrap(model, self.cfg.relora)  # W becomes frozen; every other Parameter object stays the same
             self._setup_backend(model)  # new optimizer for the low-rank phase (reference behaviour) ...

@@ -1,0 +1,217 @@
+"""PyTorch FSDP2 (`fully_shard`): one FSDP unit per decoder layer plus the root, launched with torchrun.
+
+Between steps every parameter (frozen W included) is a DTensor sharded by rows, `Shard(0)` on a 1-D mesh:
+rank r holds rows [r*c, min((r+1)*c, d)) with c = ceil(d / world) (torch.chunk), possibly none. The
+sharded fp32 parameter is the master (`MixedPrecisionPolicy` casts only what it all-gathers) and AdamW
+keeps its states as DTensors of the same layout. So a reset works on local rows in place: W and B share
+rows, `W_local += s * B_local @ A` needs all of A (one all_to_all, see `sharded.FlatRangeShards`).
+Checkpoints go through torch.distributed.checkpoint and load at any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from .base import Backend, Piece
+from .sharded import FlatRangeShards
+
+CHECKPOINT_DIR = "dcp"
+
+
+class RowShards(FlatRangeShards):
+    """FSDP2's row shards: pieces are the local rows of the DTensor parameter and of its Adam states."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group, comm_device):
+        super().__init__(group, comm_device)
+        self.optimizer = optimizer
+
+    def full_shape(self, param):
+        return param.shape
+
+    def owned(self, param, rank):
+        rows = param.shape[0]
+        cols = math.prod(param.shape[1:])  # from the global shape: indexing a DTensor would communicate
+        chunk = -(-rows // self.world)
+        lo, hi = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+        return lo * cols, hi * cols
+
+    def local_fp32(self, param):
+        return param.to_local().reshape(-1).to(self.comm_device, torch.float32)
+
+    def _pieces(self, param, tensor) -> list[Piece]:
+        lo, hi = self.owned(param, self.rank)
+        return [Piece(lo, [tensor.to_local().view(-1)])] if hi > lo else []
+
+    def weight_pieces(self, layer):
+        return self._pieces(layer.weight, layer.weight)
+
+    def param_pieces(self, param):
+        return self._pieces(param, param)
+
+    def state_pieces(self, param, key):
+        # .get: never insert into the optimizer's state defaultdict.
+        value = self.optimizer.state.get(param, {}).get(key)
+        return self._pieces(param, value) if isinstance(value, DTensor) else []
+
+
+def _check_row_sharding(model: nn.Module, world: int) -> None:
+    for name, p in model.named_parameters():
+        if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
+            raise ValueError(f"FSDP2 parameter {name} is not row-sharded (Shard(0) on a 1-D mesh): {type(p).__name__}"
+                             f" {getattr(p, 'placements', None)}; relora_dist's reset needs row shards")
+        rows, chunk, rank = p.shape[0], -(-p.shape[0] // world), dist.get_rank()
+        if p.to_local().shape[0] != max(0, min((rank + 1) * chunk, rows) - min(rank * chunk, rows)):
+            raise ValueError(f"FSDP2 parameter {name}: local rows {p.to_local().shape[0]} are not torch.chunk's")
+
+
+class FSDP2Backend(Backend):
+    """`dtype="bf16"`: bf16 compute and all-gathers over fp32 sharded masters, gradients reduced in fp32."""
+
+    name = "fsdp2"
+
+    def __init__(self, *, device: torch.device, dtype: str = "fp32", reshard_after_forward: bool = True):
+        self.device = device
+        self.dtype = dtype
+        self.reshard_after_forward = reshard_after_forward
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def setup(self, model, make_optimizer, param_groups):
+        self.ensure_process_group()  # FSDP2 needs a mesh even in a plain single process
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        names = {id(p): n for n, p in model.named_parameters()}
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.dtype == "bf16" else MixedPrecisionPolicy()
+        model.to(self.device)
+        for block in _decoder_layers(model):
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        _check_row_sharding(model, self.world_size)
+        # fully_shard swapped every Parameter for a DTensor one: rebuild the groups by name.
+        sharded = dict(model.named_parameters())
+        groups = [{**g, "params": [sharded[names[id(p)]] for p in g["params"]]} for g in param_groups]
+        self._model = model
+        self._optimizer = make_optimizer(groups)
+
+    def release_model(self, build_model):
+        state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True))
+        self._model = self._optimizer = None
+        return self.rebuilt_model(build_model, state)
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def unwrapped_model(self):
+        return self._model
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    # -- one update -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self):
+        self._model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self._model.set_requires_gradient_sync(True)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self, *, lr, max_norm, loss_is_finite=True):
+        params = [p for p in self._model.parameters() if p.requires_grad and p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # the same on every rank
+        grad_norm = float(norm)
+        stepped = loss_is_finite and math.isfinite(grad_norm)
+        if stepped:
+            if max_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            self.set_lr(lr)
+            self._optimizer.step()
+        return grad_norm, stepped
+
+    def zero_grad(self):
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def reshard(self) -> None:
+        """Free gathered parameters: an eval forward leaves the root's (and, with reshard_after_forward=False,
+        every layer's) parameters unsharded, and those copies would not see writes to the shards."""
+        for module in self._model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def shard_access(self):
+        self.reshard()  # the reset writes shards; the next forward all-gathers what was written
+        return RowShards(self._optimizer, None, self.device)
+
+    def all_reduce_sum(self, tensor):
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def replicated_named_tensors(self):
+        return list(self._model.named_buffers())  # every parameter is sharded
+
+    def param_states(self, params):
+        raise ValueError("--keep-states-at-switch is not supported with --backend fsdp2")
+
+    # -- checkpoints and export -----------------------------------------------------------------------
+    def save(self, directory, trainer_state):
+        model_state, optim_state = get_state_dict(self._model, self._optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(directory) / CHECKPOINT_DIR))
+
+    def load(self, directory):
+        path = Path(directory) / CHECKPOINT_DIR
+        if not path.is_dir():
+            raise ValueError(f"checkpoint {directory} has no FSDP2 state ({CHECKPOINT_DIR}/ missing; written by another backend?)")
+        model_state, optim_state = get_state_dict(self._model, self._optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(self._model, self._optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"checkpoint {directory} does not fit this FSDP2 run: {reason}") from None
+
+    def model_state_for_export(self):
+        state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.rank == 0 else {}
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one (HF LLaMA: model.model.layers)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"--backend fsdp2 shards decoder layers; {type(model).__name__} has no .model.layers")
+    return list(layers)
+
+
+def consolidated_checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
+    """Full model state from an FSDP2 checkpoint, in one process without a process group (relora-export)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(Path(directory) / CHECKPOINT_DIR), str(target))
+        state = torch.load(target, map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
