@@ -104,3 +104,16 @@ def read_metrics(out: Path) -> list[dict]:
 
 def exported(directory: Path) -> dict:
     return load_file(glob.glob(str(directory / "*.safetensors"))[0])
+
+
+def assert_run_equals_reference(out: Path, reference_run: Path, backend: str) -> None:
+    """A 2-rank engine run of SMALL + RELORA_RUN with `--export-merged OUT/hf` equals the single-process
+    reference: two merges and resets, at updates 7 and 10 and at LR 0 (I5), the same losses and merged model."""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == backend and summary["merges"] == summary["resets"] == 2
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics if m.get("merge_s") is not None] == [7, 10]
+    assert all(m["lr"] == 0.0 for m in metrics if m.get("merge_s") is not None)
+    for a, b in zip(metrics, read_metrics(reference_run), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert max_relative_difference(exported(reference_run / "hf"), exported(out / "hf")) < 1e-5

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from conftest import (REPO, RELORA_RUN as RELORA, SMALL, deepspeed_command, exported, launch_env, max_relative_difference,
-                      read_metrics, run_cli)
+from conftest import (REPO, RELORA_RUN as RELORA, SMALL, assert_run_equals_reference, deepspeed_command, exported, launch_env,
+                      max_relative_difference, read_metrics, run_cli)
 from relora_dist.backends.deepspeed import engine_config
 from relora_dist.cli import export_main
 
@@ -69,14 +69,8 @@ def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_
     run_cli(common + ["--out", tmp_path / "split", "--resume", "--export-merged", tmp_path / "split" / "hf"], nproc=2,
             launcher="deepspeed")
 
-    whole, split, reference = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split"), read_metrics(reference_run)
-    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    assert summary["backend"] == "deepspeed" and summary["merges"] == summary["resets"] == 2
-    assert [m["step"] for m in whole if m.get("merge_s") is not None] == [7, 10]
-    assert all(m["lr"] == 0.0 for m in whole if m.get("merge_s") is not None)  # I5
-    for a, b in zip(whole, reference):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "whole" / "hf")) < 1e-5
+    assert_run_equals_reference(tmp_path / "whole", reference_run, "deepspeed")
+    whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     # I6: same losses and the same final model, from engine.load_checkpoint + the controller state
     assert [m["loss"] for m in split] == [m["loss"] for m in whole]
     assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "split" / "hf")) == 0.0

@@ -5,9 +5,8 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from conftest import REPO, RELORA_RUN, SMALL, exported, launch_env, max_relative_difference, read_metrics, run_cli
+from conftest import (REPO, RELORA_RUN, SMALL, assert_run_equals_reference, exported, launch_env, max_relative_difference,
+                      read_metrics, run_cli)
 from relora_dist.cli import export_main
 
 # {backend}-{dtype}-{prune}[-flags]: see tests/dist/sharded_checks.py. One launch for all of them.
@@ -44,15 +43,8 @@ def test_fsdp2_run_equals_single_process_and_resumes_at_other_world_sizes(tmp_pa
     run_cli(common + ["--out", tmp_path / "hop", "--resume", "--stop-after", "9"])
     run_cli(common + ["--out", tmp_path / "hop", "--resume", "--export-merged", tmp_path / "hop" / "hf"], nproc=2)
 
-    whole, split, reference = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split"), read_metrics(reference_run)
-    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    assert summary["backend"] == "fsdp2" and summary["merges"] == summary["resets"] == 2
-    assert [m["step"] for m in whole if m.get("merge_s") is not None] == [7, 10]
-    assert all(m["lr"] == 0.0 for m in whole if m.get("merge_s") is not None)  # I5
-    for a, b in zip(whole, reference):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "whole" / "hf")) < 1e-5
-    assert [m["loss"] for m in split] == [m["loss"] for m in whole]
+    assert_run_equals_reference(tmp_path / "whole", reference_run, "fsdp2")
+    assert [m["loss"] for m in read_metrics(tmp_path / "split")] == [m["loss"] for m in read_metrics(tmp_path / "whole")]
     assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "split" / "hf")) == 0.0
     hop = json.loads((tmp_path / "hop" / "summary.json").read_text())
     assert hop["merges"] == 2 and hop["world_size"] == 2

@@ -180,12 +180,13 @@ class Backend(ABC):
         return {k: v.detach().cpu() for k, v in self.unwrapped_model.state_dict().items()} if self.rank == 0 else {}
 
     def param_states(self, params) -> dict:
-        """Optimizer state per parameter object (torch optimizers keyed by param; engines may override)."""
-        return {p: dict(self.optimizer.state[p]) for p in params if p in self.optimizer.state}
+        """Optimizer state per parameter object, for `--keep-states-at-switch` (engines with a plain torch
+        optimizer keyed by the module's own parameters implement it)."""
+        raise ValueError(f"--keep-states-at-switch is not supported with --backend {self.name}")
 
     def restore_param_states(self, states: dict) -> None:
-        for param, state in states.items():
-            self.optimizer.state[param] = state
+        if states:
+            raise ValueError(f"--keep-states-at-switch is not supported with --backend {self.name}")
 
     def replicated_named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Tensors that must be bit-identical on every rank (all of them for replicated engines)."""

@@ -89,6 +89,13 @@ class DDPBackend(Backend):
     def shard_access(self):
         return ReplicatedAccess(self._optimizer)
 
+    def param_states(self, params):
+        return {p: dict(self._optimizer.state[p]) for p in params if p in self._optimizer.state}
+
+    def restore_param_states(self, states):
+        for param, state in states.items():
+            self._optimizer.state[param] = state
+
     def all_reduce_sum(self, tensor):
         if self.world_size > 1:
             dist.all_reduce(tensor)
@@ -103,6 +110,6 @@ class DDPBackend(Backend):
         try:
             self._module.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
             self._optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
-        except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
+        except (RuntimeError, ValueError, KeyError, IndexError, OSError, EOFError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"checkpoint {directory} does not fit this run: {reason}") from None

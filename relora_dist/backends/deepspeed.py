@@ -204,8 +204,6 @@ class DeepSpeedBackend(Backend):
         out.update({n: b.detach().cpu() for n, b in module.named_buffers() if n in module.state_dict()})
         return out
 
-    def param_states(self, params):
-        raise ValueError("--keep-states-at-switch is not supported with --backend deepspeed")
 
     def replicated_named_tensors(self):
         """Tensors every rank holds whole: all params below ZeRO-3, persistent ones at ZeRO-3."""

@@ -171,8 +171,6 @@ class FSDP2Backend(Backend):
     def replicated_named_tensors(self):
         return list(self._model.named_buffers())  # every parameter is sharded
 
-    def param_states(self, params):
-        raise ValueError("--keep-states-at-switch is not supported with --backend fsdp2")
 
     # -- checkpoints and export -----------------------------------------------------------------------
     def save(self, directory, trainer_state):

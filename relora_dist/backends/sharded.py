@@ -1,12 +1,10 @@
-"""Access classes shared by the sharding engines (DeepSpeed ZeRO, FSDP2, OSS/ZeroRedundancyOptimizer).
+"""Access classes shared by the engines that shard parameters or master copies (DeepSpeed ZeRO, FSDP2).
 
 - `ShardedAccess`: ranks hold disjoint pieces; collectives run on the engine's device (NCCL needs CUDA
   tensors even for CPU-offloaded masters and CPU-side quantile histograms).
 - `FlatRangeShards`: every rank holds one contiguous flat range of each tensor (ZeRO-3 `ds_tensor`
   slices, FSDP2 row shards). A merge of the local range of W needs all of A but only the rows of B under
   that range: one all_to_all brings exactly those, W is never gathered.
-- `OwnerStates`: parameters replicated, each Adam state held whole by one owner rank (fairscale OSS,
-  torch ZeroRedundancyOptimizer). Nothing to communicate.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..merge import delta_rows
-from .base import Piece, ShardAccess
+from .base import ShardAccess
 
 
 class ShardedAccess(ShardAccess):
@@ -146,29 +144,3 @@ class FlatRangeShards(ShardedAccess):
             out.append(full.view(self.full_shape(p)))
             offset += size
         return out
-
-
-class OwnerStates(ShardAccess):
-    """Replicated parameters (merged and re-initialised identically on every rank, in place: they are views
-    into the buckets the engine broadcasts); each param's Adam state lives whole in `inner.state` on its
-    owner rank only. Every quantile is therefore local to the owner and exact: no collective at all."""
-
-    def __init__(self, inner: torch.optim.Optimizer):
-        self.inner = inner
-
-    def full_fp32(self, params):
-        return [p.detach().float().clone() for p in params]
-
-    def weight_pieces(self, layer):
-        return [Piece(0, [layer.weight.data.view(-1)])]
-
-    def param_pieces(self, param):
-        return [Piece(0, [param.data.view(-1)])]
-
-    def state_pieces(self, param, key):
-        # .get: never insert into the optimizer's state defaultdict for a param this rank does not own.
-        tensor = self.inner.state.get(param, {}).get(key)
-        return [Piece(0, [tensor.view(-1)])] if isinstance(tensor, torch.Tensor) and tensor.numel() > 1 else []
-
-    def all_reduce_sum_(self, tensor):
-        pass  # a state's owner holds it whole: its local histogram is the global one

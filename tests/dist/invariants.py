@@ -19,16 +19,7 @@ from relora_dist.merge import ReplicatedAccess
 from relora_dist.models import build_model, llama_config_from_shape
 from relora_dist.prune import prune_states
 from relora_dist.train.consistency import replica_mismatches
-
-VOCAB, SEQ, GLOBAL_BATCH, STEPS, MERGE_AT = 97, 16, 4, 7, (2, 4, 6)
-
-
-def make_optimizer(groups):
-    return torch.optim.AdamW(groups, lr=3e-3, eps=1e-3)  # eps: see tests/conftest.py
-
-
-def global_batch(step):
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1000 + step))
+from reset_reference import LR, MERGE_AT, STEPS, VOCAB, global_batch, make_optimizer
 
 
 def relative_difference(a, b):
@@ -65,7 +56,7 @@ def main():
             reference(input_ids=batch, labels=batch).loss.backward()
         if step == 1:  # I2: B learns from the first step (the reference code zeroed A and B)
             assert all(layer.lora_B.grad.abs().sum() > 0 for layer in rd.relora_layers(backend.unwrapped_model))
-        backend.step(lr=3e-3, max_norm=1.0)
+        backend.step(lr=LR, max_norm=1.0)
         torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 1.0)
         backend.zero_grad()
         ref_opt.step()

@@ -16,7 +16,6 @@ Prints "CASE OK <name> ..." per case on rank 0.
 
 import argparse
 import copy
-import types
 
 import torch
 import torch.distributed as dist
@@ -26,22 +25,11 @@ import relora_dist as rd
 from relora_dist.backends import build_backend
 from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
-from relora_dist.merge import ReplicatedAccess, add_in_fp32, lora_delta
+from relora_dist.merge import ReplicatedAccess
 from relora_dist.models import build_model, llama_config_from_shape
 from relora_dist.prune import ADAM_KEYS, prune_states
-from relora_dist.randomness import kaiming_uniform_A
 from relora_dist.train.consistency import replica_mismatches
-
-VOCAB, SEQ, GLOBAL_BATCH, STEPS, MERGE_AT = 97, 16, 4, 7, (2, 4, 6)
-LR = 3e-3
-
-
-def make_optimizer(groups):
-    return torch.optim.AdamW(groups, lr=LR, eps=1e-3)  # eps: see tests/conftest.py
-
-
-def global_batch(step):
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1000 + step))
+from reset_reference import LR, MERGE_AT, STEPS, VOCAB, expected_after_reset, global_batch, make_optimizer, relative
 
 
 def parse_case(name: str) -> dict:
@@ -90,24 +78,6 @@ def snapshot(backend, layers, named_trainable):
         for key in ADAM_KEYS:
             snap[f"{name}/{key}"] = full_state(backend, p, key)
     return snap
-
-
-def expected_after_reset(pre, layers, named_lora, cfg, index):
-    """Merge, re-init and prune applied to the gathered full tensors with the replicated code path."""
-    exp = {k: v.clone() for k, v in pre.items()}
-    for layer in layers:
-        n = layer.relora_name
-        add_in_fp32(exp[f"{n}.weight"].view(-1), lora_delta(pre[f"{n}.lora_B/param"], pre[f"{n}.lora_A/param"], layer.scale))
-        exp[f"{n}.lora_A/param"] = kaiming_uniform_A(tuple(pre[f"{n}.lora_A/param"].shape), seed=layer.seed, restart_index=index, name=n)
-        exp[f"{n}.lora_B/param"].zero_()
-    fake = [(name, torch.nn.Parameter(exp[f"{name}/param"].clone())) for name, _ in named_lora]
-    holder = types.SimpleNamespace(state={p: {k: exp[f"{name}/{k}"] for k in ADAM_KEYS} for name, p in fake})
-    prune_states(fake, ReplicatedAccess(holder), method=cfg.prune, ratio=cfg.prune_ratio, seed=cfg.seed, restart_index=index)
-    return exp
-
-
-def relative(a, b):
-    return ((a.double() - b.double()).abs().max() / a.double().abs().max().clamp(min=1e-12)).item()
 
 
 def probe_logits(backend):
@@ -197,7 +167,7 @@ def run_case(case, info):
             assert not counter.calls, f"{case['name']}: an owner-sharded reset communicated {ops}"
 
         post = snapshot(backend, layers, named_trainable)
-        expected = expected_after_reset(pre, layers, named_lora, cfg, index)
+        expected = expected_after_reset(pre, layers, named_lora, cfg, index, master="param")
         bad = [k for k in expected if not torch.equal(expected[k], post[k])]
         assert not bad, f"{case['name']} restart {index}: not the exact expectation: {bad[:6]}"
         report["exact"] += 1
