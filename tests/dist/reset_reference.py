@@ -23,6 +23,22 @@ def global_batch(step):
     return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1000 + step))
 
 
+def train_both(backend, reference, ref_opt, step: int, rank: int, world: int) -> None:
+    """One update: the engine on this rank's share of the global batch, the fp32 reference on all of it."""
+    batch = global_batch(step)
+    local = batch.chunk(world)[rank]
+    with backend.forward_context():
+        loss = backend.model(input_ids=local, labels=local).loss
+    backend.backward(loss)
+    _, stepped = backend.step(lr=LR, max_norm=1.0)
+    assert stepped, f"update {step} skipped"
+    backend.zero_grad()
+    reference(input_ids=batch, labels=batch).loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 1.0)
+    ref_opt.step()
+    ref_opt.zero_grad()
+
+
 def relative(a, b):
     return ((a.double() - b.double()).abs().max() / a.double().abs().max().clamp(min=1e-12)).item()
 

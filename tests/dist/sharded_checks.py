@@ -29,7 +29,7 @@ from relora_dist.merge import ReplicatedAccess
 from relora_dist.models import build_model, llama_config_from_shape
 from relora_dist.prune import ADAM_KEYS, prune_states
 from relora_dist.train.consistency import replica_mismatches
-from reset_reference import LR, MERGE_AT, STEPS, VOCAB, expected_after_reset, global_batch, make_optimizer, relative
+from reset_reference import MERGE_AT, STEPS, VOCAB, expected_after_reset, global_batch, make_optimizer, relative, train_both
 
 
 def parse_case(name: str) -> dict:
@@ -120,18 +120,7 @@ def run_case(case, info):
 
     worst = 0.0
     for step in range(1, STEPS + 1):
-        batch = global_batch(step)
-        local = batch.chunk(world)[rank]
-        with backend.forward_context():
-            loss = backend.model(input_ids=local, labels=local).loss
-        backend.backward(loss)
-        _, stepped = backend.step(lr=LR, max_norm=1.0)
-        assert stepped
-        backend.zero_grad()
-        reference(input_ids=batch, labels=batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 1.0)
-        ref_opt.step()
-        ref_opt.zero_grad()
+        train_both(backend, reference, ref_opt, step, rank, world)
         if step not in MERGE_AT:
             continue
         index = MERGE_AT.index(step) + 1
