@@ -30,6 +30,9 @@ CASES = [
     (["--model-config", "/nonexistent.json"], "model config not found"),
     (["--steps", "0"], "steps must be > 0"),
     (["--lr", "-1"], "learning rates must be > 0"),
+    (["--backend", "fsdp2", "--keep-states-at-switch", "true"], "not supported with --backend fsdp2"),
+    (["--backend", "fairscale", "--keep-states-at-switch", "true"], "not supported with --backend fairscale"),
+    (["--fsdp-reshard-after-forward", "false"], "applies to --backend fsdp2 only"),
 ]
 
 

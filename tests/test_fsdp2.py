@@ -63,8 +63,3 @@ def test_fsdp2_bf16_with_activation_checkpointing_and_kept_gathers_through_the_c
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["merges"] == 2 and summary["val_loss"] < 7.0
 
-
-def test_fsdp2_refuses_keeping_states_at_the_switch(tmp_path):
-    result = run_cli(SMALL + ["--steps", "2", "--out", tmp_path, "--backend", "fsdp2", "--keep-states-at-switch", "true"],
-                     check=False)
-    assert result.returncode == 2 and "not supported with --backend fsdp2" in result.stderr

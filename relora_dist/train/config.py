@@ -133,6 +133,8 @@ class RunConfig:
             raise ValueError("--backend deepspeed needs a DeepSpeed JSON config (--deepspeed launch/configs/zero2.json)")
         if t.backend != "deepspeed" and t.deepspeed:
             raise ValueError(f"--deepspeed was given but --backend is {t.backend}")
+        if t.backend != "fsdp2" and not t.fsdp_reshard_after_forward:
+            raise ValueError(f"--fsdp-reshard-after-forward applies to --backend fsdp2 only (backend is {t.backend})")
         if t.backend != "ddp" and self.optim.keep_states_at_switch:
             raise ValueError(f"--keep-states-at-switch is not supported with --backend {t.backend} (ddp only)")
         if t.dtype not in DTYPES:
