@@ -9,7 +9,10 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["relora_dist", "relora_dist.*"]),
+    # The kernels' source lives in the top-level kernels/ folder (the project layout) and installs as
+    # relora_dist.kernels: no top-level module named `kernels` (an unrelated PyPI package has that name).
+    packages=find_packages(include=["relora_dist", "relora_dist.*"]) + ["relora_dist.kernels"],
+    package_dir={"relora_dist.kernels": "kernels"},
     install_requires=[
         # Install torch first on CPU-only machines (a plain requirement pulls a multi-GB CUDA build).
         "torch>=2.6",  # FSDP2 fully_shard

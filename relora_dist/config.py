@@ -7,6 +7,7 @@ from typing import Literal
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRUNE_METHODS = ("reset", "random", "magnitude")
+FUSED_MODES = ("auto", "on", "off")
 
 PruneMethod = Literal["reset", "random", "magnitude"]
 
@@ -42,6 +43,8 @@ class ReLoRAConfig:
     """Seed of the dedicated generators for re-init and random masks (never the global RNG)."""
     reference_prune_semantics: bool = False
     """Reproduce the authors' code: independent masks for exp_avg and exp_avg_sq, thresholds per key."""
+    fused_kernels: str = "auto"
+    """Fused Triton forward/backward of ReLoRALinear (B@A never formed): auto (CUDA inputs with triton installed), on, off. On a CPU the fused path runs only under TRITON_INTERPRET=1."""
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -70,6 +73,8 @@ class ReLoRAConfig:
             raise ValueError(f"prune must be one of {', '.join(PRUNE_METHODS)}, got {self.prune!r} (--prune)")
         if not 0.0 <= self.prune_ratio < 1.0:
             raise ValueError(f"prune ratio must be in [0, 1), got {self.prune_ratio} (--prune-ratio)")
+        if self.fused_kernels not in FUSED_MODES:
+            raise ValueError(f"fused_kernels must be one of {', '.join(FUSED_MODES)}, got {self.fused_kernels!r} (--fused-kernels)")
         if self.warm_start_steps < 0:
             raise ValueError(f"warm_start_steps must be >= 0, got {self.warm_start_steps} (--warm-start-steps)")
 

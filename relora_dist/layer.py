@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ReLoRAConfig
 from .randomness import kaiming_uniform_A
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 class ReLoRALinear(nn.Module):
@@ -30,6 +39,7 @@ class ReLoRALinear(nn.Module):
         bias_param: nn.Parameter | None = None,
         relora_name: str = "",
         seed: int = 0,
+        fused: str = "auto",
         device=None,
         dtype=None,
     ):
@@ -43,6 +53,7 @@ class ReLoRALinear(nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
         self.relora_name, self.seed = relora_name, seed
+        self.fused = fused  # "auto" | "on" | "off": the fused Triton path (relora_dist.kernels)
         if weight is None:
             weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
             nn.init.kaiming_uniform_(weight, a=5**0.5)
@@ -64,7 +75,26 @@ class ReLoRALinear(nn.Module):
         self.lora_A.copy_(A)
         self.lora_B.zero_()
 
+    def _fused_enabled(self, x: torch.Tensor) -> bool:
+        if self.fused == "off" or self.weight.requires_grad:
+            return False
+        if self.fused == "auto":
+            return x.is_cuda and _triton_available()
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("fused_kernels=on needs CUDA inputs (or TRITON_INTERPRET=1 on a CPU) (--fused-kernels)")
+        return True
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import fused_relora_linear
+
+        if torch.is_autocast_enabled(x.device.type):  # the custom op is not autocast: cast like F.linear would
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return fused_relora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, bias=self.bias, dropout_p=p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_enabled(x):
+            return self._fused_forward(x)
         frozen = F.linear(x, self.weight, self.bias)
         low_rank = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return frozen + self.scale * low_rank
@@ -103,6 +133,7 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
             bias_param=linear.bias,
             relora_name=name,
             seed=config.seed,
+            fused=config.fused_kernels,
         )
         setattr(parent, child, replacement)
     return model

@@ -66,14 +66,15 @@ class RowShards(FlatRangeShards):
         return self._pieces(param, value) if isinstance(value, DTensor) else []
 
 
-def _check_row_sharding(model: nn.Module, world: int) -> None:
+def _check_row_sharding(model: nn.Module, access: RowShards) -> None:
+    """The reset assumes torch.chunk row shards on a 1-D mesh (not HSDP, not a shard_placement_fn)."""
     for name, p in model.named_parameters():
         if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
             raise ValueError(f"FSDP2 parameter {name} is not row-sharded (Shard(0) on a 1-D mesh): {type(p).__name__}"
                              f" {getattr(p, 'placements', None)}; relora_dist's reset needs row shards")
-        rows, chunk, rank = p.shape[0], -(-p.shape[0] // world), dist.get_rank()
-        if p.to_local().shape[0] != max(0, min((rank + 1) * chunk, rows) - min(rank * chunk, rows)):
-            raise ValueError(f"FSDP2 parameter {name}: local rows {p.to_local().shape[0]} are not torch.chunk's")
+        lo, hi = access.owned(p, access.rank)
+        if p.to_local().numel() != hi - lo:
+            raise ValueError(f"FSDP2 parameter {name}: local shard {tuple(p.to_local().shape)} is not torch.chunk's rows")
 
 
 class FSDP2Backend(Backend):
@@ -100,7 +101,7 @@ class FSDP2Backend(Backend):
         for block in _decoder_layers(model):
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        _check_row_sharding(model, self.world_size)
+        _check_row_sharding(model, RowShards(None, None, self.device))
         # fully_shard swapped every Parameter for a DTensor one: rebuild the groups by name.
         sharded = dict(model.named_parameters())
         groups = [{**g, "params": [sharded[names[id(p)]] for p in g["params"]]} for g in param_groups]
