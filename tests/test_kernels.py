@@ -84,6 +84,36 @@ def test_bf16_is_no_less_accurate_than_the_unfused_bf16_path(M, N, K, r, p):
     assert_close(fused, exact, unfused, torch.bfloat16)
 
 
+def test_fp16_and_non_contiguous_inputs():
+    """fp16 activations with fp32 A/B masters; x as a transposed (non-contiguous) view."""
+    fused, exact, unfused, _ = run_both(40, 48, 56, 16, dtype=torch.float16)
+    assert_close(fused, exact, unfused, torch.bfloat16)  # the same "no worse than unfused" rule
+    torch.manual_seed(1)
+    base = torch.randn(56, 40)
+    x = base.T.requires_grad_()  # [40, 56], strides (1, 40)
+    W, A, B = torch.randn(48, 56) / 8, torch.randn(16, 56) / 8, torch.randn(48, 16) / 4
+    y = fused_relora_linear(x, W, A, B, 0.5)
+    assert (y - (x @ W.T + 0.5 * x @ A.T @ B.T)).abs().max() <= 1e-5 * y.abs().max()
+
+
+def test_torch_compile_traces_the_fused_op():
+    """The custom ops (with fake kernels and autograd) trace through torch.compile's graph capture and AOT
+    autograd; aot_eager then runs them, so no C++ toolchain is needed here."""
+    torch.manual_seed(0)
+    x, W = torch.randn(2, 9, 32, requires_grad=True), torch.randn(24, 32)
+    A, B = torch.randn(8, 32, requires_grad=True), torch.randn(24, 8, requires_grad=True)
+    eager = fused_relora_linear(x, W, A, B, 2.0)
+    eager.sum().backward()
+    grads = [t.grad.clone() for t in (x, A, B)]
+    for t in (x, A, B):
+        t.grad = None
+    compiled = torch.compile(lambda *a: fused_relora_linear(*a, 2.0), backend="aot_eager", fullgraph=True)
+    out = compiled(x, W, A, B)
+    out.sum().backward()
+    assert torch.equal(out, eager)
+    assert all(torch.equal(t.grad, g) for t, g in zip((x, A, B), grads))
+
+
 def test_dropout_mask_is_consistent_between_forward_and_backward_and_keyed_by_seed():
     """The reference uses the mask the kernels regenerate: equal outputs and grads mean K1, K4 and the dA
     epilogue all applied that same mask. The keep fraction is binomial; seeds give distinct masks."""
