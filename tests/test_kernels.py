@@ -70,7 +70,7 @@ def assert_close(fused, exact, unfused, dtype):
 
 @pytest.mark.parametrize("M, N, K, r, bias", [
     (50, 40, 72, 8, True), (17, 64, 33, 16, False), (70, 45, 96, 64, True), (40, 136, 64, 128, True),
-    (1, 33, 40, 8, True), (130, 96, 50, 24, False),
+    (1, 33, 40, 8, True), (130, 96, 50, 24, False), (256, 200, 256, 128, True),
 ])
 def test_fp32_output_and_gradients_match_fp64(M, N, K, r, bias):
     fused, exact, unfused, _ = run_both(M, N, K, r, bias=bias)
