@@ -1,0 +1,115 @@
+"""Exact per-token FLOPs, static bytes and gradient traffic of full-rank vs ReLoRA training of a LLaMA config.
+
+These are the identities the throughput harness reports and the performance model builds on
+(SPEC section 4, research/perf_model.md section 2). They are tested against FlopCounterMode and
+real optimizer state (tests/test_perf_accounting.py).
+- N_lin: the projections ReLoRA wraps (frozen W); N_other: projections it leaves full rank; N_head; N_emb;
+  N_norm; N_lora = sum over wrapped projections of r(in + out).
+- Executed FLOPs per token: full 6(N_lin + N_other + N_head); ReLoRA 4 N_lin + 6 N_lora + 6(N_other + N_head)
+  (no dW for a frozen W). Attention comes on top as causal flash attention executes it: 2 s h per layer
+  forward, 5 s h backward (recompute included); FlopCounterMode does not see the CPU SDPA kernel.
+- MFU convention (PaLM / nanoGPT / torchtitan): 6 N + 12 L h s FLOPs per token, N = the full-rank model's
+  parameters. HFU uses the executed FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import LlamaConfig
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    layers: int
+    hidden: int
+    seq_len: int
+    n_lin: int
+    n_other: int
+    n_lora: int
+    n_head: int
+    n_emb: int
+    n_norm: int
+
+    @classmethod
+    def from_config(cls, config: LlamaConfig, *, rank: int, seq_len: int, targets=PROJECTIONS) -> "ModelCounts":
+        h, f, L, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+        kv = h * config.num_key_value_heads // config.num_attention_heads
+        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                  "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}  # (in, out)
+        wrapped = [shapes[name] for name in PROJECTIONS if any(t in name for t in targets)]
+        return cls(
+            layers=L, hidden=h, seq_len=seq_len,
+            n_lin=L * sum(i * o for i, o in wrapped),
+            n_other=L * sum(i * o for i, o in shapes.values()) - L * sum(i * o for i, o in wrapped),
+            n_lora=L * sum(rank * (i + o) for i, o in wrapped),
+            n_head=0 if config.tie_word_embeddings else v * h,
+            n_emb=v * h,
+            n_norm=(2 * L + 1) * h,
+        )
+
+    @property
+    def n_full(self) -> int:
+        """Parameters of the full-rank model."""
+        return self.n_lin + self.n_other + self.n_head + self.n_emb + self.n_norm
+
+    def trainable(self, method: str) -> int:
+        return self.n_full if method == "full" else self.n_lora + self.n_other + self.n_head + self.n_emb + self.n_norm
+
+    def held(self, method: str) -> int:
+        """Parameters resident on a replica (frozen W included)."""
+        return self.n_full if method == "full" else self.n_full + self.n_lora
+
+    def executed_flops_per_token(self, method: str, *, attention: bool = True) -> int:
+        """Forward + backward FLOPs actually run per token (dense GEMMs; attention products optional)."""
+        if method == "full":
+            dense = 6 * (self.n_lin + self.n_other + self.n_head)
+        else:
+            dense = 4 * self.n_lin + 6 * self.n_lora + 6 * (self.n_other + self.n_head)
+        # Causal flash attention: QK^T and PV over half the (s x s) scores, 2 s h forward, 5 s h backward.
+        return dense + (7 * self.seq_len * self.hidden * self.layers if attention else 0)
+
+    def model_flops_per_token(self) -> int:
+        """The MFU numerator: 6 N + 12 L h s with N the full-rank model's parameters (the same for both methods)."""
+        return 6 * self.n_full + 12 * self.layers * self.hidden * self.seq_len
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of what a replica keeps per parameter."""
+
+    weights: int = 4  # the module's own parameters
+    master: int = 0  # a separate fp32 master copy of trainable params (0: the params are the masters)
+    grads: int = 4
+    adam: int = 8  # exp_avg + exp_avg_sq
+
+    @classmethod
+    def named(cls, name: str) -> "Precision":
+        presets = {
+            "fp32": cls(),  # fp32 params, grads and Adam (also DDP/OSS bf16 autocast: params stay fp32)
+            "bf16_master": cls(weights=2, master=4, grads=2, adam=8),  # DeepSpeed bf16: bf16 params, fp32 masters
+            "pure_bf16": cls(weights=2, master=0, grads=2, adam=4),  # the paper's throughput runs
+        }
+        if name not in presets:
+            raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(presets)}")
+        return presets[name]
+
+
+def static_bytes(counts: ModelCounts, method: str, precision: Precision) -> dict[str, int]:
+    """Per-replica bytes by category, before any sharding: parameters (held), fp32 masters, gradients and Adam
+    states of the trainable ones."""
+    held, trainable = counts.held(method), counts.trainable(method)
+    return {
+        "parameters": precision.weights * held,
+        "master": precision.master * trainable,
+        "gradients": precision.grads * trainable,
+        "optimizer": precision.adam * trainable,
+    }
+
+
+def gradient_bytes_per_update(counts: ModelCounts, method: str, *, grad_bytes: int, all_reduces: int = 1) -> int:
+    """Payload of the gradient all-reduces of one update: every trainable gradient once per all-reduce (DDP reduces
+    once per update with no_sync, once per micro-batch without: the paper's loop)."""
+    return grad_bytes * counts.trainable(method) * all_reduces

@@ -1,0 +1,83 @@
+"""The exact identities behind the throughput harness and the performance model, checked on real modules:
+parameter counts, executed FLOPs (FlopCounterMode), static bytes (a real AdamW after one step)."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import relora_dist as rd
+from relora_dist.models import build_model, llama_config_from_shape
+from relora_dist.perf import ModelCounts, Precision, gradient_bytes_per_update, static_bytes
+
+SEQ, BATCH, RANK = 16, 2, 4
+
+
+def tiny(tie=False):
+    config = llama_config_from_shape(32, 88, 2, 4, vocab_size=97, max_positions=64)
+    config.tie_word_embeddings = tie
+    return config
+
+
+def relora_model(config, targets=rd.LLAMA_PROJECTIONS):
+    torch.manual_seed(0)
+    return rd.wrap(build_model(config), rd.ReLoRAConfig(rank=RANK, alpha=8, dropout=0.0, target_modules=targets))
+
+
+@pytest.mark.parametrize("targets", [rd.LLAMA_PROJECTIONS, ("q_proj", "v_proj")])
+def test_counts_match_the_modules(targets):
+    config = tiny()
+    counts = ModelCounts.from_config(config, rank=RANK, seq_len=SEQ, targets=targets)
+    full = build_model(config)
+    assert counts.n_full == sum(p.numel() for p in full.parameters())
+    model = relora_model(config, targets)
+    assert counts.held("relora") == sum(p.numel() for p in model.parameters())
+    assert counts.trainable("relora") == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts.n_lora == sum(p.numel() for _, p in rd.lora_parameters(model))
+
+
+@pytest.mark.parametrize("method, targets", [("full", rd.LLAMA_PROJECTIONS), ("relora", rd.LLAMA_PROJECTIONS),
+                                             ("relora", ("q_proj", "v_proj"))])
+def test_executed_flops_per_token_are_exact(method, targets):
+    """Forward + backward of a batch, counted by torch: full 6(N_lin+N_head), ReLoRA 4 N_lin + 6 N_lora + 6 N_head
+    (frozen W has no dW GEMM); the CPU SDPA attention kernel is not counted, so compare without attention."""
+    config = tiny()
+    model = build_model(config) if method == "full" else relora_model(config, targets)
+    counts = ModelCounts.from_config(config, rank=RANK, seq_len=SEQ, targets=targets)
+    tokens = torch.randint(0, 97, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    assert counter.get_total_flops() == counts.executed_flops_per_token(method, attention=False) * BATCH * SEQ
+    saved = 1 - counts.executed_flops_per_token("relora", attention=False) / counts.executed_flops_per_token("full", attention=False)
+    assert method == "full" or saved > 0  # the tiny model still saves the dW GEMMs of frozen W
+
+
+def test_static_bytes_match_a_real_optimizer():
+    """fp32 params, grads and AdamW states after one step, full and ReLoRA, against the formula."""
+    config = tiny()
+    counts = ModelCounts.from_config(config, rank=RANK, seq_len=SEQ)
+    for method in ("full", "relora"):
+        model = build_model(config) if method == "full" else relora_model(config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params)
+        tokens = torch.randint(0, 97, (BATCH, SEQ))
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        measured = {
+            "parameters": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "master": 0,
+            "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params),
+            "optimizer": sum(s[k].numel() * s[k].element_size() for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")),
+        }
+        assert static_bytes(counts, method, Precision.named("fp32")) == measured, method
+    assert gradient_bytes_per_update(counts, "relora", grad_bytes=2, all_reduces=4) == 8 * counts.trainable("relora")
+
+
+def test_paper_model_numbers():
+    """The 1.3B of the paper's hardware table (research/perf_model.md 2.1, 2.3): parameter counts and FLOPs."""
+    config = llama_config_from_shape(2048, 5461, 24, 32, vocab_size=32100)
+    counts = ModelCounts.from_config(config, rank=128, seq_len=512)
+    assert round(counts.n_lin / 1e6, 1) == 1207.9 and round(counts.n_lora / 1e6, 1) == 119.5
+    assert round(counts.n_full / 1e6, 1) == 1339.5 and round(counts.trainable("relora") / 1e6, 1) == 251.1
+    assert round(counts.model_flops_per_token() / 1e9, 2) == 8.34
+    assert round(counts.executed_flops_per_token("full") / 1e9, 2) == 7.82  # -22% for ReLoRA
+    assert round(counts.executed_flops_per_token("relora") / 1e9, 2) == 6.12
