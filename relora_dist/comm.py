@@ -82,3 +82,21 @@ class CollectiveCounter:
             setattr(dist, name, fn)
         self._saved.clear()
 
+
+
+class GradientTraffic:
+    """What DDP all-reduces: `ddp.register_comm_hook(traffic, counting_allreduce_hook)` counts the gradient bytes
+    of every bucket, then does exactly what DDP does without a hook (torch's reference `allreduce_hook`)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.all_reduces = 0
+
+
+def counting_allreduce_hook(traffic: GradientTraffic, bucket):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    buffer = bucket.buffer()
+    traffic.bytes += buffer.numel() * buffer.element_size()
+    traffic.all_reduces += 1
+    return allreduce_hook(None, bucket)  # None: the default process group, the one DDP reduces over

@@ -81,3 +81,19 @@ def test_paper_model_numbers():
     assert round(counts.model_flops_per_token() / 1e9, 2) == 8.34
     assert round(counts.executed_flops_per_token("full") / 1e9, 2) == 7.82  # -22% for ReLoRA
     assert round(counts.executed_flops_per_token("relora") / 1e9, 2) == 6.12
+
+
+def test_gradient_bytes_per_update_match_what_ddp_all_reduces():
+    """2 gloo ranks: the bytes a DDP comm hook sees in one update (3 micro-batches) equal 4 B x N_trainable, once
+    with no_sync and 3 times in the paper's all-reduce-every-micro-batch loop, for full-rank and ReLoRA."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(REPO / "tests" / "dist" / "gradient_traffic.py")], capture_output=True, text=True, timeout=180,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "TRAFFIC OK" in out.stdout

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..comm import GradientTraffic, counting_allreduce_hook
 from ..merge import ReplicatedAccess
 from .base import Backend
 
@@ -32,9 +33,14 @@ class DDPBackend(Backend):
 
     name = "ddp"
 
-    def __init__(self, *, device: torch.device, dtype: str = "fp32"):
+    def __init__(self, *, device: torch.device, dtype: str = "fp32", count_gradient_bytes: bool = False,
+                 allreduce_every_microbatch: bool = False):
         self.device = device
         self.dtype = dtype
+        # Throughput harness options: count what DDP all-reduces (a comm hook equivalent to none), and
+        # reproduce the paper's loop, which all-reduces after every micro-batch (no no_sync).
+        self.gradient_traffic = GradientTraffic() if count_gradient_bytes else None
+        self.allreduce_every_microbatch = allreduce_every_microbatch
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self._module: nn.Module | None = None
@@ -46,6 +52,8 @@ class DDPBackend(Backend):
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapped = DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_broadcast())
+            if self.gradient_traffic is not None:
+                self._wrapped.register_comm_hook(self.gradient_traffic, counting_allreduce_hook)
         else:
             self._wrapped = model
         self._optimizer = make_optimizer(param_groups)
@@ -68,7 +76,9 @@ class DDPBackend(Backend):
         return contextlib.nullcontext()
 
     def no_sync(self):
-        return self._wrapped.no_sync() if isinstance(self._wrapped, DistributedDataParallel) else contextlib.nullcontext()
+        if isinstance(self._wrapped, DistributedDataParallel) and not self.allreduce_every_microbatch:
+            return self._wrapped.no_sync()
+        return contextlib.nullcontext()
 
     def backward(self, loss):
         loss.backward()
