@@ -39,6 +39,16 @@ class Piece:
         return self.views[0].numel() if self.views else 0
 
 
+@contextlib.contextmanager
+def checkpoint_must_fit(directory, run: str = "this run"):
+    """One ValueError line for the many exception types engines raise on a checkpoint that does not fit."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, IndexError, OSError, EOFError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {directory} does not fit {run}: {reason}") from None
+
+
 class ShardAccess(ABC):
     """Where ReLoRA tensors live on this rank. Every rank must call every method in the same order."""
 

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..comm import GradientTraffic, counting_allreduce_hook
 from ..merge import ReplicatedAccess
-from .base import Backend
+from .base import Backend, checkpoint_must_fit
 
 
 def _no_buffer_broadcast() -> dict:
@@ -117,9 +117,6 @@ class DDPBackend(Backend):
             torch.save(self._optimizer.state_dict(), directory / "optimizer.pt")
 
     def load(self, directory: Path):
-        try:
+        with checkpoint_must_fit(directory):
             self._module.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
             self._optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
-        except (RuntimeError, ValueError, KeyError, IndexError, OSError, EOFError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"checkpoint {directory} does not fit this run: {reason}") from None

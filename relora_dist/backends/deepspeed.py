@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .base import Backend
+from .base import Backend, checkpoint_must_fit
 from .deepspeed_layout import full_parameters, shard_access_for
 
 logger = logging.getLogger("relora_dist")
@@ -186,11 +186,8 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"relora_trainer": trainer_state})
 
     def load(self, directory):
-        try:
+        with checkpoint_must_fit(directory, "this DeepSpeed run"):
             path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
-        except (RuntimeError, ValueError, KeyError, OSError, AssertionError, EOFError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"checkpoint {directory} does not fit this DeepSpeed run: {reason}") from None
         if path is None:
             raise ValueError(f"checkpoint {directory} has no DeepSpeed engine state (written by another backend?)")
 

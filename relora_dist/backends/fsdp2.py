@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from .base import Backend, Piece
+from .base import Backend, Piece, checkpoint_must_fit
 from .sharded import FlatRangeShards
 
 CHECKPOINT_DIR = "dcp"
@@ -184,12 +184,9 @@ class FSDP2Backend(Backend):
             raise ValueError(f"checkpoint {directory} has no FSDP2 state ({CHECKPOINT_DIR}/ missing; written by another backend?)")
         model_state, optim_state = get_state_dict(self._model, self._optimizer)
         state = {"model": model_state, "optim": optim_state}
-        try:
+        with checkpoint_must_fit(directory, "this FSDP2 run"):
             dcp.load(state, checkpoint_id=str(path))
             set_state_dict(self._model, self._optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"checkpoint {directory} does not fit this FSDP2 run: {reason}") from None
 
     def model_state_for_export(self):
         state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
