@@ -11,8 +11,9 @@ setup(
     python_requires=">=3.10",
     # The kernels' source lives in the top-level kernels/ folder (the project layout) and installs as
     # relora_dist.kernels: no top-level module named `kernels` (an unrelated PyPI package has that name).
-    packages=find_packages(include=["relora_dist", "relora_dist.*"]) + ["relora_dist.kernels"],
-    package_dir={"relora_dist.kernels": "kernels"},
+    # benchmarks/ likewise installs as relora_dist.benchmarks (relora-bench, relora-memprof).
+    packages=find_packages(include=["relora_dist", "relora_dist.*"]) + ["relora_dist.kernels", "relora_dist.benchmarks"],
+    package_dir={"relora_dist.kernels": "kernels", "relora_dist.benchmarks": "benchmarks"},
     install_requires=[
         # Install torch first on CPU-only machines (a plain requirement pulls a multi-GB CUDA build).
         "torch>=2.6",  # FSDP2 fully_shard
@@ -35,6 +36,9 @@ setup(
         "console_scripts": [
             "relora-train=relora_dist.cli:train_main",
             "relora-export=relora_dist.cli:export_main",
+            "relora-perfmodel=relora_dist.perf.perfmodel_cli:main",
+            "relora-bench=relora_dist.benchmarks.throughput:main",
+            "relora-memprof=relora_dist.benchmarks.memory:main",
         ]
     },
 )

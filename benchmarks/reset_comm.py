@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
 import relora_dist as rd
-from relora_dist.backends import build_backend
+from relora_dist.benchmarks.common import build_engine, write_results
 from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.models import build_model, llama_config
@@ -31,13 +27,6 @@ from relora_dist.prune import prune_states
 
 
 ENGINES = ("zero0", "zero1", "zero2", "zero3", "fsdp2", "fairscale", "zero_redundancy")
-
-
-def build_engine(engine: str, dtype: str, device):
-    if engine.startswith("zero") and engine[4:].isdigit():
-        return build_backend("deepspeed", device=device, dtype=dtype, config={"zero_optimization": {"stage": int(engine[4:])}},
-                             micro_batch_size=1, accumulation_steps=1, max_norm=1.0)
-    return build_backend(engine, device=device, dtype=dtype)
 
 
 def measure(preset: str, engine: str, dtype: str, prune: str, rank: int, info) -> dict:
@@ -103,12 +92,8 @@ def main():
                           f"{row['w_gather_bytes'] / 2**20:8.2f} MiB; W itself {row['w_bytes'] / 2**20:8.1f} MiB)"
                           f"  {row['wrapper']}, {row['reset_s']:.2f} s", flush=True)
     if info.rank == 0:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                   "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-        out.write_text(json.dumps({"machine": machine, "per_rank_bytes": True, "rows": rows}, indent=1))
-        print(f"wrote {out}")
+        write_results(rows, args.out, extra={"per_rank_bytes": True})
+        print(f"wrote {args.out}")
     close_distributed()
 
 

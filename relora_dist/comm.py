@@ -6,6 +6,7 @@ up at call time, so wrapping those attributes for the duration of a `with` block
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -17,9 +18,11 @@ _PAYLOAD_ARG = {
     "reduce_scatter": 0, "reduce_scatter_tensor": 0, "all_to_all_single": 0, "all_to_all": 0,
     "_all_gather_base": 0, "_reduce_scatter_base": 0, "all_gather_coalesced": 0, "all_reduce_coalesced": 0,
     "send": 0, "recv": 0, "isend": 0, "irecv": 0,
+    "all_gather_single": 0, "reduce_scatter_single": 0,  # torch >= 2.13's names (FSDP2 calls these)
 }
 # Gathers are counted by what each rank receives, reduce-scatters by what each rank sends.
-_FULL_SIZE_ARG = {"all_gather_into_tensor": 0, "_all_gather_base": 0, "reduce_scatter_tensor": 1, "_reduce_scatter_base": 1}
+_FULL_SIZE_ARG = {"all_gather_into_tensor": 0, "_all_gather_base": 0, "all_gather_single": 0,
+                  "reduce_scatter_tensor": 1, "_reduce_scatter_base": 1, "reduce_scatter_single": 1}
 
 
 def _nbytes(obj) -> int:
@@ -86,17 +89,37 @@ class CollectiveCounter:
 
 class GradientTraffic:
     """What DDP all-reduces: `ddp.register_comm_hook(traffic, counting_allreduce_hook)` counts the gradient bytes
-    of every bucket, then does exactly what DDP does without a hook (torch's reference `allreduce_hook`)."""
+    of every bucket, then does exactly what DDP does without a hook (torch's reference `allreduce_hook`).
 
-    def __init__(self):
+    `emulate_busbw` (bytes/s) makes the all-reduces take what a ring over a link of that bus bandwidth would
+    (2(n-1)/n x bytes / busbw each, one after another: buckets share the link), padded in the completion
+    callback: the throughput harness's slow-link sweep. Backward keeps running meanwhile, as it would behind
+    a slow NCCL all-reduce.
+    """
+
+    def __init__(self, emulate_busbw: float | None = None):
         self.bytes = 0
         self.all_reduces = 0
+        self.emulate_busbw = emulate_busbw
+        self.link_free_at = 0.0  # perf_counter time the emulated link finishes its queued buckets
 
 
 def counting_allreduce_hook(traffic: GradientTraffic, bucket):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     buffer = bucket.buffer()
-    traffic.bytes += buffer.numel() * buffer.element_size()
+    nbytes = buffer.numel() * buffer.element_size()
+    traffic.bytes += nbytes
     traffic.all_reduces += 1
-    return allreduce_hook(None, bucket)  # None: the default process group, the one DDP reduces over
+    future = allreduce_hook(None, bucket)  # None: the default process group, the one DDP reduces over
+    if not traffic.emulate_busbw:
+        return future
+    n = dist.get_world_size()
+    done_at = max(time.perf_counter(), traffic.link_free_at) + 2 * (n - 1) / n * nbytes / traffic.emulate_busbw
+    traffic.link_free_at = done_at
+
+    def padded(done):
+        time.sleep(max(0.0, done_at - time.perf_counter()))
+        return done.value()[0]
+
+    return future.then(padded)

@@ -11,11 +11,15 @@ BACKENDS = ("ddp", "deepspeed", "fsdp2", "fairscale", "zero_redundancy")
 
 def build_backend(name: str, *, device: torch.device, dtype: str, **engine_options) -> Backend:
     """`engine_options`: what a particular engine needs beyond device and dtype (DeepSpeed: config,
-    micro_batch_size, accumulation_steps, max_norm; FSDP2: reshard_after_forward); others are ignored."""
+    micro_batch_size, accumulation_steps, max_norm; FSDP2: reshard_after_forward; DDP and
+    ZeroRedundancyOptimizer: the throughput harness's count_gradient_bytes, allreduce_every_microbatch,
+    emulate_busbw); others are ignored."""
+    ddp_options = {k: engine_options[k] for k in ("count_gradient_bytes", "allreduce_every_microbatch", "emulate_busbw")
+                   if k in engine_options}
     if name == "ddp":
         from .ddp import DDPBackend
 
-        return DDPBackend(device=device, dtype=dtype)
+        return DDPBackend(device=device, dtype=dtype, **ddp_options)
     if name == "fsdp2":
         from .fsdp2 import FSDP2Backend
 
@@ -27,7 +31,7 @@ def build_backend(name: str, *, device: torch.device, dtype: str, **engine_optio
     if name == "zero_redundancy":
         from .zero_redundancy import ZeroRedundancyBackend
 
-        return ZeroRedundancyBackend(device=device, dtype=dtype)
+        return ZeroRedundancyBackend(device=device, dtype=dtype, **ddp_options)
     if name == "deepspeed":
         try:
             from .deepspeed import DeepSpeedBackend

@@ -91,6 +91,9 @@ class Backend(ABC):
     """Training ops of one engine (single process/DDP, DeepSpeed, FSDP2, fairscale)."""
 
     name: str = "base"
+    # For the throughput harness: no_sync() really defers the gradient reduction (DeepSpeed reduces inside
+    # its own backward/step).
+    defers_gradient_sync = True
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -119,6 +122,10 @@ class Backend(ABC):
     @abstractmethod
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Context for micro-batches off the accumulation boundary (no gradient communication)."""
+
+    def compute_only(self) -> contextlib.AbstractContextManager:
+        """No gradient reduction at all, whatever the loop's sync policy: the harness's compute baseline."""
+        return self.no_sync()
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...

@@ -34,12 +34,12 @@ class DDPBackend(Backend):
     name = "ddp"
 
     def __init__(self, *, device: torch.device, dtype: str = "fp32", count_gradient_bytes: bool = False,
-                 allreduce_every_microbatch: bool = False):
+                 allreduce_every_microbatch: bool = False, emulate_busbw: float | None = None):
         self.device = device
         self.dtype = dtype
         # Throughput harness options: count what DDP all-reduces (a comm hook equivalent to none), and
         # reproduce the paper's loop, which all-reduces after every micro-batch (no no_sync).
-        self.gradient_traffic = GradientTraffic() if count_gradient_bytes else None
+        self.gradient_traffic = GradientTraffic(emulate_busbw) if count_gradient_bytes or emulate_busbw else None
         self.allreduce_every_microbatch = allreduce_every_microbatch
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -79,6 +79,9 @@ class DDPBackend(Backend):
         if isinstance(self._wrapped, DistributedDataParallel) and not self.allreduce_every_microbatch:
             return self._wrapped.no_sync()
         return contextlib.nullcontext()
+
+    def compute_only(self):
+        return self._wrapped.no_sync() if isinstance(self._wrapped, DistributedDataParallel) else contextlib.nullcontext()
 
     def backward(self, loss):
         loss.backward()

@@ -97,6 +97,7 @@ def _remove_cpu_shm_buffers(rank: int) -> None:
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
+    defers_gradient_sync = False
 
     def __init__(self, *, device: torch.device, dtype: str, config: str | Path | dict, micro_batch_size: int,
                  accumulation_steps: int, max_norm: float):

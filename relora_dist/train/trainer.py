@@ -36,6 +36,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RELORA_CACHE", Path.home() / ".cache" / "relora_dist"))
 
 
+def optimizer_param_groups(model) -> list[dict]:
+    """Full-rank trainables, then A/B as their own named group (backends look groups up by name)."""
+    lora_ids = {id(p) for _, p in lora_parameters(model)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in lora_ids], "name": "full_rank"}]
+    if lora_ids:
+        groups.append({"params": [p for p in trainable if id(p) in lora_ids], "name": "lora"})
+    return groups
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -117,20 +127,12 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    def _param_groups(self, model) -> list[dict]:
-        lora_ids = {id(p) for _, p in lora_parameters(model)}
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trainable if id(p) not in lora_ids], "name": "full_rank"}]
-        if lora_ids:
-            groups.append({"params": [p for p in trainable if id(p) in lora_ids], "name": "lora"})
-        return groups
-
     def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         o = self.cfg.optim
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
     def _setup_backend(self, model) -> None:
-        self.backend.setup(model, self._make_optimizer, self._param_groups(model))
+        self.backend.setup(model, self._make_optimizer, optimizer_param_groups(model))
 
     def _resume(self, path: Path) -> None:
         state = read_trainer_state(path)

@@ -1,0 +1,1 @@
+"""Benchmarks (installed as relora_dist.benchmarks): throughput, memory, reset communication, kernels."""

@@ -1,0 +1,91 @@
+"""What every benchmark shares: engines by label, the machine description, synchronised timing, result files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from relora_dist.backends import build_backend
+
+ENGINES = ("ddp", "zero0", "zero1", "zero2", "zero3", "fsdp2", "fairscale", "zero_redundancy")
+
+
+def build_engine(engine: str, dtype: str, device, *, micro_batch_size: int = 1, accumulation_steps: int = 1,
+                 max_norm: float = 1.0, **options):
+    """`zeroN` is DeepSpeed at ZeRO stage N (a minimal engine config: the run's own settings fill the rest)."""
+    if engine.startswith("zero") and engine[4:].isdigit():
+        return build_backend("deepspeed", device=device, dtype=dtype, config={"zero_optimization": {"stage": int(engine[4:])}},
+                             micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps, max_norm=max_norm)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    return build_backend(engine, device=device, dtype=dtype, **options)
+
+
+def machine() -> dict:
+    """Who measured: recorded with every result."""
+    cuda = torch.cuda.is_available()
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if cuda else None, "gpu_count": torch.cuda.device_count() if cuda else 0,
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """`with watch("forward"): ...` accumulates synchronised seconds per phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    def __call__(self, phase: str):
+        return _Phase(self, phase)
+
+
+class _Phase:
+    def __init__(self, watch: Stopwatch, phase: str):
+        self.watch, self.phase = watch, phase
+
+    def __enter__(self):
+        synchronize(self.watch.device)
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        synchronize(self.watch.device)
+        self.watch.seconds[self.phase] = self.watch.seconds.get(self.phase, 0.0) + time.perf_counter() - self.start
+
+
+def write_results(rows: list[dict], json_path: str | Path, *, extra: dict | None = None) -> None:
+    """`json_path` gets {"machine", **extra, "rows"}; a CSV of the flat columns lands beside it."""
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), **(extra or {}), "rows": rows}, indent=1))
+    columns = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))] if rows else []
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def device_peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s per rank, where it came from): the GPU's dense bf16 peak from the table, or on a CPU the
+    GEMM rate measured now in the run's dtype on this rank's threads (the best a CPU rank does)."""
+    from relora_dist.perf.hardware import gemm_rate, peak_flops_for
+
+    if device.type == "cuda":
+        peak = peak_flops_for(device)
+        if peak is None:
+            raise ValueError(f"no peak FLOP/s known for {torch.cuda.get_device_name(device)}; pass --peak-tflops")
+        return peak, f"bf16 dense peak of {torch.cuda.get_device_name(device)}"
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    return gemm_rate(1024, torch_dtype, repeats=5), f"measured {dtype} GEMM on {torch.get_num_threads()} CPU thread(s)"

@@ -1,0 +1,69 @@
+"""Bytes autograd keeps alive for backward, measured with `saved_tensors_hooks`.
+
+Counted once per storage (views of one buffer share it) and never for parameters: what remains is the
+activation memory a micro-batch adds on top of the static state (research/perf_model.md 2.2). Frozen W
+is a parameter, so a frozen linear's saved input only counts if autograd really saves it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SavedActivations:
+    """`with SavedActivations(model) as saved: loss = model(...)` then `saved.bytes`."""
+
+    def __init__(self, model: nn.Module):
+        self._parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._seen: set[int] = set()
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda packed: packed)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self._parameter_storages and key not in self._seen and storage.nbytes() > 0:
+            self._seen.add(key)
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> "SavedActivations":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def saved_bytes_per_token(model: nn.Module, input_ids: torch.Tensor, *, autocast_dtype: torch.dtype | None = None) -> float:
+    """Saved-activation bytes per token of one training forward of a causal LM (labels = inputs)."""
+    model.train()
+    autocast = (torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else torch.autocast(input_ids.device.type, enabled=False))
+    with SavedActivations(model) as saved, autocast:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    del loss
+    return saved.bytes / input_ids.numel()
+
+
+def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, method: str, element_size: int, rank: int = 0,
+                          dropout: bool = False) -> int:
+    """Saved bytes per token of one HF LLaMA decoder layer on torch's eager CPU path (measured exactly, see
+    tests/test_perf_activations.py), every projection wrapped for ReLoRA.
+
+    Full rank: e(8h + 4ff) for the tensors saved in the compute dtype, 8h for RMSNorm's fp32 upcasts, 4 per head
+    for the attention log-sum-exp and 8 more per token. ReLoRA keeps all of that (A needs the input a frozen W does
+    not), adds the r-wide intermediate of each of the 7 projections (7er), and with LoRA dropout the dropped
+    inputs and the dropout noise, which the CPU path stores in the compute dtype: e(10h + ff).
+    """
+    e, h, f = element_size, hidden, ffn
+    full = e * (8 * h + 4 * f) + 8 * h + 4 * heads + 8
+    if method == "full":
+        return full
+    return full + 7 * e * rank + (e * (10 * h + f) if dropout else 0)
+
+
+def head_bytes_per_token(vocab_size: int) -> int:
+    """The loss upcasts the logits to fp32 and keeps them for backward, whatever the compute dtype: 4 V."""
+    return 4 * vocab_size
