@@ -65,8 +65,9 @@ class _Phase:
         self.watch.seconds[self.phase] = self.watch.seconds.get(self.phase, 0.0) + time.perf_counter() - self.start
 
 
-def write_results(rows: list[dict], json_path: str | Path, *, extra: dict | None = None) -> None:
-    """`json_path` gets {"machine", **extra, "rows"}; a CSV of the flat columns lands beside it."""
+def write_results(rows: list[dict], json_path: str | Path, *, extra: dict | None = None, plot=None) -> None:
+    """`json_path` gets {"machine", **extra, "rows"}; a CSV of the flat columns lands beside it, and
+    `plot(rows, png_path)` draws the PNG beside it when given."""
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), **(extra or {}), "rows": rows}, indent=1))
@@ -75,6 +76,9 @@ def write_results(rows: list[dict], json_path: str | Path, *, extra: dict | None
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    if plot is not None:
+        plot(rows, path.with_suffix(".png"))
+    print(f"wrote {path}")
 
 
 def device_peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:

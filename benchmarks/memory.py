@@ -142,10 +142,7 @@ def main(argv=None) -> int:
             if info.rank == 0:
                 print(describe(row), flush=True)
     if info.rank == 0:
-        write_results(rows, args.out, extra={"argv": argv, "per_rank": True})
-        if args.plot:
-            plot(rows, os.path.splitext(args.out)[0] + ".png")
-        print(f"wrote {args.out}")
+        write_results(rows, args.out, extra={"argv": argv, "per_rank": True}, plot=plot if args.plot else None)
     close_distributed()
     return 0
 

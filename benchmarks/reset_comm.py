@@ -93,7 +93,6 @@ def main():
                           f"  {row['wrapper']}, {row['reset_s']:.2f} s", flush=True)
     if info.rank == 0:
         write_results(rows, args.out, extra={"per_rank_bytes": True})
-        print(f"wrote {args.out}")
     close_distributed()
 
 

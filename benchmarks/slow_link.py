@@ -83,9 +83,7 @@ def main(argv=None) -> int:
         print(f"ReLoRA speedup at {s['busbw_gbs']:6.3f} GB/s: measured {100 * s['measured_speedup']:+.1f}%, "
               f"model {100 * s['predicted_speedup']:+.1f}% (full/ReLoRA ratio off by {100 * s['ratio_error']:+.1f}%)")
     write_results(rows, args.out, extra={"speedups": speedups, "cpu_profile": cpu.__dict__, "eta_mm": efficiency.eta_mm,
-                                         "settings": vars(args)})
-    plot(speedups, os.path.splitext(args.out)[0] + ".png")
-    print(f"wrote {args.out}")
+                                         "settings": vars(args)}, plot=lambda _, png: plot(speedups, png))
     return 0
 
 

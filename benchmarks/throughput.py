@@ -288,10 +288,7 @@ def main(argv=None) -> int:
         for s in ratios:
             link = f" at {s['emulated_busbw_gbs']} GB/s" if s["emulated_busbw_gbs"] else ""
             print(f"ReLoRA speedup on {s['engine']}{link}: {100 * (s['speedup'] - 1):+.1f}%")
-        write_results(rows, args.out, extra={"speedups": ratios, "argv": argv})
-        if args.plot:
-            plot(rows, os.path.splitext(args.out)[0] + ".png")
-        print(f"wrote {args.out}")
+        write_results(rows, args.out, extra={"speedups": ratios, "argv": argv}, plot=plot if args.plot else None)
     close_distributed()
     return 0
 

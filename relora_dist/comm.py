@@ -1,11 +1,13 @@
 """Count the collectives (and their bytes) a piece of code issues, engines' own calls included.
 
-DeepSpeed's `deepspeed.comm`, FSDP2 and our backends all end in `torch.distributed.<collective>`, looked
-up at call time, so wrapping those attributes for the duration of a `with` block sees every call.
+DeepSpeed's `deepspeed.comm`, FSDP2 and our backends all end in `torch.distributed.<collective>`, mostly looked
+up at call time, so wrapping those attributes for the duration of a `with` block sees every call (plus the two
+functions DeepSpeed's backend captured at start, wrapped where it keeps them).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -76,13 +78,20 @@ class CollectiveCounter:
         for name in _PAYLOAD_ARG:
             fn = getattr(dist, name, None)
             if fn is not None:
-                self._saved[name] = fn
+                self._saved[dist, name] = fn
                 setattr(dist, name, self._wrap(name, fn))
+        # DeepSpeed's torch backend captured these two functions when it was initialised (ZeRO-3's gathers).
+        deepspeed_backend = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
+        for attribute, name in (("all_gather_function", "all_gather_into_tensor"), ("reduce_scatter_function", "reduce_scatter_tensor")):
+            fn = getattr(deepspeed_backend, attribute, None)
+            if fn is not None:
+                self._saved[deepspeed_backend, attribute] = fn
+                setattr(deepspeed_backend, attribute, self._wrap(name, fn))
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
+        for (owner, name), fn in self._saved.items():
+            setattr(owner, name, fn)
         self._saved.clear()
 
 

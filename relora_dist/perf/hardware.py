@@ -30,6 +30,9 @@ class Hardware:
     latency_s: float  # per ring step of one all-reduce (a bucket pays 2(n-1) of them)
     description: str = ""
     fp32_flops: float | None = None  # measured profiles only
+    # Elements/s of unfused CPU dropout (bernoulli noise + multiply): RNG-bound, not bandwidth-bound. None on
+    # GPUs, where dropout is one fused memory-bound kernel (its bytes are in the model's traffic terms).
+    dropout_rate: float | None = None
 
 
 PROFILES: dict[str, Hardware] = {
@@ -102,6 +105,14 @@ def gemm_rate(n: int, dtype, repeats: int = 5) -> float:
     return 2 * n**3 / _median_time(lambda: torch.matmul(a, b), repeats)
 
 
+def dropout_rate(numel: int, repeats: int = 5) -> float:
+    """Elements/s of a training-mode fp32 dropout on the current thread count."""
+    import torch
+
+    x = torch.ones(numel)
+    return numel / _median_time(lambda: torch.nn.functional.dropout(x, 0.1, training=True), repeats)
+
+
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
     import torch
 
@@ -169,6 +180,7 @@ def measure_cpu_profile(threads: int = 1, world_size: int = 2, sizes: ProbeSizes
         bf16 = gemm_rate(sizes.gemm, torch.bfloat16, sizes.repeats)
         fp32 = gemm_rate(sizes.gemm, torch.float32, sizes.repeats)
         bandwidth = copy_bandwidth(sizes.copy_bytes, sizes.repeats)
+        dropout = dropout_rate(sizes.copy_bytes // 16, sizes.repeats)
     finally:
         torch.set_num_threads(previous)
     busbw, latency = measure_allreduce(world_size, threads=threads, sizes=sizes)
@@ -178,5 +190,5 @@ def measure_cpu_profile(threads: int = 1, world_size: int = 2, sizes: ProbeSizes
         description=(f"this CPU, measured: {threads} thread(s) per process, bf16 GEMM n={sizes.gemm}, "
                      f"copy {sizes.copy_bytes / 2**20:.0f} MiB, gloo all-reduce {sizes.allreduce_bytes / 2**20:.0f} MiB "
                      f"x {world_size} processes"),
-        fp32_flops=fp32,
+        fp32_flops=fp32, dropout_rate=dropout,
     )

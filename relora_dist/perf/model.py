@@ -198,7 +198,8 @@ def _per_token(w: Workload) -> dict[str, float]:
     attention_f, attention_b = 2 * w.seq_len * h * L, 5 * w.seq_len * h * L  # causal flash, recompute in backward
     t = {"gemm_f": 2 * gemm + attention_f, "gemm_b": 4 * gemm + attention_b, "lora_f": 0.0, "lora_b": 0.0,
          "bytes_f": L * (130 * h + 10 * ff) + 12 * v, "bytes_b": L * (260 * h + 20 * ff) + 14 * v,
-         "lora_bytes_f": 0.0, "lora_bytes_b": 0.0, "head_flops_b": 4 * c.n_head, "head_bytes_b": 14 * v}
+         "lora_bytes_f": 0.0, "lora_bytes_b": 0.0, "head_flops_b": 4 * c.n_head, "head_bytes_b": 14 * v,
+         "dropout_elements_f": 0.0}
     if w.method == "relora":
         io = c.n_lora / r  # sum of (in + out) over the wrapped projections and layers
         t["gemm_b"] -= 2 * c.n_lin  # no dW for frozen W
@@ -207,6 +208,8 @@ def _per_token(w: Workload) -> dict[str, float]:
         t["bytes_f"] += L * (80 * h + 25 * ff)
         t["bytes_b"] += L * (86 * h + 19 * ff)  # and grad accumulation into x
         t["lora_bytes_f"], t["lora_bytes_b"] = 2 * io + 28 * r * L, 4 * io + 56 * r * L
+        if w.lora_dropout > 0:  # every wrapped input: q, k, v, o, gate, up take h, down takes ff
+            t["dropout_elements_f"] = L * (6 * h + ff)
     return t
 
 
@@ -225,6 +228,8 @@ def predict(workload: Workload, hardware: Hardware, efficiency: Efficiency, *, f
     tokens = b * w.seq_len
     p = _per_token(w)
     t_fwd = tokens * _pass_time(p["gemm_f"], p["bytes_f"], p["lora_f"], p["lora_bytes_f"], hw, eff)
+    if hw.dropout_rate:  # unfused CPU dropout draws its noise at an RNG rate, not at copy bandwidth
+        t_fwd += tokens * p["dropout_elements_f"] / hw.dropout_rate
     t_bwd = tokens * _pass_time(p["gemm_b"], p["bytes_b"], p["lora_b"], p["lora_bytes_b"], hw, eff)
     memory_rate = hw.mem_bw * eff.eta_bw
     trainable = w.counts.trainable(w.method)
