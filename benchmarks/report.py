@@ -55,6 +55,7 @@ def throughput_section(data: dict) -> str:
         _table(header, body),
         f"ReLoRA speedup per engine: {speedups}. At this size on a CPU, ReLoRA's extra LoRA GEMMs and unfused "
         "dropout cost more than the saved dW GEMMs and gradient bytes: see the slow-link sweep for where it wins.",
+        "![throughput](benchmarks/results/throughput.png)",
     ])
 
 
@@ -75,6 +76,10 @@ def memory_section(data: dict) -> str:
         "background thread (whole process: Python, libraries and engine buffers included). 'other' holds engine "
         "buffers the census cannot attribute (DeepSpeed's gradient buckets, ZeRO-3's persistent copies).",
         _table(header, body),
+        "Where the census and the expectation differ, the engine keeps the category where the census cannot name it: "
+        "ZeRO-2's reduced gradient partitions and ZeRO-3's fp32 partitions land in 'other'; ZeRO-3 also keeps "
+        "small parameters whole (persistence threshold); fairscale OSS assigns whole parameters to owners unevenly.",
+        "![memory breakdown](benchmarks/results/memory.png)",
     ])
 
 
