@@ -39,6 +39,7 @@ setup(
             "relora-perfmodel=relora_dist.perf.perfmodel_cli:main",
             "relora-bench=relora_dist.benchmarks.throughput:main",
             "relora-memprof=relora_dist.benchmarks.memory:main",
+            "relora-spectrum=relora_dist.analysis.cli:main",
         ]
     },
 )

@@ -128,6 +128,18 @@ def table4_section(rows: list[dict]) -> str:
     ])
 
 
+def quality_section(table: Path) -> str:
+    folder = table.parent.as_posix()
+    return "\n\n".join([
+        "## Training quality at small scale (`benchmarks/quality.py`)",
+        "The paper's method comparison and Table 1 ablation on the embedded corpus, one token budget for every row, "
+        "the best of a small learning-rate sweep per row; the paper's C4 perplexities beside ours (different data, "
+        "tokenizer and scale: compare orderings, not values). Then the update spectra (paper Figure 5).",
+        table.read_text().strip(),
+        f"![validation loss]({folder}/val_loss.png) ![update spectra]({folder}/spectrum.png)",
+    ])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default="benchmarks/results")
@@ -141,6 +153,9 @@ def main(argv=None) -> int:
         path = results / name
         if path.exists():
             sections.append(render(json.loads(path.read_text())))
+    quality = results / "quality" / "quality.md"
+    if quality.exists():
+        sections.append(quality_section(quality))
     Path(args.out).write_text("\n\n".join(sections) + "\n")
     print(f"wrote {args.out} ({len(sections) - 1} sections)")
     return 0

@@ -39,6 +39,12 @@ class ReLoRAConfig:
     """Fraction of entries zeroed by random/magnitude pruning (ignored by reset)."""
     warm_start_steps: int = 0
     """Full-rank updates before the model is wrapped (0 = ReLoRA from scratch)."""
+    restarts: bool = True
+    """Ablation switch (the paper's 'restarts'): merge s*B@A into W and re-init A, B every merge_every updates."""
+    optimizer_reset: bool = True
+    """Ablation switch ('optimizer reset'): prune the Adam states of A/B every reset_every updates."""
+    jagged_schedule: bool = True
+    """Ablation switch ('jagged schedule'): LR to 0 and a re-warm-up every reset_every updates; off: one warm-up + cosine."""
     seed: int = 0
     """Seed of the dedicated generators for re-init and random masks (never the global RNG)."""
     reference_prune_semantics: bool = False

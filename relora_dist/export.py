@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .merge import add_in_fp32, lora_delta
-from .train.checkpoint import read_trainer_state
+from .train.checkpoint import STATE_FILE, read_trainer_state
 
 
 def merged_state_dict(state: dict[str, torch.Tensor], scale: float | None) -> dict[str, torch.Tensor]:
@@ -71,3 +71,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     config = LlamaConfig(**json.loads((path / "model_config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer") if (path / "tokenizer").is_dir() else None
     return export_merged(state, config, tokenizer, out_dir, trainer_state.get("lora_scale"))
+
+
+def merged_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The merged weights (s*B@A folded into W) of a relora-train checkpoint (any backend) or of an HF
+    safetensors model directory (a relora-export output, or any LLaMA)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint not found: {directory}")
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return {k: v for f in files for k, v in load_file(f).items()}
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"{directory} is neither a relora-train checkpoint ({STATE_FILE}) nor a safetensors model")
+    trainer_state = read_trainer_state(path)
+    return merged_state_dict(_checkpoint_state(path, trainer_state.get("backend")), trainer_state.get("lora_scale"))

@@ -101,8 +101,9 @@ class ReLoRAController:
         return self.step >= self.phase2_start
 
     @property
-    def restarts(self) -> bool:
-        return self.method == "relora"
+    def jagged(self) -> bool:
+        """LR restarts (relora with the jagged schedule on)."""
+        return self.method == "relora" and self.relora.jagged_schedule
 
     def lr_factor(self, step: int | None = None) -> float:
         """LR multiplier for update `step` (default: the next one)."""
@@ -113,8 +114,8 @@ class ReLoRAController:
             step - self.phase2_start,
             total_steps=self.total_steps - self.phase2_start,
             first_warmup=self.warmup_steps,
-            restart_warmup=self.relora.restart_warmup_steps if self.restarts else 0,
-            cycle_length=self.relora.reset_period if self.restarts else None,
+            restart_warmup=self.relora.restart_warmup_steps if self.jagged else 0,
+            cycle_length=self.relora.reset_period if self.jagged else None,
             min_lr_ratio=self.min_lr_ratio,
         )
 
@@ -123,10 +124,10 @@ class ReLoRAController:
         done = self.step
         self.step += 1
         actions = Actions(wrap=self.step == self.phase2_start and self.method in ("relora", "lora_ws"))
-        if self.restarts and done >= self.phase2_start:
+        if self.method == "relora" and done >= self.phase2_start:
             t = done - self.phase2_start  # right after the update taken at LR factor 0 (t = k * cycle)
-            actions.merge = t > 0 and t % self.relora.merge_every == 0
-            actions.reset = t > 0 and t % self.relora.reset_period == 0
+            actions.merge = self.relora.restarts and t > 0 and t % self.relora.merge_every == 0
+            actions.reset = self.relora.optimizer_reset and t > 0 and t % self.relora.reset_period == 0
         if actions.merge:
             self.merges += 1
         if actions.reset:

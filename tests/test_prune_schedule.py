@@ -154,6 +154,22 @@ def test_controller_methods_phases():
         rd.ReLoRAController("relora", 5, cfg, 2)
 
 
+@pytest.mark.parametrize("restarts, optimizer_reset, jagged", [(True, False, False), (True, True, False),
+                                                                (True, False, True), (False, True, True)])
+def test_ablation_switches_turn_off_one_mechanism_each(restarts, optimizer_reset, jagged):
+    """The paper's Table 1 rows: merges, optimizer resets and LR restarts each follow only their own switch, and
+    without the jagged schedule the phase-2 LR is the plain warm-up + cosine."""
+    cfg = rd.ReLoRAConfig(rank=4, merge_every=10, restart_warmup_steps=3, restarts=restarts,
+                          optimizer_reset=optimizer_reset, jagged_schedule=jagged)
+    ctl = rd.ReLoRAController("relora", 40, cfg, warmup_steps=2)
+    lrs, actions = zip(*[(ctl.lr_factor(), ctl.after_update()) for _ in range(40)])
+    assert [i + 1 for i, a in enumerate(actions) if a.merge] == ([11, 21, 31] if restarts else [])
+    assert [i + 1 for i, a in enumerate(actions) if a.reset] == ([11, 21, 31] if optimizer_reset else [])
+    plain = [rd.jagged_cosine(t, total_steps=40, first_warmup=2) for t in range(40)]
+    assert (list(lrs) == plain) == (not jagged)
+    assert (lrs[10] == 0.0) == jagged
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -36,6 +36,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RELORA_CACHE", Path.home() / ".cache" / "relora_dist"))
 
 
+def build_run_data(cfg: RunConfig):
+    """Tokenizer and packed splits of a run (cached: a second call with the same data settings reads the cache)."""
+    d = cfg.data
+    return build_data(d.dataset, d.tokenizer, seq_len=d.seq_len, vocab_size=d.vocab_size,
+                      cache_dir=Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
+                      val_fraction=d.val_fraction, text_field=d.text_field)
+
+
 def optimizer_param_groups(model) -> list[dict]:
     """Full-rank trainables, then A/B as their own named group (backends look groups up by name)."""
     lora_ids = {id(p) for _, p in lora_parameters(model)}
@@ -57,11 +65,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
 
         # Rank 0 trains the tokenizer and packs the data; the other ranks then read its caches.
-        self.data = rank0_first(lambda: build_data(
-            cfg.data.dataset, cfg.data.tokenizer, seq_len=cfg.data.seq_len, vocab_size=cfg.data.vocab_size,
-            cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
-            val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
-        ), rank=self.dist.rank, world_size=self.dist.world_size)
+        self.data = rank0_first(lambda: build_run_data(cfg), rank=self.dist.rank, world_size=self.dist.world_size)
         self.plan = GlobalBatchPlan(len(self.data.train), t.global_batch_size, t.seed, seq_len=cfg.data.seq_len)
         self.accumulation_steps = self.plan.accumulation_steps(world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
 
