@@ -50,7 +50,8 @@ def add_in_fp32(view: torch.Tensor, delta: torch.Tensor) -> None:
         view.copy_(view.float().add_(delta.to(view.device)))
 
 
-def _write(pieces: list[Piece], full_flat: torch.Tensor) -> None:
+def write_pieces(pieces: list[Piece], full_flat: torch.Tensor) -> None:
+    """Copy this rank's ranges of a full flat tensor into every holder of them."""
     for piece in pieces:
         src = full_flat[piece.start : piece.start + piece.numel]
         for view in piece.views:
@@ -75,8 +76,8 @@ def merge_and_reinit_layers(layers: list[ReLoRALinear], access: ShardAccess, *, 
                 add_in_fp32(view, delta)
         A_new = kaiming_uniform_A(tuple(access.full_shape(layer.lora_A)), seed=layer.seed, restart_index=restart_index,
                                   name=layer.relora_name)
-        _write(access.param_pieces(layer.lora_A), A_new.view(-1))
-        _write(access.param_pieces(layer.lora_B), torch.zeros(access.full_shape(layer.lora_B).numel()))
+        write_pieces(access.param_pieces(layer.lora_A), A_new.view(-1))
+        write_pieces(access.param_pieces(layer.lora_B), torch.zeros(access.full_shape(layer.lora_B).numel()))
     access.after_merge(layers)
 
 

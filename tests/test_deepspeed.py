@@ -62,11 +62,15 @@ def test_the_deepspeed_bugs_we_work_around_are_real_on_these_shapes():
 def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_path, reference_run, config):
     """relora-train under `deepspeed`: warm start, 2 merges/resets, merged export (consolidated from ZeRO-3
     shards on rank 0) equal to the single-process run; merges at LR 0 (I5); a run stopped mid-cycle and
-    resumed from DeepSpeed's own checkpoint equals the uninterrupted one (I6)."""
+    resumed from DeepSpeed's own checkpoint equals the uninterrupted one (I6); the same checkpoint resumed on
+    one rank (DeepSpeed universal checkpoint + our frozen W) ends at the reference model too."""
     common = SMALL + RELORA + ["--deepspeed", CONFIGS / config]
     run_cli(common + ["--out", tmp_path / "whole", "--export-merged", tmp_path / "whole" / "hf"], nproc=2, launcher="deepspeed")
     run_cli(common + ["--out", tmp_path / "split", "--stop-after", "8"], nproc=2, launcher="deepspeed")
     run_cli(common + ["--out", tmp_path / "split", "--resume", "--export-merged", tmp_path / "split" / "hf"], nproc=2,
+            launcher="deepspeed")
+    step8 = tmp_path / "split" / "checkpoints" / "step_0000008"
+    run_cli(common + ["--out", tmp_path / "one", "--resume", step8, "--export-merged", tmp_path / "one" / "hf"], nproc=1,
             launcher="deepspeed")
 
     assert_run_equals_reference(tmp_path / "whole", reference_run, "deepspeed")
@@ -74,6 +78,10 @@ def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_
     # I6: same losses and the same final model, from engine.load_checkpoint + the controller state
     assert [m["loss"] for m in split] == [m["loss"] for m in whole]
     assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "split" / "hf")) == 0.0
+    # another world size: the losses after the resume and the final model as the single-process reference
+    assert [m["loss"] for m in read_metrics(tmp_path / "one")] == pytest.approx([m["loss"] for m in read_metrics(reference_run)][8:], rel=1e-5)
+    assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "one" / "hf")) < 1e-5
+    assert (step8 / "universal").is_dir() and not (step8 / "universal.tmp").exists()
     # relora-export, one process, from DeepSpeed's sharded checkpoint (zero_to_fp32): the same merged model
     latest = (tmp_path / "whole" / "checkpoints" / "latest").read_text().strip()
     assert export_main([str(tmp_path / "whole" / "checkpoints" / latest), str(tmp_path / "offline")]) == 0

@@ -34,6 +34,17 @@ class Piece:
     start: int
     views: list[torch.Tensor] = field(default_factory=list)
 
+    def __post_init__(self):
+        # Holders can alias (ZeRO-3 at world size 1 gathers W into its own ds_tensor): a merge adds to
+        # each view, so each memory range must appear once.
+        seen, distinct = set(), []
+        for view in self.views:
+            key = (view.data_ptr(), view.numel(), view.dtype, view.device)
+            if key not in seen:
+                seen.add(key)
+                distinct.append(view)
+        self.views = distinct
+
     @property
     def numel(self) -> int:
         return self.views[0].numel() if self.views else 0

@@ -15,11 +15,15 @@ import json
 import logging
 import math
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..distributed import rank0_first
 from .base import Backend, checkpoint_must_fit
 from .deepspeed_layout import full_parameters, shard_access_for
 
@@ -187,10 +191,49 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"relora_trainer": trainer_state})
 
     def load(self, directory):
-        with checkpoint_must_fit(directory, "this DeepSpeed run"):
-            path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
+        directory = Path(directory)
+        saved_ranks = saved_world_size(directory)
+        universal = saved_ranks is not None and saved_ranks != self.world_size
+        if universal:
+            # ZeRO partitions are per rank: another world size reads DeepSpeed's universal checkpoint
+            # (converted once, next to the native one).
+            logger.info("checkpoint written by %d ranks, loading on %d through a DeepSpeed universal checkpoint",
+                        saved_ranks, self.world_size)
+            directory = rank0_first(lambda: universal_checkpoint(directory, convert=self.rank == 0),
+                                    rank=self.rank, world_size=self.world_size)
+        # ZeRO-3's universal load (0.19.8) copies group 0's settings, name included, onto every group: ours are the run's.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.engine.optimizer.param_groups]
+        self.engine._config.load_universal_checkpoint = universal  # read by load_checkpoint only
+        try:
+            with checkpoint_must_fit(directory, "this DeepSpeed run"):
+                path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        for group, saved in zip(self.engine.optimizer.param_groups, settings):
+            group.update(saved)
         if path is None:
             raise ValueError(f"checkpoint {directory} has no DeepSpeed engine state (written by another backend?)")
+        if universal:
+            self._restore_frozen_weights(saved_frozen_parameters(directory.parent))
+            # ... and hands every sub-group the same `step` tensor, which AdamW then increments once per group.
+            inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+
+    def _restore_frozen_weights(self, saved: dict[str, torch.Tensor]) -> None:
+        """DeepSpeed's universal load restores what the optimizer holds; the frozen W of ReLoRA layers
+        (outside the optimizer) comes from the fragments the native checkpoint keeps, into this rank's pieces."""
+        from ..layer import relora_layers
+        from ..merge import write_pieces
+
+        access = self.shard_access()
+        for layer in relora_layers(self.engine.module):
+            name = f"{layer.relora_name}.weight"
+            if name not in saved:
+                raise ValueError(f"checkpoint has no frozen weight {name} (written before the warm-start switch?)")
+            with torch.no_grad():
+                write_pieces(access.weight_pieces(layer), saved[name].reshape(-1))
 
     def model_state_for_export(self):
         module = self.engine.module
@@ -210,6 +253,43 @@ class DeepSpeedBackend(Backend):
             if not hasattr(p, "ds_id") or p.data.numel() == p.ds_numel:
                 out.append((name, p.data))
         return out
+
+
+def saved_world_size(directory: Path) -> int | None:
+    """Ranks that wrote a checkpoint's ZeRO partitions (None: stage 0 fp32 keeps one whole optimizer)."""
+    files = list((Path(directory) / CHECKPOINT_TAG).glob("*optim_states.pt"))
+    return len(files) or None
+
+
+def saved_frozen_parameters(directory: Path) -> dict[str, torch.Tensor]:
+    """Full values of the parameters outside the optimizer, from a native checkpoint: whole in the
+    stage 0-2 model file, in per-rank flat fragments at ZeRO-3 (padded at the end)."""
+    engine_dir = Path(directory) / CHECKPOINT_TAG
+    files = sorted(engine_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
+                   key=lambda f: int(f.name.split("_")[3])) or [engine_dir / "mp_rank_00_model_states.pt"]
+    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    shapes = states[0].get("frozen_param_shapes") or {}
+    return {name: torch.cat([s["frozen_param_fragments"][name].reshape(-1) for s in states])[: shape.numel()].view(shape)
+            for name, shape in shapes.items()}
+
+
+def universal_checkpoint(directory: Path, *, convert: bool) -> Path:
+    """DIRECTORY/universal, DeepSpeed's world-size-independent layout of the checkpoint, made by its own
+    ds_to_universal on first use (into a temporary folder, renamed when complete)."""
+    target = Path(directory) / "universal"
+    if convert and not (target / CHECKPOINT_TAG).is_dir():
+        tmp = Path(directory) / "universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(Path(directory) / CHECKPOINT_TAG), "--output_folder", str(tmp / CHECKPOINT_TAG),
+                   "--inject_missing_state"]  # our client state has no Megatron metadata; none is needed
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            raise ValueError(f"checkpoint {directory}: DeepSpeed's universal conversion failed: "
+                             f"{lines[-1] if lines else result.returncode}")
+        os.replace(tmp, target)
+    return target
 
 
 def consolidated_checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
