@@ -22,6 +22,17 @@ def _fail(prog: str, error: Exception) -> int:
     return 2
 
 
+# How gloo and NCCL report a peer that died or stopped answering (plain RuntimeErrors in gloo's case).
+_PEER_LOSS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+
+
+def _lost_peer(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_LOSS))
+
+
 def train_main(argv: list[str] | None = None) -> int:
     _setup_logging()
     from .distributed import close_distributed
@@ -45,6 +56,14 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
     except (ValueError, FloatingPointError) as e:
         return _fail("relora-train", e)
+    except RuntimeError as e:
+        if not _lost_peer(e):
+            raise
+        # Every rank says it: the one still alive may not be rank 0.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"relora-train: error: rank {os.environ.get('RANK', '0')} lost contact with a peer ({reason}); "
+              "continue from the last checkpoint with --resume", file=sys.stderr)
+        return 1
     finally:
         close_distributed(synchronize=clean_exit)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from .backends.base import error_reason, load_checkpoint_file
 from .merge import add_in_fp32, lora_delta
 from .train.checkpoint import STATE_FILE, read_trainer_state
 
@@ -52,13 +53,15 @@ def _checkpoint_state(path: Path, backend: str | None) -> dict[str, torch.Tensor
         reader, source = (lambda: consolidated_checkpoint_state(path)), path / CHECKPOINT_DIR
     else:  # ddp, fairscale, zero_redundancy: rank 0 wrote the whole module
         source = path / "model.pt"
-        reader = lambda: torch.load(source, map_location="cpu", weights_only=True)  # noqa: E731
+        reader = lambda: load_checkpoint_file(source)  # noqa: E731
     if not source.exists():
         raise ValueError(f"{path} has no model state ({source.name} missing; backend {backend!r})")
     try:
         return reader()
+    except ValueError:
+        raise
     except Exception as e:  # torch/DeepSpeed raise several types for truncated/corrupt files
-        raise ValueError(f"checkpoint {source} cannot be read: {type(e).__name__}") from None
+        raise ValueError(f"checkpoint {source} cannot be read: {error_reason(e)}") from None
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:

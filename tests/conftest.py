@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import random
+import time
 
 # The Triton kernels run on the CPU through the interpreter; triton reads this when a kernel is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -64,15 +66,16 @@ def launch_env() -> dict:
     return env
 
 
-def run_cli(args, *, nproc=1, timeout=300, check=True, launcher="torchrun"):
-    """Run relora-train for real: torchrun (or the deepspeed launcher) with gloo ranks when nproc > 1."""
+def run_cli(args, *, nproc=1, timeout=300, check=True, launcher="torchrun", env=None):
+    """Run relora-train for real: torchrun (or the deepspeed launcher) with gloo ranks when nproc > 1.
+    `env`: extra environment variables (e.g. RELORA_INJECT_FAULTS)."""
     if launcher == "deepspeed":
         cmd = deepspeed_command(TRAIN, nproc)
     elif nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
     else:
         cmd = [sys.executable, TRAIN]
-    env = launch_env()
+    env = launch_env() | (env or {})
     result = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nSTDOUT\n{result.stdout[-3000:]}\nSTDERR\n{result.stderr[-5000:]}")
@@ -120,3 +123,23 @@ def assert_run_equals_reference(out: Path, reference_run: Path, backend: str) ->
     for a, b in zip(metrics, read_metrics(reference_run), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert max_relative_difference(exported(reference_run / "hf"), exported(out / "hf")) < 1e-5
+
+
+# A dead rank must end the job this quickly (launchers notice a dead child; survivors see the lost peer).
+KILL_DEADLINE_S = 30
+
+
+def killed_run(args, out: Path, *, nproc=2, launcher="torchrun") -> str:
+    """Run relora-train with a checkpoint every 2 updates and SIGKILL one rank at a random update (forward
+    or inside backward): the job must exit non-zero within KILL_DEADLINE_S of its last logged update,
+    having logged exactly the updates before the kill. Returns the fault drawn (RELORA_CHAOS_SEED fixes it)."""
+    rng = random.Random(os.environ.get("RELORA_CHAOS_SEED"))
+    attempt, rank = rng.randint(5, 11), rng.randrange(nproc)
+    fault = f"{rng.choice(['kill', 'kill_backward'])}:{attempt}:rank={rank}"
+    result = run_cli(args + ["--out", out, "--save-every", "2"], nproc=nproc, launcher=launcher, check=False,
+                     env={"RELORA_INJECT_FAULTS": fault})
+    lag = time.time() - (out / "metrics.jsonl").stat().st_mtime
+    assert result.returncode != 0, f"{fault}: the job survived a dead rank\n{result.stderr[-3000:]}"
+    assert lag < KILL_DEADLINE_S, f"{fault}: the job took {lag:.0f} s to notice a dead rank"
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, attempt)), fault
+    return fault

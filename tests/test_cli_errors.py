@@ -1,73 +1,101 @@
-"""Bad input ends in one line on stderr and exit 2, never a traceback."""
+"""Bad input ends in one line on stderr and exit 2, never a traceback: every row of the table in
+docs/FAULT_TOLERANCE.md, run from the table itself."""
 
+import json
 import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
 from relora_dist.cli import export_main, train_main
-from conftest import SMALL, run_cli
+from conftest import REPO, SMALL, run_cli
 
 BASE = SMALL + ["--steps", "6", "--warm-start-steps", "2", "--merge-every", "2", "--restart-warmup-steps", "1"]
-
-CASES = [
-    (["--model", "llama_13b"], "unknown model preset 'llama_13b'"),
-    (["--method", "qlora"], "unknown method 'qlora'"),
-    (["--rank", "0"], "rank must be > 0"),
-    (["--rank", "64"], r"rank 64 is invalid .* it must be in \[1, 32\]"),
-    (["--prune-ratio", "1.0"], r"prune ratio must be in \[0, 1\)"),
-    (["--prune-ratio", "-0.5"], r"prune ratio must be in \[0, 1\)"),
-    (["--merge-every", "2", "--restart-warmup-steps", "5"], "merge_every .* must be >= the restart warm-up"),
-    (["--target-modules", "attention.wq"], "match no nn.Linear"),
-    (["--dataset", "/nonexistent/corpus.txt"], "dataset path not found: /nonexistent/corpus.txt"),
-    (["--seq-len", "4096"], "seq_len 4096 exceeds the model's max positions 1024"),
-    (["--global-batch-size", "100000", "--micro-batch-size", "1"], "too few tokens for one global batch"),
-    (["--resume"], "no checkpoint found"),
-    (["--global-batch-size", "8", "--micro-batch-size", "3"], "not divisible by micro batch size 3"),
-    (["--dtype", "fp8"], "dtype must be one of fp32, bf16"),
-    (["--warm-start-steps", "6"], "warm start .* must end before the run"),
-    (["--backend", "horovod"], "unknown backend 'horovod'"),
-    (["--config", "/nonexistent.yaml"], "config file not found"),
-    (["--model-config", "/nonexistent.json"], "model config not found"),
-    (["--steps", "0"], "steps must be > 0"),
-    (["--lr", "-1"], "learning rates must be > 0"),
-    (["--backend", "fsdp2", "--keep-states-at-switch", "true"], "not supported with --backend fsdp2"),
-    (["--backend", "fairscale", "--keep-states-at-switch", "true"], "not supported with --backend fairscale"),
-    (["--fsdp-reshard-after-forward", "false"], "applies to --backend fsdp2 only"),
-]
+DOC = REPO / "docs" / "FAULT_TOLERANCE.md"
 
 
-@pytest.mark.parametrize("extra, message", CASES, ids=[c[1][:30] for c in CASES])
-def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
-    assert train_main(BASE + ["--out", str(tmp_path)] + extra) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("relora-train: error: "), err
-    assert re.search(message, err[0]), err[0]
+def table_rows() -> list[tuple[str, str, str]]:
+    """(bad input, command, expected fragments) of every numbered row of the doc's bad-input table."""
+    rows = []
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():
+            rows.append((cells[1], cells[2].strip("`"), cells[3].strip("`")))
+    return rows
 
 
-def test_unknown_flag_and_bad_type_exit_2_in_one_line(capsys):
-    for argv in (["--no-such-flag"], ["--steps", "ten"]):
-        with pytest.raises(SystemExit) as exit_info:
-            train_main(argv)
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "error:" in err[0], err
+ROWS = table_rows()
 
 
-def test_yaml_with_unknown_key(tmp_path, capsys):
-    config = tmp_path / "bad.yaml"
-    config.write_text("train:\n  stpes: 10\n")
-    assert train_main(["--config", str(config)]) == 2
-    assert "unknown key(s) in config section 'train': stpes" in capsys.readouterr().err
+@pytest.fixture(autouse=True)
+def log_to_this_tests_stderr(monkeypatch):
+    """Stream handlers (train_main's basicConfig, the `datasets` library's own) bind to the stderr of the test
+    that created them; later tests need their own."""
+    import logging
+
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for handler in (h for lg in loggers for h in lg.handlers):
+        if type(handler) is logging.StreamHandler:
+            monkeypatch.setattr(handler, "stream", sys.stderr)
 
 
-def test_export_of_missing_or_corrupt_checkpoint(tmp_path, capsys):
-    assert export_main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
-    bad = tmp_path / "ckpt"
-    bad.mkdir()
-    (bad / "trainer_state.json").write_text("{not json")
-    assert export_main([str(bad), str(tmp_path / "out")]) == 2
-    assert "is corrupt" in capsys.readouterr().err
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, shared_cache) -> dict[str, Path]:
+    """The files the table's {names} stand for."""
+    root = tmp_path_factory.mktemp("bad_input")
+    texts = {
+        "bad_yaml": ("bad.yaml", "train: [unclosed\n"), "list_yaml": ("list.yaml", "- a\n- b\n"),
+        "typo_yaml": ("typo.yaml", "train:\n  stpes: 10\n"), "bad_json": ("bad.json", "{not json"),
+        "ds_optimizer": ("ds_optimizer.json", json.dumps({"optimizer": {"type": "Adam"}})),
+        "ds_stage4": ("ds_stage4.json", json.dumps({"zero_optimization": {"stage": 4}})), "empty_txt": ("empty.txt", ""),
+        "csv_file": ("data.csv", "a,b\n1,2\n"), "jsonl_no_text": ("no_text.jsonl", '{"body": "a"}\n{"body": "b"}\n'),
+        "bad_jsonl": ("bad.jsonl", '{"text": "ok"}\n{broken\n'), "one_doc": ("one.txt", "one paragraph only\n"),
+        "a_file": ("a_file", "x"),
+    }
+    files = {}
+    for name, (filename, text) in texts.items():
+        files[name] = root / filename
+        files[name].write_text(text)
+    files["empty_dir"] = root / "empty_dir"
+    files["empty_dir"].mkdir()
+    files["a_dir"] = root / "export_out"
+    files["finished_run"] = root / "finished"
+    assert train_main(BASE + ["--method", "full", "--out", str(files["finished_run"])]) == 0
+    checkpoints = files["finished_run"] / "checkpoints"
+    files["checkpoint"] = checkpoints / (checkpoints / "latest").read_text().strip()
+    for name, spoil in (("half_written", lambda d: (d / "trainer_state.json").unlink()),
+                        ("corrupt_state", lambda d: (d / "trainer_state.json").write_text("{not json")),
+                        ("truncated_model", lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:5000]))):
+        files[name] = root / name
+        shutil.copytree(files["checkpoint"], files[name])
+        spoil(files[name])
+    return files
+
+
+def test_the_table_has_at_least_30_rows():
+    assert len(ROWS) >= 30 and len({command for _, command, _ in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize("what, command, expected", ROWS, ids=[f"{i}-{row[0][:40]}" for i, row in enumerate(ROWS, 1)])
+def test_bad_input_is_one_line(tmp_path, capsys, bad_files, what, command, expected):
+    prog, *args = [arg.format(**bad_files) for arg in shlex.split(command)]
+    try:
+        if prog == "relora-train":
+            code = train_main(BASE + ([] if "--out" in args else ["--out", str(tmp_path / "run")]) + args)
+        else:
+            code = export_main(args)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith(f"{prog}: error: ")]
+    # (progress bars of `datasets` may come first; the error is one line, the last)
+    assert code == 2 and len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], (what, code, err[-2000:])
+    assert "Traceback" not in err, (what, err[-2000:])
+    pattern = ".*".join(re.escape(fragment.strip()) for fragment in expected.split("…"))
+    assert re.search(pattern, errors[0]), (what, errors[0])
 
 
 def test_real_process_prints_no_traceback(tmp_path):
@@ -77,12 +105,9 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "relora-train: error: relora rank must be > 0, got 0 (--rank)"
 
 
-def test_resume_from_a_mismatching_checkpoint(tmp_path, capsys):
-    args = BASE + ["--out", str(tmp_path), "--method", "full"]
-    assert train_main(args) == 0
-    capsys.readouterr()
-    assert train_main(args[:] + ["--resume", "--method", "relora"]) == 2
-    assert "was written with method 'full', this run uses 'relora'" in capsys.readouterr().err
-    assert train_main(args + ["--resume", "--model", "tiny"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not fit this run" in err[0], err
+def test_every_rank_of_a_distributed_run_stops_on_bad_input(tmp_path):
+    """A bad dataset found by rank 0 while it builds the data: rank 1 must not wait forever in a collective."""
+    result = run_cli(BASE + ["--out", tmp_path, "--dataset", tmp_path / "missing.txt"], nproc=2, check=False, timeout=120)
+    assert result.returncode != 0
+    assert "relora-train: error: dataset path not found" in result.stderr
+    assert "]: Traceback" not in result.stderr

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SMALL, load_run, max_relative_difference, run_cli
+from conftest import REPO, SMALL, killed_run, load_run, max_relative_difference, run_cli
 
 RELORA = ["--method", "relora", "--steps", "12", "--warm-start-steps", "3", "--merge-every", "3",
           "--restart-warmup-steps", "1"]
@@ -53,11 +53,11 @@ def test_invariants_on_two_rank_ddp(prune, dtype):
 
 
 def test_two_rank_resume_mid_cycle_and_at_another_world_size(tmp_path):
-    """I6 on DDP: 2 ranks stopped mid-cycle and resumed on 2 ranks equals the uninterrupted run bit for bit;
-    resumed on 1 rank (same global batches) it agrees to float tolerance."""
+    """I6 on DDP: 2 ranks with one SIGKILLed at a random update end promptly, and resumed on 2 ranks equal the
+    uninterrupted run bit for bit; stopped and resumed on 1 rank (same global batches) they agree to float tolerance."""
     common = SMALL + RELORA
     run_cli(common + ["--out", tmp_path / "whole"], nproc=2)
-    run_cli(common + ["--out", tmp_path / "split", "--stop-after", "8"], nproc=2)
+    fault = killed_run(common, tmp_path / "split")
     run_cli(common + ["--out", tmp_path / "split", "--resume"], nproc=2)
     run_cli(common + ["--out", tmp_path / "other", "--stop-after", "8"], nproc=2)
     run_cli(common + ["--out", tmp_path / "other", "--resume"])
@@ -65,7 +65,7 @@ def test_two_rank_resume_mid_cycle_and_at_another_world_size(tmp_path):
     split_summary, split_metrics, split_state = load_run(tmp_path / "split")
     other_summary, _, other_state = load_run(tmp_path / "other")
     assert split_summary["merges"] == whole_summary["merges"] == other_summary["merges"] == 2
-    assert [m["loss"] for m in split_metrics] == [m["loss"] for m in whole_metrics]
-    assert all(torch.equal(whole_state[k], split_state[k]) for k in whole_state)
+    assert [m["loss"] for m in split_metrics] == [m["loss"] for m in whole_metrics], fault
+    assert all(torch.equal(whole_state[k], split_state[k]) for k in whole_state), fault
     assert other_summary["world_size"] == 1
     assert max_relative_difference(whole_state, other_state) < 1e-5

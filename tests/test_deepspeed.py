@@ -2,11 +2,12 @@
 single-process torch reference on the same global batches."""
 
 import json
+import shutil
 import subprocess
 
 import pytest
 
-from conftest import (REPO, RELORA_RUN as RELORA, SMALL, assert_run_equals_reference, deepspeed_command, exported, launch_env,
+from conftest import (REPO, RELORA_RUN as RELORA, SMALL, assert_run_equals_reference, deepspeed_command, exported, killed_run, launch_env,
                       max_relative_difference, read_metrics, run_cli)
 from relora_dist.backends.deepspeed import engine_config
 from relora_dist.cli import export_main
@@ -62,26 +63,30 @@ def test_the_deepspeed_bugs_we_work_around_are_real_on_these_shapes():
 def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_path, reference_run, config):
     """relora-train under `deepspeed`: warm start, 2 merges/resets, merged export (consolidated from ZeRO-3
     shards on rank 0) equal to the single-process run; merges at LR 0 (I5); a run stopped mid-cycle and
-    resumed from DeepSpeed's own checkpoint equals the uninterrupted one (I6); the same checkpoint resumed on
-    one rank (DeepSpeed universal checkpoint + our frozen W) ends at the reference model too."""
+    resumed from DeepSpeed's own checkpoint after one rank was SIGKILLed at a random update equals the
+    uninterrupted one (I6); the checkpoint the kill left, resumed on one rank (DeepSpeed universal
+    checkpoint + our frozen W), ends at the reference model too."""
     common = SMALL + RELORA + ["--deepspeed", CONFIGS / config]
     run_cli(common + ["--out", tmp_path / "whole", "--export-merged", tmp_path / "whole" / "hf"], nproc=2, launcher="deepspeed")
-    run_cli(common + ["--out", tmp_path / "split", "--stop-after", "8"], nproc=2, launcher="deepspeed")
+    fault = killed_run(common, tmp_path / "split", launcher="deepspeed")
+    left = tmp_path / "split" / "checkpoints" / (tmp_path / "split" / "checkpoints" / "latest").read_text().strip()
+    shutil.copytree(left, tmp_path / "left")
     run_cli(common + ["--out", tmp_path / "split", "--resume", "--export-merged", tmp_path / "split" / "hf"], nproc=2,
             launcher="deepspeed")
-    step8 = tmp_path / "split" / "checkpoints" / "step_0000008"
-    run_cli(common + ["--out", tmp_path / "one", "--resume", step8, "--export-merged", tmp_path / "one" / "hf"], nproc=1,
-            launcher="deepspeed")
+    run_cli(common + ["--out", tmp_path / "one", "--resume", tmp_path / "left", "--export-merged", tmp_path / "one" / "hf"],
+            nproc=1, launcher="deepspeed")
 
     assert_run_equals_reference(tmp_path / "whole", reference_run, "deepspeed")
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     # I6: same losses and the same final model, from engine.load_checkpoint + the controller state
-    assert [m["loss"] for m in split] == [m["loss"] for m in whole]
-    assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "split" / "hf")) == 0.0
+    assert [m["loss"] for m in split] == [m["loss"] for m in whole], fault
+    assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "split" / "hf")) == 0.0, fault
     # another world size: the losses after the resume and the final model as the single-process reference
-    assert [m["loss"] for m in read_metrics(tmp_path / "one")] == pytest.approx([m["loss"] for m in read_metrics(reference_run)][8:], rel=1e-5)
-    assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "one" / "hf")) < 1e-5
-    assert (step8 / "universal").is_dir() and not (step8 / "universal.tmp").exists()
+    resumed_at = json.loads((tmp_path / "left" / "trainer_state.json").read_text())["controller"]["step"]
+    reference_losses = [m["loss"] for m in read_metrics(reference_run)][resumed_at:]
+    assert [m["loss"] for m in read_metrics(tmp_path / "one")] == pytest.approx(reference_losses, rel=1e-5), fault
+    assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "one" / "hf")) < 1e-5, fault
+    assert (tmp_path / "left" / "universal").is_dir() and not (tmp_path / "left" / "universal.tmp").exists()
     # relora-export, one process, from DeepSpeed's sharded checkpoint (zero_to_fp32): the same merged model
     latest = (tmp_path / "whole" / "checkpoints" / "latest").read_text().strip()
     assert export_main([str(tmp_path / "whole" / "checkpoints" / latest), str(tmp_path / "offline")]) == 0

@@ -5,8 +5,8 @@ import json
 import subprocess
 import sys
 
-from conftest import (REPO, RELORA_RUN, SMALL, assert_run_equals_reference, exported, launch_env, max_relative_difference,
-                      read_metrics, run_cli)
+from conftest import (REPO, RELORA_RUN, SMALL, assert_run_equals_reference, exported, killed_run, launch_env,
+                      max_relative_difference, read_metrics, run_cli)
 from relora_dist.cli import export_main
 
 # {backend}-{dtype}-{prune}[-flags]: see tests/dist/sharded_checks.py. One launch for all of them.
@@ -32,20 +32,21 @@ def test_fsdp2_resets_are_exact_move_only_lora_bytes_and_match_the_reference():
 
 
 def test_fsdp2_run_equals_single_process_and_resumes_at_other_world_sizes(tmp_path, reference_run):
-    """relora-train --backend fsdp2 on 2 ranks equals the single-process run (merges at LR 0, I5); a run
-    stopped mid-cycle on 2 ranks resumes bit for bit on 2 (I6); one resumed 2 -> 1 -> 2 ranks through
-    torch.distributed.checkpoint ends at the same model; relora-export reads the DCP checkpoint offline."""
+    """relora-train --backend fsdp2 on 2 ranks equals the single-process run (merges at LR 0, I5); a run with
+    one rank SIGKILLed at a random update ends promptly and resumes bit for bit on 2 (I6); one resumed
+    2 -> 1 -> 2 ranks through torch.distributed.checkpoint ends at the same model; relora-export reads the
+    DCP checkpoint offline."""
     common = SMALL + RELORA_RUN + ["--backend", "fsdp2"]
     run_cli(common + ["--out", tmp_path / "whole", "--export-merged", tmp_path / "whole" / "hf"], nproc=2)
-    run_cli(common + ["--out", tmp_path / "split", "--stop-after", "8"], nproc=2)
+    fault = killed_run(common, tmp_path / "split")
     run_cli(common + ["--out", tmp_path / "split", "--resume", "--export-merged", tmp_path / "split" / "hf"], nproc=2)
     run_cli(common + ["--out", tmp_path / "hop", "--stop-after", "5"], nproc=2)
     run_cli(common + ["--out", tmp_path / "hop", "--resume", "--stop-after", "9"])
     run_cli(common + ["--out", tmp_path / "hop", "--resume", "--export-merged", tmp_path / "hop" / "hf"], nproc=2)
 
     assert_run_equals_reference(tmp_path / "whole", reference_run, "fsdp2")
-    assert [m["loss"] for m in read_metrics(tmp_path / "split")] == [m["loss"] for m in read_metrics(tmp_path / "whole")]
-    assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "split" / "hf")) == 0.0
+    assert [m["loss"] for m in read_metrics(tmp_path / "split")] == [m["loss"] for m in read_metrics(tmp_path / "whole")], fault
+    assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "split" / "hf")) == 0.0, fault
     hop = json.loads((tmp_path / "hop" / "summary.json").read_text())
     assert hop["merges"] == 2 and hop["world_size"] == 2
     assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "hop" / "hf")) < 1e-5

@@ -50,14 +50,34 @@ class Piece:
         return self.views[0].numel() if self.views else 0
 
 
+def error_reason(error: BaseException) -> str:
+    """The informative line of an engine's or torch's error: the first size mismatch of a state-dict load,
+    else the first sentence of the first line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
+        return lines[1].rstrip(".")
+    return lines[0].split(". ")[0].rstrip(".")
+
+
+def load_checkpoint_file(path: Path, map_location="cpu"):
+    """torch.load of one checkpoint file; a truncated or garbled file is a one-line ValueError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint file {path} is missing") from None
+    except Exception as e:  # zip, pickle and OS errors, depending on where the file was cut
+        raise ValueError(f"checkpoint file {path} is truncated or corrupt ({error_reason(e)})") from None
+
+
 @contextlib.contextmanager
 def checkpoint_must_fit(directory, run: str = "this run"):
     """One ValueError line for the many exception types engines raise on a checkpoint that does not fit."""
     try:
         yield
     except (RuntimeError, ValueError, KeyError, IndexError, OSError, EOFError, AssertionError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {directory} does not fit {run}: {reason}") from None
+        raise ValueError(f"checkpoint {directory} does not fit {run}: {error_reason(e)}") from None
 
 
 class ShardAccess(ABC):

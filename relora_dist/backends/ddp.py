@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..comm import GradientTraffic, counting_allreduce_hook
 from ..merge import ReplicatedAccess
-from .base import Backend, checkpoint_must_fit
+from .base import Backend, checkpoint_must_fit, load_checkpoint_file
 
 
 def _no_buffer_broadcast() -> dict:
@@ -120,6 +120,7 @@ class DDPBackend(Backend):
             torch.save(self._optimizer.state_dict(), directory / "optimizer.pt")
 
     def load(self, directory: Path):
+        model, optimizer = (load_checkpoint_file(directory / name, self.device) for name in ("model.pt", "optimizer.pt"))
         with checkpoint_must_fit(directory):
-            self._module.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
-            self._optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+            self._module.load_state_dict(model)
+            self._optimizer.load_state_dict(optimizer)

@@ -123,8 +123,9 @@ def _load_texts(dataset: str, text_field: str, cache_dir: str | Path | None) -> 
         except Exception as exc:  # datasets raises assorted errors for empty or malformed files
             if _all_blank(files):
                 raise ValueError(f"dataset {dataset} contains no non-empty texts") from exc
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            raise ValueError(f"could not load dataset {dataset}: {type(exc).__name__}: {first_line}") from exc
+            root = exc.__cause__ or exc  # DatasetGenerationError wraps the parser's own error
+            first_line = str(root).strip().splitlines()[0] if str(root).strip() else ""
+            raise ValueError(f"could not load dataset {dataset}: {type(root).__name__}: {first_line}") from exc
         source = f"local {loader} dataset {path} ({len(files)} file{'s' if len(files) != 1 else ''})"
         field = "text" if loader == "text" else text_field
         strip_newlines = loader == "text"  # paragraph splitting leaves stray leading newlines

@@ -39,9 +39,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, backend: Backend, trainer_state: dict, write_extra: Callable[[Path], None], keep: int
+    root: Path, step: int, backend: Backend, trainer_state: dict, write_extra: Callable[[Path], None], keep: int,
+    written: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Every rank calls this. `write_extra(dir)` runs on rank 0 (model config, tokenizer, run config)."""
+    """Every rank calls this. `write_extra(dir)` runs on rank 0 (model config, tokenizer, run config);
+    `written()` on every rank once its files are down, before the commit (fault injection)."""
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.tmp"
     if backend.rank == 0:
@@ -53,15 +55,28 @@ def save_checkpoint(
     if backend.rank == 0:
         write_extra(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+    written()
     backend.barrier()
     if backend.rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        # A checkpoint of the same update (a resumed run saving again) is moved aside, not deleted first:
+        # a kill at any point leaves a complete checkpoint that `latest` or the fallback scan finds.
+        aside = root / f"step_{step:07d}.old"
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name)
+        for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:  # left by killed writers
+            shutil.rmtree(stale, ignore_errors=True)
         for old in sorted(root.glob("step_???????"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     backend.barrier()
     return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Committed checkpoints in `root`, oldest first (half-written `.tmp` folders are not among them)."""
+    return sorted(p for p in root.glob("step_???????") if (p / STATE_FILE).is_file())
 
 
 def claim_run_directory(out: Path, *, overwrite: bool, is_main: bool) -> None:
@@ -80,15 +95,40 @@ def claim_run_directory(out: Path, *, overwrite: bool, is_main: bool) -> None:
 def resolve_checkpoint(resume: str, out: Path) -> Path:
     """'latest' -> the checkpoint named by OUT/checkpoints/latest; otherwise a checkpoint directory."""
     if resume == "latest":
-        pointer = out / "checkpoints" / "latest"
-        if not pointer.is_file():
-            raise ValueError(f"--resume: no checkpoint found in {out / 'checkpoints'}")
-        path = out / "checkpoints" / pointer.read_text().strip()
+        root = out / "checkpoints"
+        pointer = root / "latest"
+        path = root / pointer.read_text().strip() if pointer.is_file() else None
+        if path is not None and not (path / STATE_FILE).is_file():
+            path = path.with_name(path.name + ".old")  # killed while a same-update checkpoint replaced it
+        if path is None or not (path / STATE_FILE).is_file():
+            # Killed between a commit and the pointer update: the newest committed checkpoint is the one.
+            found = complete_checkpoints(root)
+            if not found:
+                raise ValueError(f"--resume: no checkpoint found in {root}")
+            path = found[-1]
     else:
         path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"--resume: {path} is not a complete checkpoint (no {STATE_FILE})")
     return path
+
+
+# Model config keys that fix parameter shapes, and the flags that set them.
+SHAPE_KEYS = {"vocab_size": "--tokenizer, --vocab-size", "hidden_size": "--model, --model-config",
+              "intermediate_size": "--model, --model-config", "num_hidden_layers": "--model, --model-config",
+              "num_attention_heads": "--model, --model-config", "num_key_value_heads": "--model, --model-config"}
+
+
+def check_model_fits(path: Path, model_config: dict) -> None:
+    """A checkpoint of another model shape (or tokenizer) is named as such, before any engine load fails on it."""
+    saved_file = path / "model_config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    for key, flags in SHAPE_KEYS.items():
+        if key in saved and saved[key] != model_config.get(key):
+            raise ValueError(f"--resume: {path} holds a model with {key} {saved[key]}, this run builds"
+                             f" {model_config.get(key)} ({flags})")
 
 
 def read_trainer_state(path: Path) -> dict:

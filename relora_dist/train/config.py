@@ -111,6 +111,8 @@ class TrainConfig:
     """Show a progress bar on rank 0."""
     stop_after: int | None = None
     """End this invocation after this many updates in total (checkpoint written), as if preempted; continue with --resume."""
+    dist_timeout_s: int = 600
+    """Seconds a collective waits for a peer before this rank fails: a dead or hung rank ends the job instead of stalling it."""
     check_replicas: bool = False
     """After every merge/reset, verify that replicated tensors are bit-identical on all ranks (one small all-reduce)."""
 
@@ -142,6 +144,8 @@ class RunConfig:
         for name in ("global_batch_size", "micro_batch_size", "steps"):
             if getattr(t, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(t, name)} (--{name.replace('_', '-')})")
+        if t.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s must be > 0, got {t.dist_timeout_s} (--dist-timeout-s)")
         if self.data.seq_len <= 1:
             raise ValueError(f"seq_len must be > 1, got {self.data.seq_len} (--seq-len)")
         if not 0 < self.data.val_fraction < 1:

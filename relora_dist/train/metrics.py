@@ -69,11 +69,19 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
     if len(kept) != len(lines):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(path)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line a killed writer left half-written."""
+    try:
+        return json.loads(line).get("step", 0) if line.endswith("\n") else None
+    except json.JSONDecodeError:
+        return None
 
 
 def write_summary(out: Path, summary: dict) -> None:

@@ -24,9 +24,10 @@ from ..merge import merge_and_reinit_layers
 from ..models import build_model, control_config, llama_config
 from ..prune import prune_states
 from ..schedule import ReLoRAController
-from .checkpoint import claim_run_directory, load_rng, read_trainer_state, resolve_checkpoint, save_checkpoint
+from .checkpoint import check_model_fits, claim_run_directory, load_rng, read_trainer_state, resolve_checkpoint, save_checkpoint
 from .config import RunConfig, save_yaml
 from .consistency import check_replicas
+from .faults import FaultPlan
 from .metrics import MetricsWriter, write_summary
 
 logger = logging.getLogger("relora_dist")
@@ -58,8 +59,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         t = cfg.train
-        self.dist = init_distributed()
+        self.dist = init_distributed(timeout_s=t.dist_timeout_s)
+        self.faults = FaultPlan.from_env(self.dist.rank)
         self.out = Path(t.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file; the run directory must be a folder")
         self.is_main = self.dist.rank == 0
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -85,8 +89,11 @@ class Trainer:
         self.consecutive_skips = 0
         self.skipped_total = 0
         self.elapsed_before = 0.0
+        self.saved_step = None
 
         resume_dir = resolve_checkpoint(t.resume, self.out) if t.resume else None
+        if resume_dir is not None:
+            check_model_fits(resume_dir, self.model_config.to_dict())
         if resume_dir is None:
             rank0_first(lambda: claim_run_directory(self.out, overwrite=t.overwrite, is_main=self.is_main),
                         rank=self.dist.rank, world_size=self.dist.world_size)
@@ -159,6 +166,8 @@ class Trainer:
     def _train_update(self) -> tuple[float, float, bool]:
         """Forward/backward over this rank's micro-batches, clip, step if finite. Returns (loss, grad_norm, stepped)."""
         t, backend = self.cfg.train, self.backend
+        attempt = self.batches_consumed + 1
+        self.faults.before_update(attempt)
         micro = self.plan.local_microbatches(self.batches_consumed, rank=self.dist.rank,
                                              world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
         backend.model.train()
@@ -169,6 +178,8 @@ class Trainer:
             with (contextlib.nullcontext() if sync else backend.no_sync()):
                 with backend.forward_context():
                     loss = backend.model(input_ids=batch, labels=batch).loss / len(micro)
+                if i == 0:
+                    loss = self.faults.corrupt_loss(loss, attempt)
                 backend.backward(loss)
             loss_sum += loss.detach().float()
         loss_mean = backend.all_reduce_sum(loss_sum) / self.dist.world_size
@@ -241,8 +252,10 @@ class Trainer:
         save_yaml(self.cfg, directory / "config.yaml")
 
     def save(self, wall_s: float) -> Path:
-        return save_checkpoint(self.out / "checkpoints", self.controller.step, self.backend, self._trainer_state(wall_s),
-                               self._write_extra, keep=self.cfg.train.keep_checkpoints)
+        step = self.saved_step = self.controller.step
+        return save_checkpoint(self.out / "checkpoints", step, self.backend, self._trainer_state(wall_s),
+                               self._write_extra, keep=self.cfg.train.keep_checkpoints,
+                               written=lambda: self.faults.checkpoint_written(step))
 
     def export_merged(self, directory: str) -> None:
         from ..export import export_merged
@@ -295,7 +308,8 @@ class Trainer:
             finished = self.controller.step >= t.steps
             val_loss = self.evaluate()
             wall_s = self.elapsed_before + time.perf_counter() - start_wall
-            self.save(wall_s)
+            if self.saved_step != self.controller.step:  # not twice for one update (--stop-after on a save step)
+                self.save(wall_s)
             if finished and t.export_merged:
                 self.export_merged(t.export_merged)
             elif not finished:
