@@ -27,11 +27,16 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
-            rank=rank, world_size=world_size,
-        )
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout, rank=rank, world_size=world_size)
+    # Groups created later without a timeout (DeepSpeed's data-parallel groups, device meshes) take torch's
+    # module default (30 min gloo, 10 min NCCL), not the world group's: make that ours too.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

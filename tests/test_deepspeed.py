@@ -64,8 +64,8 @@ def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_
     """relora-train under `deepspeed`: warm start, 2 merges/resets, merged export (consolidated from ZeRO-3
     shards on rank 0) equal to the single-process run; merges at LR 0 (I5); a run stopped mid-cycle and
     resumed from DeepSpeed's own checkpoint after one rank was SIGKILLed at a random update equals the
-    uninterrupted one (I6); the checkpoint the kill left, resumed on one rank (DeepSpeed universal
-    checkpoint + our frozen W), ends at the reference model too."""
+    uninterrupted one (I6); the checkpoint the kill left, resumed on one rank for one update and then on two
+    again (DeepSpeed universal checkpoints + our frozen W), ends at the reference model too."""
     common = SMALL + RELORA + ["--deepspeed", CONFIGS / config]
     run_cli(common + ["--out", tmp_path / "whole", "--export-merged", tmp_path / "whole" / "hf"], nproc=2, launcher="deepspeed")
     fault = killed_run(common, tmp_path / "split", launcher="deepspeed")
@@ -73,20 +73,24 @@ def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_
     shutil.copytree(left, tmp_path / "left")
     run_cli(common + ["--out", tmp_path / "split", "--resume", "--export-merged", tmp_path / "split" / "hf"], nproc=2,
             launcher="deepspeed")
-    run_cli(common + ["--out", tmp_path / "one", "--resume", tmp_path / "left", "--export-merged", tmp_path / "one" / "hf"],
-            nproc=1, launcher="deepspeed")
+    resumed_at = json.loads((tmp_path / "left" / "trainer_state.json").read_text())["controller"]["step"]
+    # 2 -> 1 rank for one update, then 1 -> 2 ranks to the end: both through universal checkpoints
+    run_cli(common + ["--out", tmp_path / "hop", "--resume", tmp_path / "left", "--stop-after", resumed_at + 1], nproc=1,
+            launcher="deepspeed")
+    run_cli(common + ["--out", tmp_path / "hop", "--resume", "--export-merged", tmp_path / "hop" / "hf"], nproc=2,
+            launcher="deepspeed")
 
     assert_run_equals_reference(tmp_path / "whole", reference_run, "deepspeed")
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     # I6: same losses and the same final model, from engine.load_checkpoint + the controller state
     assert [m["loss"] for m in split] == [m["loss"] for m in whole], fault
     assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "split" / "hf")) == 0.0, fault
-    # another world size: the losses after the resume and the final model as the single-process reference
-    resumed_at = json.loads((tmp_path / "left" / "trainer_state.json").read_text())["controller"]["step"]
+    # other world sizes: the losses after the resume and the final model as the single-process reference
     reference_losses = [m["loss"] for m in read_metrics(reference_run)][resumed_at:]
-    assert [m["loss"] for m in read_metrics(tmp_path / "one")] == pytest.approx(reference_losses, rel=1e-5), fault
-    assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "one" / "hf")) < 1e-5, fault
+    assert [m["loss"] for m in read_metrics(tmp_path / "hop")] == pytest.approx(reference_losses, rel=1e-5), fault
+    assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "hop" / "hf")) < 1e-5, fault
     assert (tmp_path / "left" / "universal").is_dir() and not (tmp_path / "left" / "universal.tmp").exists()
+    assert json.loads((tmp_path / "hop" / "summary.json").read_text())["world_size"] == 2
     # relora-export, one process, from DeepSpeed's sharded checkpoint (zero_to_fp32): the same merged model
     latest = (tmp_path / "whole" / "checkpoints" / "latest").read_text().strip()
     assert export_main([str(tmp_path / "whole" / "checkpoints" / latest), str(tmp_path / "offline")]) == 0

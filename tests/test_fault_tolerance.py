@@ -3,13 +3,15 @@ non-finite losses and gradients on one rank. Killed ranks at random updates are 
 test (tests/test_ddp.py, test_fsdp2.py, test_deepspeed.py, through conftest.killed_run)."""
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from conftest import (KILL_DEADLINE_S, REPO, RELORA_RUN, SMALL, exported, max_relative_difference, read_metrics,
-                      run_cli)
+from conftest import (KILL_DEADLINE_S, REPO, RELORA_RUN, SMALL, TRAIN, exported, launch_env, max_relative_difference,
+                      read_metrics, run_cli)
 from relora_dist.train.checkpoint import resolve_checkpoint
 from relora_dist.train.faults import FaultPlan, parse_faults
 
@@ -33,11 +35,29 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, 
     assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "hf")) < 1e-5
 
 
-def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path):
-    """Rank 1 stops answering at update 5: rank 0's next collective times out after --dist-timeout-s, it says so in
-    one line, and the launcher ends the job."""
-    args = SMALL + RELORA_RUN + ["--out", tmp_path, "--dist-timeout-s", "5"]
-    result = run_cli(args, nproc=2, check=False, env={FAULTS: "hang:5:rank=1"})
+def test_torchrun_restarts_a_killed_job_that_resumes_itself(tmp_path, reference_run):
+    """`torchrun --max-restarts 1 ... --resume auto`: rank 1 dies at update 7 of the first launch (faults fire in the
+    first launch only); torchrun starts both ranks again, they resume from checkpoint 6 and finish at the reference,
+    all in one command."""
+    args = SMALL + RELORA_RUN + ["--out", tmp_path, "--save-every", "2", "--resume", "auto", "--export-merged", tmp_path / "hf"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1", TRAIN]
+    result = subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=300,
+                            env=launch_env() | {FAULTS: "kill:7:rank=1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoints/step_0000006 at update 6" in result.stderr
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
+    assert [m["loss"] for m in read_metrics(tmp_path)] == pytest.approx([m["loss"] for m in read_metrics(reference_run)], rel=1e-5)
+    assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "hf")) < 1e-5
+
+
+@pytest.mark.parametrize("engine", [["--backend", "ddp"], ["--deepspeed", str(REPO / "launch" / "configs" / "zero2.json")]],
+                         ids=["ddp", "zero2"])
+def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path, engine):
+    """Rank 1 stops answering at update 5: rank 0's next collective times out after --dist-timeout-s (DeepSpeed's own
+    data-parallel groups too), it says so in one line, and the launcher ends the job."""
+    args = SMALL + RELORA_RUN + engine + ["--out", tmp_path, "--dist-timeout-s", "5"]
+    result = run_cli(args, nproc=2, check=False, env={FAULTS: "hang:5:rank=1"}, timeout=150,
+                     launcher="deepspeed" if "--deepspeed" in engine else "torchrun")
     lag = time.time() - (tmp_path / "metrics.jsonl").stat().st_mtime
     assert result.returncode != 0 and 5 <= lag < 5 + KILL_DEADLINE_S, (result.returncode, lag)
     assert "relora-train: error: rank 0 lost contact with a peer" in result.stderr

@@ -92,8 +92,12 @@ def claim_run_directory(out: Path, *, overwrite: bool, is_main: bool) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def resolve_checkpoint(resume: str, out: Path) -> Path:
-    """'latest' -> the checkpoint named by OUT/checkpoints/latest; otherwise a checkpoint directory."""
+def resolve_checkpoint(resume: str, out: Path) -> Path | None:
+    """'latest' -> the checkpoint named by OUT/checkpoints/latest; 'auto' -> the same, or None when OUT has
+    no committed checkpoint; otherwise a checkpoint directory."""
+    if resume == "auto":
+        root = out / "checkpoints"
+        return resolve_checkpoint("latest", out) if complete_checkpoints(root) or (root / "latest").is_file() else None
     if resume == "latest":
         root = out / "checkpoints"
         pointer = root / "latest"

@@ -98,7 +98,7 @@ class TrainConfig:
     out: str = "runs/default"
     """Run directory: metrics.jsonl, summary.json, config.yaml, checkpoints/."""
     resume: str | None = None
-    """Continue from a checkpoint directory, or 'latest' in OUT/checkpoints."""
+    """Continue from a checkpoint directory, or 'latest' in OUT/checkpoints; 'auto': the latest if there is one, else start afresh (for launchers that restart failed jobs)."""
     overwrite: bool = False
     """Start afresh in an OUT that already holds a run (its metrics and checkpoints are deleted)."""
     export_merged: str | None = None

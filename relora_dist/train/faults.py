@@ -2,7 +2,8 @@
 
 RELORA_INJECT_FAULTS holds `;`-separated entries `KIND:ATTEMPTS[:rank=R]`. ATTEMPTS are 1-based update
 attempts (a skipped update counts, so an injected NaN does not repeat forever): `5`, `5-7` or `5,9`.
-Without `rank=` an entry fires on every rank.
+Without `rank=` an entry fires on every rank. Faults fire in the first launch only
+(TORCHELASTIC_RESTART_COUNT unset or 0), so `torchrun --max-restarts N ... --resume auto` can recover.
 
 | kind              | what happens at that attempt                                                         |
 |-------------------|--------------------------------------------------------------------------------------|
@@ -83,7 +84,9 @@ class FaultPlan:
 
     @classmethod
     def from_env(cls, rank: int) -> "FaultPlan":
-        return cls(parse_faults(os.environ.get(ENV, "")), rank)
+        faults = parse_faults(os.environ.get(ENV, ""))
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+        return cls([] if restarted else faults, rank)
 
     def _fires(self, kind: str, attempt: int) -> bool:
         return any(f.kind == kind and attempt in f.attempts for f in self.faults)

@@ -95,7 +95,9 @@ class Trainer:
         if resume_dir is not None:
             check_model_fits(resume_dir, self.model_config.to_dict())
         if resume_dir is None:
-            rank0_first(lambda: claim_run_directory(self.out, overwrite=t.overwrite, is_main=self.is_main),
+            # --resume auto with nothing to resume: a restarted job that died before its first checkpoint
+            overwrite = t.overwrite or t.resume == "auto"
+            rank0_first(lambda: claim_run_directory(self.out, overwrite=overwrite, is_main=self.is_main),
                         rank=self.dist.rank, world_size=self.dist.world_size)
         if resume_dir is not None:
             saved = read_trainer_state(resume_dir)
