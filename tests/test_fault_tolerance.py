@@ -3,15 +3,12 @@ non-finite losses and gradients on one rank. Killed ranks at random updates are 
 test (tests/test_ddp.py, test_fsdp2.py, test_deepspeed.py, through conftest.killed_run)."""
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import (KILL_DEADLINE_S, REPO, RELORA_RUN, SMALL, TRAIN, exported, launch_env, max_relative_difference,
-                      read_metrics, run_cli)
+from conftest import KILL_DEADLINE_S, REPO, RELORA_RUN, SMALL, exported, max_relative_difference, read_metrics, run_cli
 from relora_dist.train.checkpoint import resolve_checkpoint
 from relora_dist.train.faults import FaultPlan, parse_faults
 
@@ -35,19 +32,26 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, 
     assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "hf")) < 1e-5
 
 
-def test_torchrun_restarts_a_killed_job_that_resumes_itself(tmp_path, reference_run):
-    """`torchrun --max-restarts 1 ... --resume auto`: rank 1 dies at update 7 of the first launch (faults fire in the
-    first launch only); torchrun starts both ranks again, they resume from checkpoint 6 and finish at the reference,
-    all in one command."""
+def test_a_requeued_job_resumes_itself_with_resume_auto(tmp_path, reference_run):
+    """What a scheduler's requeue (or `torchrun --max-restarts`) does: the same command again. With `--resume auto`
+    the first launch starts afresh, rank 1 dies at update 7; the second launch resumes from checkpoint 6 by
+    itself and ends at the reference."""
     args = SMALL + RELORA_RUN + ["--out", tmp_path, "--save-every", "2", "--resume", "auto", "--export-merged", tmp_path / "hf"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1", TRAIN]
-    result = subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=300,
-                            env=launch_env() | {FAULTS: "kill:7:rank=1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "checkpoints/step_0000006 at update 6" in result.stderr
+    assert run_cli(args, nproc=2, check=False, env={FAULTS: "kill:7:rank=1"}).returncode != 0
+    again = run_cli(args, nproc=2)
+    assert "checkpoints/step_0000006 at update 6" in again.stderr
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
     assert [m["loss"] for m in read_metrics(tmp_path)] == pytest.approx([m["loss"] for m in read_metrics(reference_run)], rel=1e-5)
     assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "hf")) < 1e-5
+
+
+def test_faults_fire_in_the_first_launch_only(monkeypatch):
+    """So that `torchrun --max-restarts` brings a job with injected faults back."""
+    monkeypatch.setenv(FAULTS, "kill:3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert FaultPlan.from_env(rank=0).faults
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert not FaultPlan.from_env(rank=0).faults
 
 
 @pytest.mark.parametrize("engine", [["--backend", "ddp"], ["--deepspeed", str(REPO / "launch" / "configs" / "zero2.json")]],
