@@ -59,9 +59,10 @@ def train_main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         if not _lost_peer(e):
             raise
+        from .backends.base import error_reason
+
         # Every rank says it: the one still alive may not be rank 0.
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"relora-train: error: rank {os.environ.get('RANK', '0')} lost contact with a peer ({reason}); "
+        print(f"relora-train: error: rank {os.environ.get('RANK', '0')} lost contact with a peer ({error_reason(e)}); "
               "continue from the last checkpoint with --resume", file=sys.stderr)
         return 1
     finally:

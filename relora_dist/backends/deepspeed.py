@@ -201,7 +201,6 @@ class DeepSpeedBackend(Backend):
                         saved_ranks, self.world_size)
             directory = rank0_first(lambda: universal_checkpoint(directory, convert=self.rank == 0),
                                     rank=self.rank, world_size=self.world_size)
-        # ZeRO-3's universal load (0.19.8) copies group 0's settings, name included, onto every group: ours are the run's.
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.engine.optimizer.param_groups]
         self.engine._config.load_universal_checkpoint = universal  # read by load_checkpoint only
         try:
@@ -209,12 +208,13 @@ class DeepSpeedBackend(Backend):
                 path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
         finally:
             self.engine._config.load_universal_checkpoint = False
-        for group, saved in zip(self.engine.optimizer.param_groups, settings):
-            group.update(saved)
         if path is None:
             raise ValueError(f"checkpoint {directory} has no DeepSpeed engine state (written by another backend?)")
         if universal:
             self._restore_frozen_weights(saved_frozen_parameters(directory.parent))
+            # ZeRO-3's universal load (0.19.8) copies group 0's settings, name included, onto every group ...
+            for group, saved in zip(self.engine.optimizer.param_groups, settings):
+                group.update(saved)
             # ... and hands every sub-group the same `step` tensor, which AdamW then increments once per group.
             inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
             for state in inner.state.values():

@@ -5,14 +5,7 @@ attempts (a skipped update counts, so an injected NaN does not repeat forever): 
 Without `rank=` an entry fires on every rank. Faults fire in the first launch only
 (TORCHELASTIC_RESTART_COUNT unset or 0), so `torchrun --max-restarts N ... --resume auto` can recover.
 
-| kind              | what happens at that attempt                                                         |
-|-------------------|--------------------------------------------------------------------------------------|
-| `kill`            | SIGKILL this rank before its forward pass                                            |
-| `kill_backward`   | SIGKILL this rank inside backward, while its peers reduce gradients                  |
-| `kill_checkpoint` | SIGKILL this rank after it wrote its part of checkpoint N (N: its update), before commit |
-| `hang`            | this rank stops answering (sleeps) before its forward pass                           |
-| `nan_loss`        | this rank's loss becomes NaN                                                         |
-| `inf_grad`        | this rank's gradients become inf/NaN; its loss stays finite                          |
+Kinds (`kill`, `kill_backward`, `kill_checkpoint`, `hang`, `nan_loss`, `inf_grad`): docs/FAULT_TOLERANCE.md.
 """
 
 from __future__ import annotations
