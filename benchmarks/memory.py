@@ -1,4 +1,4 @@
-"""relora-memprof: per-rank memory of full-rank vs ReLoRA training on each engine.
+"""relora-memprof: per-rank memory of every method (the registry's; full rank and ReLoRA by default) on each engine.
 
     relora-memprof --nproc 2 --preset 60m --engines ddp,zero2,zero3,fsdp2 --methods full,relora --plot
     torchrun --nproc_per_node 8 -m relora_dist.benchmarks.memory --preset 1b --seq-len 512 --dtype bf16 \
@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-import relora_dist as rd
 from relora_dist.benchmarks.common import write_results
-from relora_dist.benchmarks.throughput import Case, parse_args, spawn
+from relora_dist.benchmarks.throughput import Case, bench_method, parse_args, spawn
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.models import build_model, llama_config
 from relora_dist.perf import ModelCounts
@@ -41,12 +40,12 @@ def extra_args(parser) -> None:
     parser.add_argument("--snapshot", default=None, help="GPU only: write torch memory snapshots (pickle) into this folder")
 
 
-def activation_bytes_per_token(args, method: str) -> float:
+def activation_bytes_per_token(args, name: str) -> float:
     """Measured on the plain model (engine independent), in the run's compute dtype, on this rank's device."""
+    method = bench_method(args, name)
     torch.manual_seed(0)
-    model = build_model(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len))
-    if method == "relora":
-        rd.wrap(model, rd.ReLoRAConfig(rank=args.rank, alpha=32, dropout=args.lora_dropout, fused_kernels=args.fused_kernels))
+    config = method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len))
+    model = method.prepare_model(build_model(config), method.phases()[-1][0])
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokens = torch.randint(0, args.vocab_size, (1, args.seq_len), device=device)
     autocast = torch.bfloat16 if args.dtype == "bf16" else None
@@ -70,12 +69,13 @@ def profile_case(args, info, method: str, engine: str, act_per_token: float) -> 
         case.update()  # optimizer states exist from here on
         case.update(before_step=lambda: census.update(tensor_census(case.backend.unwrapped_model, case.backend.optimizer)))
     counts = ModelCounts.from_config(case.config, rank=args.rank, seq_len=args.seq_len)
-    expected = expected_static_bytes(counts, method, engine, args.dtype, info.world_size)
+    structure = case.method.cost_structure
+    expected = expected_static_bytes(counts, structure, engine, args.dtype, info.world_size)
     static_measured = sum(v for k, v in census.items() if k != "other")
     per_example = act_per_token * args.seq_len
     row = {
         "preset": args.preset, "method": method, "engine": engine, "dtype": args.dtype, "world_size": info.world_size,
-        "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "rank": args.rank if method == "relora" else None,
+        "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "rank": args.rank if structure == "relora" else None,
         **{f"census_{k}": census[k] for k in CATEGORIES},
         **{f"expected_{k}": expected[k] for k in expected},
         "static_census": static_measured, "static_expected": sum(expected.values()),

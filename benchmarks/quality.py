@@ -29,20 +29,17 @@ from pathlib import Path
 
 import torch
 
-# name: (method, overrides). Ablation rows start ReLoRA from scratch with the named mechanisms on.
+from relora_dist.methods import method_names
+
+# name: (method, overrides): one row per registered method, then the ablation rows, which start ReLoRA from
+# scratch with the named mechanisms on.
 OFF = {"restarts": False, "optimizer_reset": False, "jagged_schedule": False}
-ROWS: dict[str, tuple[str, dict]] = {
-    "full": ("full", {}),
-    "control": ("control", {}),
-    "lora": ("lora", {}),
-    "lora_ws": ("lora_ws", {}),
-    "relora": ("relora", {}),
+ROWS: dict[str, tuple[str, dict]] = {name: (name, {}) for name in method_names()} | {
     "R": ("relora", {**OFF, "restarts": True, "warm_start_steps": 0}),
     "R+O": ("relora", {**OFF, "restarts": True, "optimizer_reset": True, "warm_start_steps": 0}),
     "R+J": ("relora", {**OFF, "restarts": True, "jagged_schedule": True, "warm_start_steps": 0}),
     "R+O+J": ("relora", {"warm_start_steps": 0}),
 }
-LOW_RANK = ("lora", "lora_ws", "relora")
 RECORD = "quality_record.json"  # written into a run's directory when it is done
 
 # The paper's perplexities (SPEC section 6): method table at 60M and 130M, ablation at 130M (None: diverged).
@@ -211,7 +208,7 @@ def plot_curves(best: dict[str, dict], path: Path) -> None:
         if not r["diverged"] and r.get("curve"):
             tokens, losses = zip(*r["curve"])
             ax.plot([t / 1e6 for t in tokens], losses, label=f"{name} (lr {r['lr']:g})",
-                    linestyle="-" if name in ("full", "control", *LOW_RANK) else "--")
+                    linestyle="-" if name in method_names() else "--")
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=8)

@@ -49,15 +49,14 @@ def measure(preset: str, engine: str, dtype: str, prune: str, rank: int, info) -
     start = time.perf_counter()
     with CollectiveCounter() as counter:
         rd.merge_and_reinit_layers(layers, access, restart_index=1)
-        prune_states(named, access, method=prune, ratio=0.9, seed=0, restart_index=1)
+        prune_states(named, access, rule=prune, ratio=0.9, seed=0, restart_index=1)
     seconds = time.perf_counter() - start
     numel = lambda p: p.ds_numel if hasattr(p, "ds_id") else p.numel()  # noqa: E731
     w_bytes = sum(numel(layer.weight) * layer.weight.element_size() for layer in layers)
     lora_fp32_bytes = 4 * sum(numel(p) for _, p in named)
     w_sharded = engine in ("zero3", "fsdp2")
     wrapper, layer_count = type(backend.optimizer).__name__, len(layers)
-    if hasattr(backend, "engine"):
-        backend.engine.destroy()
+    backend.close()
     del backend, model, layers, named, access
     gc.collect()  # engines hold several copies of the model: free them before the next case
     return {

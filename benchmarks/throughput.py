@@ -1,4 +1,5 @@
-"""relora-bench: training throughput of full-rank vs ReLoRA per engine, on real optimizer updates.
+"""relora-bench: training throughput of every method (the registry's; full rank and ReLoRA by default) per engine,
+on real optimizer updates.
 
     relora-bench --nproc 2 --preset 20m --engines ddp,fsdp2,zero2 --methods full,relora      # spawns torchrun
     torchrun --nproc_per_node 8 -m relora_dist.benchmarks.throughput --preset 1b --seq-len 512 \
@@ -10,9 +11,10 @@ Reported: global and per-GPU examples/s and tokens/s; MFU (6N + 12 L h s per tok
 FLOPs: no dW for frozen W) against the device's bf16/fp32 peak (on a CPU, a GEMM rate measured on the
 spot); the split forward / backward / exposed communication / optimizer, where exposed communication is
 the fwd+bwd time above a compute-only pass with every gradient reduction switched off; the bytes sent per
-update (counted: every torch.distributed call, DDP's reducer routed through a comm hook); one merge + reset timed
-and counted separately, and amortised over --merge-every. Tokens are random: throughput does not depend
-on the text. Results: JSON + CSV (+ PNG with --plot).
+update (counted: every torch.distributed call, DDP's reducer routed through a comm hook); each method's
+recurring events (ReLoRA: one merge + reset, every --merge-every updates) timed and counted once, and
+amortised over their periods. Each method runs its last phase (ReLoRA and LoRA + WS: the low-rank one).
+Tokens are random: throughput does not depend on the text. Results: JSON + CSV (+ PNG with --plot).
 """
 
 from __future__ import annotations
@@ -29,14 +31,13 @@ import time
 
 import torch
 
-import relora_dist as rd
 from relora_dist.benchmarks.common import ENGINES, Stopwatch, build_engine, device_peak_flops, synchronize, write_results
 from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
+from relora_dist.methods import method_names
+from relora_dist.train.config import standalone_method
 from relora_dist.models import build_model, llama_config
 from relora_dist.perf import ModelCounts
-from relora_dist.prune import prune_states
-from relora_dist.train.trainer import optimizer_param_groups
 
 DDP_LOOP_ENGINES = ("ddp", "zero_redundancy")  # engines whose gradient all-reduce the harness can count and pad
 
@@ -49,17 +50,17 @@ def parse_args(argv=None, *, prog="relora-bench", doc=__doc__, extend=None, modu
     p.add_argument("--preset", default="20m", help="model size (SPEC section 5)")
     p.add_argument("--vocab-size", type=int, default=32100, help="the paper's T5 vocabulary by default")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--methods", default="full,relora", help="comma list of full, relora")
+    p.add_argument("--methods", default="full,relora", help=f"comma list of {', '.join(method_names())}")
     p.add_argument("--engines", default="ddp", help=f"comma list of {', '.join(ENGINES)} (zeroN: DeepSpeed stage N)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--rank", type=int, default=128, help="ReLoRA rank r (every projection is wrapped)")
+    p.add_argument("--rank", type=int, default=128, help="rank of the low-rank methods (every projection is wrapped)")
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--fused-kernels", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--accumulation-steps", type=int, default=2)
     p.add_argument("--warmup-updates", type=int, default=1)
     p.add_argument("--updates", type=int, default=3, help="measured updates (the median is reported)")
-    p.add_argument("--merge-every", type=int, default=1000, help="updates per ReLoRA cycle, to amortise a merge + reset")
+    p.add_argument("--merge-every", type=int, default=1000, help="updates per ReLoRA cycle, to amortise its merge + reset")
     p.add_argument("--allreduce-every-microbatch", action="store_true",
                    help="the paper's DDP loop: all-reduce after every micro-batch (no no_sync); DDP engines only")
     p.add_argument("--emulate-busbw", default="",
@@ -75,8 +76,8 @@ def parse_args(argv=None, *, prog="relora-bench", doc=__doc__, extend=None, modu
     args = p.parse_args(argv)
     args.module = module
     for method in args.methods.split(","):
-        if method not in ("full", "relora"):
-            p.error(f"--methods: unknown method {method!r} (full, relora)")
+        if method not in method_names():
+            p.error(f"--methods: unknown method {method!r} ({', '.join(method_names())})")
     for engine in args.engines.split(","):
         if engine not in ENGINES:
             p.error(f"--engines: unknown engine {engine!r} ({', '.join(ENGINES)})")
@@ -102,23 +103,28 @@ def _batches(seed: int, count: int, args) -> list[torch.Tensor]:
     return [torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_len), generator=generator) for _ in range(count)]
 
 
+def bench_method(args, name: str):
+    """Registered method `name` with the harness's settings (rank, LoRA dropout, fused kernels, merge period)."""
+    return standalone_method(name, rank=args.rank, alpha=32.0, dropout=args.lora_dropout, fused_kernels=args.fused_kernels,
+                             merge_every=args.merge_every, restart_warmup_steps=0)
+
+
 class Case:
-    """One (method, engine, link) configuration on every rank of the process group."""
+    """One (method, engine, link) configuration on every rank of the process group, in the method's last phase."""
 
     def __init__(self, args, info, method: str, engine: str, busbw_gbs: float):
-        self.args, self.info, self.method, self.engine, self.busbw_gbs = args, info, method, engine, busbw_gbs
-        self.config = llama_config(args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len)
+        self.args, self.info, self.engine, self.busbw_gbs = args, info, engine, busbw_gbs
+        self.method = bench_method(args, method)
+        self.config = self.method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len))
         torch.manual_seed(0)
-        model = build_model(self.config)
-        if method == "relora":
-            rd.wrap(model, rd.ReLoRAConfig(rank=args.rank, alpha=32, dropout=args.lora_dropout, fused_kernels=args.fused_kernels))
+        model = self.method.prepare_model(build_model(self.config), self.method.phases()[-1][0])
         # DDP's reducer all-reduces in C++; the counting hook routes it through dist.all_reduce, which the
         # CollectiveCounter sees like every other engine's collectives.
         ddp_loop = {"count_gradient_bytes": True, "allreduce_every_microbatch": args.allreduce_every_microbatch,
                     "emulate_busbw": busbw_gbs * 1e9 or None} if engine in DDP_LOOP_ENGINES else {}
         self.backend = build_engine(engine, args.dtype, info.device, micro_batch_size=args.micro_batch_size,
                                     accumulation_steps=args.accumulation_steps, max_norm=1.0, **ddp_loop)
-        self.backend.setup(model, lambda groups: torch.optim.AdamW(groups, lr=1e-4), optimizer_param_groups(model))
+        self.backend.setup(model, lambda groups: torch.optim.AdamW(groups, lr=1e-4), self.method.param_groups(model))
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.updates_run = 0
 
@@ -160,20 +166,21 @@ class Case:
         self.backend.zero_grad()
         return watch.seconds["forward"] + watch.seconds["backward"]
 
-    def merge_and_reset(self) -> tuple[float, int]:
-        model = self.backend.unwrapped_model
-        access = self.backend.shard_access()
-        synchronize(self.info.device)
-        start = time.perf_counter()
+    def periodic_events(self) -> tuple[float, float, int]:
+        """Each recurring event of the method once: (seconds, seconds amortised per update, bytes sent)."""
+        seconds = amortised = 0.0
         with CollectiveCounter() as counter:
-            rd.merge_and_reinit_layers(rd.relora_layers(model), access, restart_index=1)
-            prune_states(rd.lora_parameters(model), access, method="magnitude", ratio=0.9, seed=0, restart_index=1)
-        synchronize(self.info.device)
-        return time.perf_counter() - start, counter.total_bytes
+            for event, period in self.method.periodic_events():
+                synchronize(self.info.device)
+                start = time.perf_counter()
+                self.method.apply(event, self.backend.unwrapped_model, self.backend.shard_access())
+                synchronize(self.info.device)
+                seconds += time.perf_counter() - start
+                amortised += (time.perf_counter() - start) / period
+        return seconds, amortised, counter.total_bytes
 
     def close(self) -> None:
-        if hasattr(self.backend, "engine"):
-            self.backend.engine.destroy()
+        self.backend.close()
         self.backend = None
         gc.collect()
 
@@ -189,18 +196,20 @@ def run_case(args, info, method: str, engine: str, busbw_gbs: float, peak: tuple
     if case.backend.defers_gradient_sync and info.world_size > 1:
         baseline = statistics.median(case.compute_only_seconds() for _ in range(max(1, args.updates // 2)))
         exposed = max(0.0, median["forward"] + median["backward"] - baseline)
-    merge_s, merge_bytes = case.merge_and_reset() if method == "relora" else (0.0, 0)
+    merge_s, merge_amortised_s, merge_bytes = case.periodic_events()
     counts = ModelCounts.from_config(case.config, rank=args.rank, seq_len=args.seq_len)
+    structure = case.method.cost_structure
+    low_rank = structure == "relora"
     global_batch = args.micro_batch_size * args.accumulation_steps * info.world_size
     update_s, n = median["update_s"], info.world_size
     tokens_per_s = global_batch * args.seq_len / update_s
     peak_flops, peak_source = peak
-    amortised_s = update_s + merge_s / args.merge_every
+    amortised_s = update_s + merge_amortised_s
     row = {
         "preset": args.preset, "method": method, "engine": engine, "dtype": args.dtype, "world_size": n,
         "micro_batch_size": args.micro_batch_size, "accumulation_steps": args.accumulation_steps,
-        "global_batch_size": global_batch, "seq_len": args.seq_len, "rank": args.rank if method == "relora" else None,
-        "lora_dropout": args.lora_dropout if method == "relora" else None,
+        "global_batch_size": global_batch, "seq_len": args.seq_len, "rank": args.rank if low_rank else None,
+        "lora_dropout": args.lora_dropout if low_rank else None,
         "allreduce_every_microbatch": args.allreduce_every_microbatch, "emulated_busbw_gbs": busbw_gbs or None,
         "update_s": update_s, "update_s_all": [m["update_s"] for m in measured],
         "examples_per_s": global_batch / update_s, "examples_per_s_per_gpu": global_batch / update_s / n,
@@ -208,10 +217,10 @@ def run_case(args, info, method: str, engine: str, busbw_gbs: float, peak: tuple
         "forward_s": median["forward"], "backward_s": median["backward"], "optimizer_s": median["optimizer"],
         "exposed_comm_s": exposed, "bytes_per_update": int(median["bytes"]), "collectives": measured[-1]["by_op"],
         "trainable_parameters": case.trainable, "model_flops_per_token": counts.model_flops_per_token(),
-        "executed_flops_per_token": counts.executed_flops_per_token(method),
+        "executed_flops_per_token": counts.executed_flops_per_token(structure),
         "peak_flops_per_gpu": peak_flops, "peak_source": peak_source,
         "mfu": tokens_per_s / n * counts.model_flops_per_token() / peak_flops,
-        "hfu": tokens_per_s / n * counts.executed_flops_per_token(method) / peak_flops,
+        "hfu": tokens_per_s / n * counts.executed_flops_per_token(structure) / peak_flops,
         "merge_reset_s": merge_s, "merge_reset_bytes": merge_bytes, "merge_every": args.merge_every,
         "examples_per_s_amortised": global_batch / amortised_s,
     }

@@ -1,4 +1,9 @@
-"""relora_dist: ReLoRA pre-training on single process, DDP and (later) DeepSpeed, FSDP2 and fairscale."""
+"""relora_dist: low-rank LLM pre-training (ReLoRA and its baselines; every method behind one interface,
+`relora_dist.methods`) on single process, DDP, DeepSpeed ZeRO 0-3, FSDP2 and fairscale.
+
+The library surface below is ReLoRA's building blocks for a loop of your own (see the README's library
+example); `relora-train` runs every registered method on every engine.
+"""
 
 from .config import LLAMA_PROJECTIONS, ReLoRAConfig
 from .layer import ReLoRALinear, lora_parameters, relora_layers, wrap

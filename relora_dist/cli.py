@@ -44,7 +44,12 @@ def train_main(argv: list[str] | None = None) -> int:
         if getattr(args, "dry_run", False):
             import yaml
 
+            from .train.preflight import preflight
+
+            plan = preflight(cfg)
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            print(f"# ok: method {cfg.train.method}, backend {cfg.train.backend}, {plan.world_size} rank(s),"
+                  f" {plan.accumulation_steps} micro-batch(es) per rank per update")
             return 0
         from .train.trainer import Trainer
 

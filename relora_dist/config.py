@@ -1,4 +1,4 @@
-"""ReLoRA hyper-parameters, validated on construction."""
+"""The `relora:` config section (ReLoRA and its baselines: LoRA, LoRA + warm start, Control), validated on construction."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PRUNE_METHODS = ("reset", "random", "magnitude")
+PRUNE_RULES = ("reset", "random", "magnitude")
 FUSED_MODES = ("auto", "on", "off")
 
-PruneMethod = Literal["reset", "random", "magnitude"]
+PruneRule = Literal["reset", "random", "magnitude"]
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ReLoRAConfig:
     """Prune the Adam states of A/B and restart the LR every this many updates (default: merge_every)."""
     restart_warmup_steps: int = 100
     """Linear LR re-warm-up length after each restart (LR is exactly 0 at the restart)."""
-    prune: PruneMethod = "magnitude"
+    prune: PruneRule = "magnitude"
     """How the Adam states of A/B are pruned at a reset: reset (zero), random, magnitude."""
     prune_ratio: float = 0.9
     """Fraction of entries zeroed by random/magnitude pruning (ignored by reset)."""
@@ -75,8 +75,8 @@ class ReLoRAConfig:
                     f"{name} ({period} updates) must be >= the restart warm-up ({self.restart_warmup_steps})"
                     f" (--{name.replace('_', '-')}, --restart-warmup-steps)"
                 )
-        if self.prune not in PRUNE_METHODS:
-            raise ValueError(f"prune must be one of {', '.join(PRUNE_METHODS)}, got {self.prune!r} (--prune)")
+        if self.prune not in PRUNE_RULES:
+            raise ValueError(f"prune must be one of {', '.join(PRUNE_RULES)}, got {self.prune!r} (--prune)")
         if not 0.0 <= self.prune_ratio < 1.0:
             raise ValueError(f"prune ratio must be in [0, 1), got {self.prune_ratio} (--prune-ratio)")
         if self.fused_kernels not in FUSED_MODES:
@@ -99,4 +99,7 @@ class ReLoRAConfig:
         return d
 
 
-__all__ = ["ReLoRAConfig", "LLAMA_PROJECTIONS", "PRUNE_METHODS"]
+# relora-train's defaults for the section (CPU-sized); the dataclass keeps the paper's.
+RELORA_RUN_DEFAULTS = {"rank": 8, "merge_every": 50, "restart_warmup_steps": 5}
+
+__all__ = ["ReLoRAConfig", "LLAMA_PROJECTIONS", "PRUNE_RULES", "RELORA_RUN_DEFAULTS"]

@@ -1,14 +1,17 @@
-"""Merge s*B@A into W and re-draw A, B=0: written once, on top of a backend's ShardAccess."""
+"""Merge s*B@A into W and re-draw A, B=0: written once, on the neutral access layer (`relora_dist.access`).
+
+A rank merges the pieces of W it holds. That needs all of A but only the rows of B under those pieces:
+one `fetch_fp32` brings exactly those (nothing when every rank holds everything), W is never gathered.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .backends.base import Piece, ShardAccess
+from .access import ReplicatedAccess, ShardAccess, range_key, write_pieces
 from .layer import ReLoRALinear, relora_layers
 from .randomness import kaiming_uniform_A
-
 
 ROW_BLOCK = 64
 
@@ -50,12 +53,32 @@ def add_in_fp32(view: torch.Tensor, delta: torch.Tensor) -> None:
         view.copy_(view.float().add_(delta.to(view.device)))
 
 
-def write_pieces(pieces: list[Piece], full_flat: torch.Tensor) -> None:
-    """Copy this rank's ranges of a full flat tensor into every holder of them."""
-    for piece in pieces:
-        src = full_flat[piece.start : piece.start + piece.numel]
-        for view in piece.views:
-            view.copy_(src.to(device=view.device, dtype=view.dtype))
+def lora_factors(layers: list[ReLoRALinear], access: ShardAccess) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per layer (A32 whole, B32 rows, index of the first row): the fp32 masters a merge of this rank's W pieces
+    needs, in one fetch. A is NaN everywhere when any rank saw a non-finite A or B rows of that layer."""
+    spans = access.spans([layer.weight for layer in layers])
+    wanted = [[] for _ in range(access.world)]
+    for layer, weight_spans in zip(layers, spans):
+        out_features, in_features = access.full_shape(layer.weight)
+        rank = access.full_shape(layer.lora_B)[1]
+        for r, (lo, hi) in enumerate(weight_spans):
+            row0, row1 = delta_rows(lo, hi - lo, in_features, out_features)
+            wanted[r] += [(layer.lora_A, 0, access.full_shape(layer.lora_A).numel()), (layer.lora_B, row0 * rank, row1 * rank)]
+    fetched = access.fetch_fp32(wanted)
+    mine = wanted[access.rank]
+    factors = []
+    for i, layer in enumerate(layers):
+        A32 = fetched[2 * i].view(access.full_shape(layer.lora_A))
+        rank = access.full_shape(layer.lora_B)[1]
+        factors.append((A32, fetched[2 * i + 1].view(-1, rank), mine[2 * i + 1][1] // rank))
+    if any(range_key(w) != range_key(mine) for w in wanted):
+        # Ranks hold different rows of B: agree on finiteness so every rank refuses a bad merge alike.
+        bad = torch.tensor([float(not (A.isfinite().all() and B.isfinite().all())) for A, B, _ in factors])
+        access.all_reduce_sum_(bad)
+        for (A32, _, _), flag in zip(factors, bad.tolist()):
+            if flag:
+                A32.fill_(float("nan"))
+    return factors
 
 
 @torch.no_grad()
@@ -64,13 +87,13 @@ def merge_and_reinit_layers(layers: list[ReLoRALinear], access: ShardAccess, *, 
 
     Raises before touching any W if a master is non-finite. Never gathers W.
     """
-    factors = access.lora_factors(layers)
+    factors = lora_factors(layers, access)
     for layer, (A32, B32, _) in zip(layers, factors):
         if not (torch.isfinite(A32).all() and torch.isfinite(B32).all()):
             raise FloatingPointError(f"non-finite lora_A/lora_B in {layer.relora_name}: merge refused, W untouched")
     for layer, (A32, B32, first_row) in zip(layers, factors):
         out_features = access.full_shape(layer.lora_B)[0]
-        for piece in access.weight_pieces(layer):
+        for piece in access.param_pieces(layer.weight):
             delta = lora_delta(B32, A32, layer.scale, piece.start, piece.numel, first_row=first_row, out_features=out_features)
             for view in piece.views:
                 add_in_fp32(view, delta)
@@ -78,32 +101,7 @@ def merge_and_reinit_layers(layers: list[ReLoRALinear], access: ShardAccess, *, 
                                   name=layer.relora_name)
         write_pieces(access.param_pieces(layer.lora_A), A_new.view(-1))
         write_pieces(access.param_pieces(layer.lora_B), torch.zeros(access.full_shape(layer.lora_B).numel()))
-    access.after_merge(layers)
-
-
-class ReplicatedAccess(ShardAccess):
-    """Single process and DDP: every rank holds every tensor whole; nothing to communicate."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer | None = None):
-        self.optimizer = optimizer
-
-    def full_fp32(self, params):
-        return [p.detach().float().clone() for p in params]
-
-    def weight_pieces(self, layer):
-        return [Piece(0, [layer.weight.data.view(-1)])]
-
-    def param_pieces(self, param):
-        return [Piece(0, [param.data.view(-1)])]
-
-    def state_pieces(self, param, key):
-        # .get: never insert into the optimizer's state defaultdict (SPEC section 7).
-        state = self.optimizer.state.get(param, {}) if self.optimizer is not None else {}
-        tensor = state.get(key)
-        return [Piece(0, [tensor.view(-1)])] if isinstance(tensor, torch.Tensor) and tensor.numel() > 1 else []
-
-    def all_reduce_sum_(self, tensor):
-        pass
+    access.after_write([layer.weight for layer in layers])
 
 
 def merge_and_reinit(model: nn.Module, *, restart_index: int) -> None:
@@ -113,3 +111,17 @@ def merge_and_reinit(model: nn.Module, *, restart_index: int) -> None:
     (seed, restart_index, module name), not from the global RNG.
     """
     merge_and_reinit_layers(relora_layers(model), ReplicatedAccess(), restart_index=restart_index)
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], scale: float | None) -> dict[str, torch.Tensor]:
+    """W + scale * B @ A for every (lora_A, lora_B) pair, in W's dtype; lora keys dropped."""
+    merged = {k: v for k, v in state.items() if ".lora_" not in k}
+    for key in state:
+        if key.endswith(".lora_A"):
+            prefix = key[: -len(".lora_A")]
+            if scale is None:
+                raise ValueError("the state dict holds lora_A/lora_B but no ReLoRA scale was given")
+            weight = merged[f"{prefix}.weight"].clone()
+            add_in_fp32(weight.view(-1), lora_delta(state[f"{prefix}.lora_B"].float(), state[key].float(), scale))
+            merged[f"{prefix}.weight"] = weight
+    return merged

@@ -1,4 +1,4 @@
-"""LLaMA presets (SPEC section 5) as HF LlamaConfig, and the Control model sizing."""
+"""LLaMA presets (SPEC section 5) as HF LlamaConfig, the Control model sizing, and the HF model writer."""
 
 from __future__ import annotations
 
@@ -65,6 +65,19 @@ def llama_config_from_shape(hidden: int, ffn: int, layers: int, heads: int, *, v
 
 def build_model(config: LlamaConfig) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
+
+
+def save_hf_model(state: dict, config: LlamaConfig, tokenizer, out_dir: str | Path) -> Path:
+    """A model directory plain `from_pretrained` loads: `state` (the plain model's keys, all of them) as
+    safetensors, the config and the tokenizer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(config)
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
 
 
 def count_parameters(config: LlamaConfig) -> int:

@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .backends.base import Piece, ShardAccess
+from .access import Piece, ReplicatedAccess, ShardAccess
 from .quantile import abs_quantiles
 from .randomness import keep_mask
 
@@ -41,19 +41,20 @@ def prune_states(
     named_params: list[tuple[str, nn.Parameter]],
     access: ShardAccess,
     *,
-    method: str,
+    rule: str,
     ratio: float,
     seed: int,
     restart_index: int,
     reference: bool = False,
 ) -> dict[str, float]:
-    """Prune exp_avg/exp_avg_sq of the given params in place. Returns {"zeroed": local fraction zeroed}."""
+    """Prune exp_avg/exp_avg_sq of the given params in place by `rule` (reset, random, magnitude). Returns
+    {"zeroed": local fraction zeroed}."""
     state = {name: {key: access.state_pieces(p, key) for key in ADAM_KEYS} for name, p in named_params}
     numels = {name: access.full_shape(p).numel() for name, p in named_params}
 
-    if method == "reset":
+    if rule == "reset":
         masks = {(name, key): torch.zeros(numels[name], dtype=torch.bool) for name, _ in named_params for key in ADAM_KEYS}
-    elif method == "random":
+    elif rule == "random":
         masks = {}
         for name, _ in named_params:
             if reference:
@@ -62,7 +63,7 @@ def prune_states(
             else:
                 joint = keep_mask(numels[name], ratio, seed=seed, restart_index=restart_index, name=name, key="joint")
                 masks.update({(name, key): joint for key in ADAM_KEYS})
-    elif method == "magnitude":
+    elif rule == "magnitude":
         # Same item list on every rank (built from the params, not from what is local): collectives align.
         keys = ADAM_KEYS if reference else ("exp_avg_sq",)
         items = [(name, key) for name, _ in named_params for key in keys]
@@ -80,7 +81,7 @@ def prune_states(
             else:
                 masks.update({(name, k): keep for k in ADAM_KEYS})
     else:
-        raise ValueError(f"unknown prune method {method!r}")
+        raise ValueError(f"unknown prune rule {rule!r}")
 
     zeroed = total = 0
     for name, _ in named_params:
@@ -97,7 +98,7 @@ def prune_adam_states(
     optimizer: torch.optim.Optimizer,
     params: Iterable[nn.Parameter | tuple[str, nn.Parameter]],
     *,
-    method: str,
+    rule: str,
     ratio: float,
     restart_index: int,
     seed: int = 0,
@@ -108,9 +109,7 @@ def prune_adam_states(
     `params` are parameters or (name, parameter) pairs; names key the random masks, so pass the same
     names on every rank (relora_dist.lora_parameters(model) gives stable ones).
     """
-    from .merge import ReplicatedAccess
-
     named = [p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(params)]
     return prune_states(
-        named, ReplicatedAccess(optimizer), method=method, ratio=ratio, seed=seed, restart_index=restart_index, reference=reference
+        named, ReplicatedAccess(optimizer), rule=rule, ratio=ratio, seed=seed, restart_index=restart_index, reference=reference
     )

@@ -1,4 +1,5 @@
-"""The jagged cosine schedule and the controller that drives merges, resets and LR restarts.
+"""The jagged cosine schedule and the ReLoRA-family controller that drives the warm-start switch, merges,
+resets and LR restarts (used by the lora, lora_ws and relora methods).
 
 One counter (successful optimizer updates) decides everything, so a skipped NaN step can never
 desynchronise merges from LR restarts (the reference code's B10).
@@ -11,7 +12,10 @@ from dataclasses import dataclass
 
 from .config import ReLoRAConfig
 
-METHODS = ("full", "relora", "lora", "lora_ws", "control")
+# Phase layouts of the ReLoRA paper's runs: when the low-rank phase starts, and whether it restarts.
+#   full / control: never low-rank; lora: low-rank from update 0; lora_ws: after the warm start;
+#   relora: after the warm start (0: from scratch), with merges, resets and LR restarts.
+LAYOUTS = ("full", "relora", "lora", "lora_ws", "control")
 
 
 def jagged_cosine(
@@ -56,7 +60,9 @@ class Actions:
 
 @dataclass
 class ReLoRAController:
-    """Phase, LR factor, merges and resets for one run, from one counter of successful updates.
+    """Phase, LR factor, merges and resets of one run of layout `method` (see LAYOUTS), from one counter of
+    successful updates. `lr_factor(step)` and `actions_after(done)` are pure; `after_update()` drives them
+    update by update with the controller's own counter.
 
     Phase 1 (full rank, `warm_start_steps` updates for relora/lora_ws) follows a warm-up + cosine laid
     out over the whole run, as the reference ran it; phase 2 starts a new schedule over the remaining
@@ -73,8 +79,8 @@ class ReLoRAController:
     resets: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)} (--method)")
+        if self.method not in LAYOUTS:
+            raise ValueError(f"unknown method {self.method!r} for the ReLoRA schedule; choose one of {', '.join(LAYOUTS)}")
         if self.total_steps <= 0:
             raise ValueError(f"steps must be > 0, got {self.total_steps} (--steps)")
         if self.phase2_start >= self.total_steps and self.method in ("relora", "lora_ws"):
@@ -119,20 +125,32 @@ class ReLoRAController:
             min_lr_ratio=self.min_lr_ratio,
         )
 
+    def _cycles(self, done: int, period: int) -> int:
+        """Multiples of `period` in (0, t], t = done - phase2_start: the merges (resets) once update `done` is taken."""
+        t = done - self.phase2_start
+        return t // period if self.method == "relora" and t > 0 else 0
+
+    def actions_after(self, done: int) -> Actions:
+        """What to do right after update `done` (0-based); merge/reset indices count those events so far."""
+        t = done - self.phase2_start  # right after the update taken at LR factor 0 (t = k * cycle)
+        actions = Actions(wrap=done + 1 == self.phase2_start and self.method in ("relora", "lora_ws"))
+        if self.method == "relora" and t > 0:
+            actions.merge = self.relora.restarts and t % self.relora.merge_every == 0
+            actions.reset = self.relora.optimizer_reset and t % self.relora.reset_period == 0
+        actions.merge_index, actions.reset_index = self.counts_after(done)
+        return actions
+
+    def counts_after(self, done: int) -> tuple[int, int]:
+        """(merges, resets) once update `done` (0-based) is taken."""
+        r = self.relora
+        return (self._cycles(done, r.merge_every) if r.restarts else 0,
+                self._cycles(done, r.reset_period) if r.optimizer_reset else 0)
+
     def after_update(self) -> Actions:
         """Call once per successful optimizer update (never for a skipped one)."""
-        done = self.step
+        actions = self.actions_after(self.step)
         self.step += 1
-        actions = Actions(wrap=self.step == self.phase2_start and self.method in ("relora", "lora_ws"))
-        if self.method == "relora" and done >= self.phase2_start:
-            t = done - self.phase2_start  # right after the update taken at LR factor 0 (t = k * cycle)
-            actions.merge = self.relora.restarts and t > 0 and t % self.relora.merge_every == 0
-            actions.reset = self.relora.optimizer_reset and t > 0 and t % self.relora.reset_period == 0
-        if actions.merge:
-            self.merges += 1
-        if actions.reset:
-            self.resets += 1
-        actions.merge_index, actions.reset_index = self.merges, self.resets
+        self.merges, self.resets = actions.merge_index, actions.reset_index
         return actions
 
     def state_dict(self) -> dict:

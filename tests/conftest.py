@@ -66,15 +66,16 @@ def launch_env() -> dict:
     return env
 
 
-def run_cli(args, *, nproc=1, timeout=300, check=True, launcher="torchrun", env=None):
+def run_cli(args, *, nproc=1, timeout=300, check=True, launcher="torchrun", env=None, script=TRAIN):
     """Run relora-train for real: torchrun (or the deepspeed launcher) with gloo ranks when nproc > 1.
-    `env`: extra environment variables (e.g. RELORA_INJECT_FAULTS)."""
+    `env`: extra environment variables (e.g. RELORA_INJECT_FAULTS); `script`: another entry point."""
+    script = str(script)
     if launcher == "deepspeed":
-        cmd = deepspeed_command(TRAIN, nproc)
+        cmd = deepspeed_command(script, nproc)
     elif nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     else:
-        cmd = [sys.executable, TRAIN]
+        cmd = [sys.executable, script]
     env = launch_env() | (env or {})
     result = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:

@@ -111,3 +111,33 @@ def test_every_rank_of_a_distributed_run_stops_on_bad_input(tmp_path):
     assert result.returncode != 0
     assert "relora-train: error: dataset path not found" in result.stderr
     assert "]: Traceback" not in result.stderr
+
+
+# Rows that need the data, the tokenizer or the run directory: only a real run can see them.
+NEEDS_RUN_STATE = ("--dataset", "--tokenizer", "--vocab-size 100", "--global-batch-size 100000", "--out", "--resume")
+DRY_ROWS = [row for row in ROWS if row[1].startswith("relora-train ") and not any(k in row[1] for k in NEEDS_RUN_STATE)]
+
+
+def test_dry_run_covers_most_rows():
+    assert len(DRY_ROWS) >= 30
+
+
+@pytest.mark.parametrize("what, command, expected", DRY_ROWS, ids=[row[0][:40] for row in DRY_ROWS])
+def test_dry_run_rejects_what_the_run_rejects(tmp_path, capsys, bad_files, what, command, expected):
+    """--dry-run builds no data and starts no engine, yet refuses the same bad input with the same line."""
+    _, *args = [arg.format(**bad_files) for arg in shlex.split(command)]
+    try:
+        code = train_main(BASE + ["--out", str(tmp_path / "run"), "--dry-run"] + args)
+    except SystemExit as e:  # argparse
+        code = e.code
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("relora-train: error: ")]
+    pattern = ".*".join(re.escape(fragment.strip()) for fragment in expected.split("…"))
+    assert code == 2 and len(errors) == 1 and re.search(pattern, errors[0]), (what, code, errors)
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_dry_run_accepts_a_good_config_and_says_what_it_checked(capsys):
+    assert train_main(BASE + ["--dry-run", "--backend", "fsdp2"]) == 0
+    out = capsys.readouterr().out
+    assert "# ok: method relora, backend fsdp2, 1 rank(s), 4 micro-batch(es) per rank per update" in out
+    assert "fsdp2:\n  reshard_after_forward: true" in out

@@ -125,8 +125,8 @@ def test_merge_refuses_non_finite_and_leaves_W():
 
 def test_merge_of_flat_pieces_matches_full_merge():
     """The sharded-merge math: adding s*B@A only on flat ranges (as ZeRO-3/FSDP2 will) equals the full merge."""
-    from relora_dist.backends.base import Piece
-    from relora_dist.merge import ReplicatedAccess, merge_and_reinit_layers
+    from relora_dist.access import Piece, ReplicatedAccess
+    from relora_dist.merge import merge_and_reinit_layers
 
     torch.manual_seed(0)
     layer = rd.ReLoRALinear(7, 5, rank=2, alpha=4.0, relora_name="m")
@@ -135,8 +135,10 @@ def test_merge_of_flat_pieces_matches_full_merge():
     full = layer.weight.detach() + layer.scale * layer.lora_B.detach() @ layer.lora_A.detach()
 
     class TwoPieces(ReplicatedAccess):
-        def weight_pieces(self, l):
-            flat = l.weight.data.view(-1)
+        def param_pieces(self, p):
+            if p is not layer.weight:
+                return super().param_pieces(p)
+            flat = p.data.view(-1)
             return [Piece(0, [flat[:13]]), Piece(13, [flat[13:22]]), Piece(22, [flat[22:]])]
 
     merge_and_reinit_layers([layer], TwoPieces(), restart_index=1)

@@ -149,7 +149,7 @@ def test_cli_predict_and_errors(capsys):
     assert main(["predict", "--world-size", "0"]) == 2
     assert "(--world-size)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        main(["predict", "--method", "lora"])
+        main(["predict", "--method", "qlora"])
     assert exit_.value.code == 2
 
 

@@ -48,7 +48,7 @@ def test_quantile_above_torch_limit():
 def test_reset_zeroes_exactly_and_only_lora_states():
     opt, params, extra = adam_with_state()
     before = snapshot(opt)
-    rd.prune_adam_states(opt, params, method="reset", ratio=0.0, restart_index=1)
+    rd.prune_adam_states(opt, params, rule="reset", ratio=0.0, restart_index=1)
     for p in params:
         assert opt.state[p]["exp_avg"].abs().sum() == 0 and opt.state[p]["exp_avg_sq"].abs().sum() == 0
         assert torch.equal(opt.state[p]["step"], before[id(p)]["step"])  # step kept
@@ -61,7 +61,7 @@ def test_prune_fraction_joint_mask_and_no_new_keys(method):
     opt, params, extra = adam_with_state()
     before = snapshot(opt)
     n_keys = len(opt.state)
-    rd.prune_adam_states(opt, params, method=method, ratio=0.7, restart_index=1)
+    rd.prune_adam_states(opt, params, rule=method, ratio=0.7, restart_index=1)
     assert len(opt.state) == n_keys
     for p in params:
         m, v = opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
@@ -79,7 +79,7 @@ def test_magnitude_threshold_is_the_quantile_of_v():
     opt, params, _ = adam_with_state()
     v0 = opt.state[params[0]]["exp_avg_sq"].clone()
     thr = torch.quantile(v0.flatten(), 0.8)
-    rd.prune_adam_states(opt, params, method="magnitude", ratio=0.8, restart_index=1)
+    rd.prune_adam_states(opt, params, rule="magnitude", ratio=0.8, restart_index=1)
     assert torch.equal(opt.state[params[0]]["exp_avg_sq"] != 0, v0 > thr)
 
 
@@ -89,7 +89,7 @@ def test_reference_semantics_independent_masks():
     opt.state[params[0]]["exp_avg"].copy_(torch.randn(6, 40))
     opt.state[params[0]]["exp_avg_sq"].copy_(torch.rand(6, 40))
     m0 = opt.state[params[0]]["exp_avg"].clone()
-    rd.prune_adam_states(opt, params, method="magnitude", ratio=0.5, restart_index=1, reference=True)
+    rd.prune_adam_states(opt, params, rule="magnitude", ratio=0.5, restart_index=1, reference=True)
     m = opt.state[params[0]]["exp_avg"]
     assert torch.equal(m != 0, m0.abs() > torch.quantile(m0.abs().flatten(), 0.5))
     v = opt.state[params[0]]["exp_avg_sq"]
@@ -100,11 +100,11 @@ def test_random_masks_keyed_by_restart_and_name():
     opt_a, pa, _ = adam_with_state()
     opt_b, pb, _ = adam_with_state()
     torch.manual_seed(99)  # the global RNG must not matter
-    rd.prune_adam_states(opt_a, [("x.lora_A", pa[0])], method="random", ratio=0.5, restart_index=3)
-    rd.prune_adam_states(opt_b, [("x.lora_A", pb[0])], method="random", ratio=0.5, restart_index=3)
+    rd.prune_adam_states(opt_a, [("x.lora_A", pa[0])], rule="random", ratio=0.5, restart_index=3)
+    rd.prune_adam_states(opt_b, [("x.lora_A", pb[0])], rule="random", ratio=0.5, restart_index=3)
     assert torch.equal(opt_a.state[pa[0]]["exp_avg"], opt_b.state[pb[0]]["exp_avg"])
     opt_c, pc, _ = adam_with_state()
-    rd.prune_adam_states(opt_c, [("x.lora_A", pc[0])], method="random", ratio=0.5, restart_index=4)
+    rd.prune_adam_states(opt_c, [("x.lora_A", pc[0])], rule="random", ratio=0.5, restart_index=4)
     assert not torch.equal(opt_a.state[pa[0]]["exp_avg"], opt_c.state[pc[0]]["exp_avg"])
 
 

@@ -1,45 +1,58 @@
-"""Engine registry: one module per backend, imported lazily so optional engines stay optional."""
+"""Engine registry: name -> Backend class, one module per engine.
+
+Engine modules import their engine (deepspeed, fairscale) only when a backend is set up, so the registry
+itself is cheap and optional engines stay optional.
+"""
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import fields
+
 import torch
 
-from .base import Backend, Piece, ShardAccess
+from .base import Backend
 
-BACKENDS = ("ddp", "deepspeed", "fsdp2", "fairscale", "zero_redundancy")
-
-
-def build_backend(name: str, *, device: torch.device, dtype: str, **engine_options) -> Backend:
-    """`engine_options`: what a particular engine needs beyond device and dtype (DeepSpeed: config,
-    micro_batch_size, accumulation_steps, max_norm; FSDP2: reshard_after_forward; DDP and
-    ZeroRedundancyOptimizer: the throughput harness's count_gradient_bytes, allreduce_every_microbatch,
-    emulate_busbw); others are ignored."""
-    ddp_options = {k: engine_options[k] for k in ("count_gradient_bytes", "allreduce_every_microbatch", "emulate_busbw")
-                   if k in engine_options}
-    if name == "ddp":
-        from .ddp import DDPBackend
-
-        return DDPBackend(device=device, dtype=dtype, **ddp_options)
-    if name == "fsdp2":
-        from .fsdp2 import FSDP2Backend
-
-        return FSDP2Backend(device=device, dtype=dtype, reshard_after_forward=engine_options.get("reshard_after_forward", True))
-    if name == "fairscale":
-        from .fairscale import FairscaleBackend
-
-        return FairscaleBackend(device=device, dtype=dtype)
-    if name == "zero_redundancy":
-        from .zero_redundancy import ZeroRedundancyBackend
-
-        return ZeroRedundancyBackend(device=device, dtype=dtype, **ddp_options)
-    if name == "deepspeed":
-        try:
-            from .deepspeed import DeepSpeedBackend
-        except ImportError as e:
-            raise ValueError(f"--backend deepspeed needs the deepspeed package ({e})") from None
-        wanted = ("config", "micro_batch_size", "accumulation_steps", "max_norm")
-        return DeepSpeedBackend(device=device, dtype=dtype, **{k: engine_options[k] for k in wanted})
-    raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)} (--backend)")
+# name -> "module:Class", imported on first use
+_REGISTRY = {
+    "ddp": f"{__name__}.ddp:DDPBackend",
+    "deepspeed": f"{__name__}.deepspeed:DeepSpeedBackend",
+    "fsdp2": f"{__name__}.fsdp2:FSDP2Backend",
+    "fairscale": f"{__name__}.fairscale:FairscaleBackend",
+    "zero_redundancy": f"{__name__}.zero_redundancy:ZeroRedundancyBackend",
+}
+BACKENDS = tuple(_REGISTRY)
 
 
-__all__ = ["Backend", "Piece", "ShardAccess", "BACKENDS", "build_backend"]
+def backend_class(name: str) -> type[Backend]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)} (--backend)")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def option_sections() -> dict[str, type]:
+    """Config section name -> options dataclass, for every engine that has options (engines may share one)."""
+    out = {}
+    for name in BACKENDS:
+        cls = backend_class(name)
+        if cls.options_section is not None:
+            out.setdefault(cls.options_section, cls.Options)
+    return out
+
+
+def build_backend(name: str, *, device: torch.device, dtype: str, micro_batch_size: int = 1, accumulation_steps: int = 1,
+                  max_norm: float = 1.0, **options) -> Backend:
+    """The engine `name` for this run. `options` are the engine's own (the fields of its `Options`: DeepSpeed's
+    config, FSDP2's reshard_after_forward, DDP's harness switches); an unknown one is an error."""
+    cls = backend_class(name)
+    known = {f.name for f in fields(cls.Options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) for --backend {name}: {', '.join(unknown)}"
+                         f" (it takes {', '.join(sorted(known)) or 'none'})")
+    return cls(device=device, dtype=dtype, micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps,
+               max_norm=max_norm, **options)
+
+
+__all__ = ["Backend", "BACKENDS", "backend_class", "build_backend", "option_sections"]

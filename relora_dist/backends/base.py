@@ -1,53 +1,29 @@
-"""The one interface every distributed engine implements.
+"""The one interface every distributed engine implements: the training ops the loop calls (setup,
+forward context, backward, step, checkpoint), so the loop never branches on which engine it runs, and a
+`relora_dist.access.ShardAccess` saying where this rank's pieces of parameters and optimizer states live.
 
-Two halves:
-- training ops the loop calls (setup, forward context, backward, step, checkpoint), so the loop never
-  branches on which engine it runs;
-- `ShardAccess`: where the pieces of W, A, B and their Adam states live on this rank. Merge, re-init
-  and prune are written once (`relora_dist.merge`, `relora_dist.prune`) on top of it.
-
-A piece is a flat range of the *full* flattened tensor: replicated engines hand out one piece that
-starts at 0; ZeRO-1/2 fragments, ZeRO-3 `ds_tensor` slices and FSDP2 row shards are flat ranges too.
+Engines know nothing of training methods: methods act on the model only through that access layer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
+from ..access import ShardAccess
+
 
 @dataclass
-class Piece:
-    """Elements [start, start + numel) of a full flattened tensor held by this rank.
-
-    `views` are all writable holders of those elements (low-precision param, fp32 master, ...):
-    every write must reach all of them, in place.
-    """
-
-    start: int
-    views: list[torch.Tensor] = field(default_factory=list)
-
-    def __post_init__(self):
-        # Holders can alias (ZeRO-3 at world size 1 gathers W into its own ds_tensor): a merge adds to
-        # each view, so each memory range must appear once.
-        seen, distinct = set(), []
-        for view in self.views:
-            key = (view.data_ptr(), view.numel(), view.dtype, view.device)
-            if key not in seen:
-                seen.add(key)
-                distinct.append(view)
-        self.views = distinct
-
-    @property
-    def numel(self) -> int:
-        return self.views[0].numel() if self.views else 0
+class NoOptions:
+    """An engine without options of its own."""
 
 
 def error_reason(error: BaseException) -> str:
@@ -80,58 +56,48 @@ def checkpoint_must_fit(directory, run: str = "this run"):
         raise ValueError(f"checkpoint {directory} does not fit {run}: {error_reason(e)}") from None
 
 
-class ShardAccess(ABC):
-    """Where ReLoRA tensors live on this rank. Every rank must call every method in the same order."""
-
-    @abstractmethod
-    def full_fp32(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
-        """Full fp32 values (masters where they exist) of small params, in one packed collective."""
-
-    @abstractmethod
-    def weight_pieces(self, layer: nn.Module) -> list[Piece]:
-        """Writable local pieces of a ReLoRA layer's frozen W."""
-
-    @abstractmethod
-    def param_pieces(self, param: nn.Parameter) -> list[Piece]:
-        """Writable local pieces of a trainable param (A or B), masters included."""
-
-    @abstractmethod
-    def state_pieces(self, param: nn.Parameter, key: str) -> list[Piece]:
-        """Local pieces of an Adam state of `param`; empty where this rank holds none (yet)."""
-
-    @abstractmethod
-    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
-        """Sum over the ranks whose pieces are disjoint (no-op when every rank holds everything)."""
-
-    def lora_factors(self, layers: list[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Per layer (A32 whole, B32 rows, index of the first row): the fp32 masters a merge of this rank's
-        W pieces needs. Default: whole A and B from `full_fp32` (one packed collective); engines whose W
-        pieces span few rows fetch only those rows of B."""
-        masters = self.full_fp32([p for layer in layers for p in (layer.lora_A, layer.lora_B)])
-        return [(A32, B32, 0) for A32, B32 in zip(masters[0::2], masters[1::2])]
-
-    def full_shape(self, param: nn.Parameter) -> torch.Size:
-        """Shape of the whole tensor (ZeRO-3 params are empty outside gathers)."""
-        return param.shape
-
-    def after_merge(self, layers: list[nn.Module]) -> None:
-        """Drop engine caches of W that the merge made stale (e.g. ZeRO++ secondary partitions)."""
-
-
 class Backend(ABC):
-    """Training ops of one engine (single process/DDP, DeepSpeed, FSDP2, fairscale)."""
+    """Training ops of one engine (single process/DDP, DeepSpeed, FSDP2, fairscale, ZeroRedundancyOptimizer).
 
-    name: str = "base"
+    Constructed with the device, the dtype, the run's batch shape (engines that schedule their own
+    accumulation or clipping need it) and the engine's own options, the fields of `Options` (also its
+    `options_section` of the run config); anything else is refused.
+    """
+
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions
+    # Config section holding `Options` (engines that share options share a section); None: no options.
+    options_section: ClassVar[str | None] = None
+    # The engine steps a plain torch optimizer keyed by the module's own parameters, so optimizer states can be
+    # carried over when a method rebuilds the model (--keep-states-at-switch).
+    carries_states: ClassVar[bool] = False
     # For the throughput harness: no_sync() really defers the gradient reduction (DeepSpeed reduces inside
     # its own backward/step).
-    defers_gradient_sync = True
+    defers_gradient_sync: ClassVar[bool] = True
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
 
+    def __init__(self, *, device: torch.device, dtype: str = "fp32", micro_batch_size: int = 1, accumulation_steps: int = 1,
+                 max_norm: float = 1.0):
+        self.device = device
+        self.dtype = dtype
+        self.micro_batch_size, self.accumulation_steps, self.max_norm = micro_batch_size, accumulation_steps, max_norm
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    @classmethod
+    def check_options(cls, options, *, dtype: str, micro_batch_size: int, accumulation_steps: int, world_size: int,
+                      max_norm: float) -> None:
+        """Reject what this engine would reject at setup, before any rank starts work (one-line ValueError)."""
+
+    # -- lifecycle ------------------------------------------------------------------------------------
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], param_groups: list[dict]) -> None:
-        """Wrap `model` and build its optimizer from param groups. Called again after the warm-start phase switch."""
+        """Wrap `model` and build its optimizer from param groups. Called again when a method rebuilds the model."""
+
+    def close(self) -> None:
+        """Release what the engine holds (DeepSpeed's engine, its buffers); the backend is unusable afterwards."""
 
     @property
     @abstractmethod
@@ -147,6 +113,7 @@ class Backend(ABC):
     @abstractmethod
     def optimizer(self) -> torch.optim.Optimizer: ...
 
+    # -- one update -------------------------------------------------------------------------------------
     def forward_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
@@ -158,17 +125,25 @@ class Backend(ABC):
         """No gradient reduction at all, whatever the loop's sync policy: the harness's compute baseline."""
         return self.no_sync()
 
-    @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
-    @abstractmethod
+    def clip_gradients(self, max_norm: float) -> float:
+        """The global gradient norm (the same on every rank), the gradients clipped to `max_norm` in place when it
+        is > 0 (a non-finite norm skips the step, and the gradients are zeroed next)."""
+        raise NotImplementedError
+
     def step(self, *, lr: float, max_norm: float, loss_is_finite: bool = True) -> tuple[float, bool]:
         """End of an accumulation window: clip the gradients to `max_norm` (0: no clipping) and take the
-        optimizer step at `lr`, unless the loss or the global gradient norm is non-finite.
-
-        Engines that clip inside their own step (DeepSpeed) do it there. The decision must be the same
-        on every rank. Returns (global gradient norm, whether the step was taken).
-        """
+        optimizer step at `lr`, unless the loss or the global gradient norm is non-finite (the same decision
+        on every rank). Returns (global gradient norm, whether the step was taken). Engines that clip and
+        check inside their own step (DeepSpeed) override this."""
+        grad_norm = self.clip_gradients(max_norm)
+        stepped = loss_is_finite and math.isfinite(grad_norm)
+        if stepped:
+            self.set_lr(lr)
+            self.optimizer.step()
+        return grad_norm, stepped
 
     @abstractmethod
     def zero_grad(self) -> None: ...
@@ -180,27 +155,42 @@ class Backend(ABC):
     @abstractmethod
     def shard_access(self) -> ShardAccess: ...
 
-    @abstractmethod
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a small tensor over all ranks (loss logging, evaluation)."""
+        """Sum a small tensor over all ranks in place (loss logging, evaluation)."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
 
     def barrier(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
+    # -- checkpoints ------------------------------------------------------------------------------------
     @abstractmethod
     def save(self, directory: Path, trainer_state: dict) -> None:
         """Write model and optimizer state into `directory` (every rank calls it). Engines with their own
-        checkpoint format store `trainer_state` (controller, data position) inside it as well."""
+        checkpoint format store `trainer_state` (update counter, data position) inside it as well."""
 
     @abstractmethod
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote (every rank calls it, after `setup`)."""
 
+    @classmethod
+    def checkpoint_model_source(cls, directory: Path) -> Path:
+        """The file or folder holding the model state in a checkpoint this engine wrote (for error messages)."""
+        return Path(directory) / "model.pt"
+
+    @classmethod
+    def read_checkpoint_model(cls, directory: Path) -> dict[str, torch.Tensor]:
+        """The full model state dict of a checkpoint this engine wrote, in one process without a process group
+        (relora-export). Default: the whole-module file rank 0 wrote."""
+        return load_checkpoint_file(cls.checkpoint_model_source(directory))
+
+    # -- the model between phases -------------------------------------------------------------------------
     def release_model(self, build_model: Callable[[], nn.Module]) -> nn.Module:
-        """End this engine's hold on the model and return it as a plain module with full parameters,
-        ready to be re-wrapped at the warm-start switch. Engines that partition or hook the module
-        return a fresh `build_model()` loaded with the full values (fp32 masters where they exist)."""
+        """End this engine's hold on the model and return it as a plain module with full parameters, ready to
+        be rebuilt and wrapped again. Engines that partition or hook the module return a fresh `build_model()`
+        loaded with the full values (fp32 masters where they exist)."""
         return self.unwrapped_model
 
     @staticmethod
@@ -228,8 +218,8 @@ class Backend(ABC):
         return {k: v.detach().cpu() for k, v in self.unwrapped_model.state_dict().items()} if self.rank == 0 else {}
 
     def param_states(self, params) -> dict:
-        """Optimizer state per parameter object, for `--keep-states-at-switch` (engines with a plain torch
-        optimizer keyed by the module's own parameters implement it)."""
+        """Optimizer state per parameter object, for carrying states over a rebuild (engines with
+        `carries_states` implement it)."""
         raise ValueError(f"--keep-states-at-switch is not supported with --backend {self.name}")
 
     def restore_param_states(self, states: dict) -> None:
@@ -245,3 +235,9 @@ class Backend(ABC):
                 if isinstance(value, torch.Tensor):
                     out.append((f"{name}/{key}", value))
         return out
+
+
+def clip_replicated_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+    """Global norm of gradients every rank holds whole (DDP has already averaged them), clipped in place. Clips
+    with max_norm = inf when clipping is off: a multiplication by exactly 1."""
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))

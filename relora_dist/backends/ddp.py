@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..access import ReplicatedAccess
 from ..comm import GradientTraffic, counting_allreduce_hook
-from ..merge import ReplicatedAccess
-from .base import Backend, checkpoint_must_fit, load_checkpoint_file
+from .base import Backend, checkpoint_must_fit, clip_replicated_gradients, load_checkpoint_file
+
+
+@dataclass
+class DDPOptions:
+    allreduce_every_microbatch: bool = False
+    """ddp, zero_redundancy: all-reduce the gradients after every micro-batch (the paper's loop, no no_sync)."""
+    count_gradient_bytes: bool = False
+    """ddp, zero_redundancy: route DDP's all-reduces through a counting comm hook (equivalent to none; the throughput harness)."""
+    emulate_busbw: float | None = None
+    """ddp, zero_redundancy: pad every gradient all-reduce to this bus bandwidth in bytes/s (slow-link emulation)."""
 
 
 def _no_buffer_broadcast() -> dict:
@@ -32,17 +41,17 @@ class DDPBackend(Backend):
     """
 
     name = "ddp"
+    Options = DDPOptions
+    options_section = "ddp"
+    carries_states = True
 
     def __init__(self, *, device: torch.device, dtype: str = "fp32", count_gradient_bytes: bool = False,
-                 allreduce_every_microbatch: bool = False, emulate_busbw: float | None = None):
-        self.device = device
-        self.dtype = dtype
+                 allreduce_every_microbatch: bool = False, emulate_busbw: float | None = None, **batch):
+        super().__init__(device=device, dtype=dtype, **batch)
         # Throughput harness options: count what DDP all-reduces (a comm hook equivalent to none), and
         # reproduce the paper's loop, which all-reduces after every micro-batch (no no_sync).
         self.gradient_traffic = GradientTraffic(emulate_busbw) if count_gradient_bytes or emulate_busbw else None
         self.allreduce_every_microbatch = allreduce_every_microbatch
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self._module: nn.Module | None = None
         self._wrapped: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -83,18 +92,9 @@ class DDPBackend(Backend):
     def compute_only(self):
         return self._wrapped.no_sync() if isinstance(self._wrapped, DistributedDataParallel) else contextlib.nullcontext()
 
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self, *, lr, max_norm, loss_is_finite=True):
-        params = [p for p in self._module.parameters() if p.requires_grad]
+    def clip_gradients(self, max_norm):
         # DDP already averaged the gradients, so the norm is the same on every rank.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
-        stepped = loss_is_finite and math.isfinite(grad_norm)
-        if stepped:
-            self.set_lr(lr)
-            self._optimizer.step()
-        return grad_norm, stepped
+        return clip_replicated_gradients([p for p in self._module.parameters() if p.requires_grad], max_norm)
 
     def zero_grad(self):
         self._optimizer.zero_grad(set_to_none=True)
@@ -108,11 +108,6 @@ class DDPBackend(Backend):
     def restore_param_states(self, states):
         for param, state in states.items():
             self._optimizer.state[param] = state
-
-    def all_reduce_sum(self, tensor):
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return tensor
 
     def save(self, directory: Path, trainer_state: dict):
         if self.rank == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -18,13 +19,14 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from ..access import write_pieces
 from ..distributed import rank0_first
-from .base import Backend, checkpoint_must_fit
+from .base import Backend, checkpoint_must_fit, clip_replicated_gradients
 from .deepspeed_layout import full_parameters, shard_access_for
 
 logger = logging.getLogger("relora_dist")
@@ -99,16 +101,23 @@ def _remove_cpu_shm_buffers(rank: int) -> None:
             path.unlink(missing_ok=True)
 
 
+@dataclass
+class DeepSpeedOptions:
+    config: str | None = None
+    """DeepSpeed JSON config (ZeRO stage, offload, buckets; see launch/configs/zero*.json). Implies --backend deepspeed."""
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
+    Options = DeepSpeedOptions
+    options_section = "deepspeed"
     defers_gradient_sync = False
+    implied_by = "config"  # setting deepspeed.config (--deepspeed) selects this engine
 
-    def __init__(self, *, device: torch.device, dtype: str, config: str | Path | dict, micro_batch_size: int,
-                 accumulation_steps: int, max_norm: float):
-        self.device = device
-        self.dtype = dtype
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+    def __init__(self, *, device: torch.device, dtype: str, config: str | Path | dict, micro_batch_size: int = 1,
+                 accumulation_steps: int = 1, max_norm: float = 1.0):
+        super().__init__(device=device, dtype=dtype, micro_batch_size=micro_batch_size,
+                         accumulation_steps=accumulation_steps, max_norm=max_norm)
         self.config = engine_config(load_engine_config(config), dtype=dtype, micro_batch_size=micro_batch_size,
                                     accumulation_steps=accumulation_steps, world_size=self.world_size, max_norm=max_norm)
         self.stage = self.config["zero_optimization"].get("stage", 0)
@@ -116,6 +125,15 @@ class DeepSpeedBackend(Backend):
         self._guard = None  # set when the engine steps a plain torch optimizer (see setup)
         if device.type == "cpu":
             atexit.register(_remove_cpu_shm_buffers, self.rank)
+
+    @classmethod
+    def check_options(cls, options, *, dtype, micro_batch_size, accumulation_steps, world_size, max_norm):
+        if not options.config:
+            raise ValueError("--backend deepspeed needs a DeepSpeed JSON config (--deepspeed launch/configs/zero2.json)")
+        engine_config(load_engine_config(options.config), dtype=dtype, micro_batch_size=micro_batch_size,
+                      accumulation_steps=accumulation_steps, world_size=world_size, max_norm=max_norm)
+        if importlib.util.find_spec("deepspeed") is None:  # not imported here: that takes seconds
+            raise ValueError("--backend deepspeed needs the deepspeed package (pip install deepspeed)")
 
     # -- engine lifecycle ---------------------------------------------------------------------------
     def setup(self, model, make_optimizer, param_groups):
@@ -134,9 +152,13 @@ class DeepSpeedBackend(Backend):
     def release_model(self, build_model):
         names = [n for n, _ in self.engine.module.named_parameters()]
         state = full_parameters(self.engine, self.shard_access(), names)
-        self.engine.destroy()
-        self.engine = None
+        self.close()
         return self.rebuilt_model(build_model, state)
+
+    def close(self):
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
 
     @property
     def model(self):
@@ -181,11 +203,6 @@ class DeepSpeedBackend(Backend):
     def shard_access(self):
         return shard_access_for(self.engine)
 
-    def all_reduce_sum(self, tensor):
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return tensor
-
     # -- checkpoints and export -----------------------------------------------------------------------
     def save(self, directory, trainer_state):
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"relora_trainer": trainer_state})
@@ -222,18 +239,33 @@ class DeepSpeedBackend(Backend):
                     state["step"] = state["step"].clone()
 
     def _restore_frozen_weights(self, saved: dict[str, torch.Tensor]) -> None:
-        """DeepSpeed's universal load restores what the optimizer holds; the frozen W of ReLoRA layers
-        (outside the optimizer) comes from the fragments the native checkpoint keeps, into this rank's pieces."""
-        from ..layer import relora_layers
-        from ..merge import write_pieces
-
+        """DeepSpeed's universal load restores what the optimizer holds; frozen parameters (outside the optimizer)
+        come from the fragments the native checkpoint keeps, into this rank's pieces."""
         access = self.shard_access()
-        for layer in relora_layers(self.engine.module):
-            name = f"{layer.relora_name}.weight"
+        for name, param in self.engine.module.named_parameters():
+            if param.requires_grad:
+                continue
             if name not in saved:
-                raise ValueError(f"checkpoint has no frozen weight {name} (written before the warm-start switch?)")
+                raise ValueError(f"checkpoint has no frozen parameter {name} (written by a run that trained it?)")
             with torch.no_grad():
-                write_pieces(access.weight_pieces(layer), saved[name].reshape(-1))
+                write_pieces(access.param_pieces(param), saved[name].reshape(-1))
+
+    @classmethod
+    def checkpoint_model_source(cls, directory):
+        return Path(directory) / CHECKPOINT_TAG
+
+    @classmethod
+    def read_checkpoint_model(cls, directory):
+        """Full fp32 model state in one process: ZeRO-1/2/3 shards are put back together by DeepSpeed's own
+        zero_to_fp32 (frozen parameters included); a stage-0 checkpoint holds the whole module."""
+        engine_dir = cls.checkpoint_model_source(directory)
+        if any(engine_dir.glob("*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        else:
+            state = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in state.items()}
 
     def model_state_for_export(self):
         module = self.engine.module
@@ -292,22 +324,6 @@ def universal_checkpoint(directory: Path, *, convert: bool) -> Path:
     return target
 
 
-def consolidated_checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 model state from a checkpoint the DeepSpeed backend wrote, in one process (relora-export).
-
-    ZeRO-1/2/3 shards are put back together by DeepSpeed's own zero_to_fp32 (frozen W included); a stage-0
-    checkpoint holds the whole module.
-    """
-    engine_dir = Path(directory) / CHECKPOINT_TAG
-    if any(engine_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
-    else:
-        state = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in state.items()}
-
-
 class _FiniteStepGuard:
     """Stage 0 fp32 hands DeepSpeed a bare torch optimizer: clip the (already all-reduced) gradients and skip
     the update when their norm is non-finite, the same rule the ZeRO wrappers apply."""
@@ -318,8 +334,7 @@ class _FiniteStepGuard:
         params = [p for g in optimizer.param_groups for p in g["params"]]
 
         def guarded(*args, **kwargs):
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-            self.last_norm = float(norm)
+            self.last_norm = clip_replicated_gradients(params, max_norm)
             self.last_stepped = math.isfinite(self.last_norm)
             return step(*args, **kwargs) if self.last_stepped else None
 

@@ -9,8 +9,8 @@ The layout is detected by capability (what the optimizer wrapper holds), not fro
 | DeepSpeedZeroOptimizer, BF16_Optimizer    | a flat fp32 partition per rank       | PartitionedMasters  |
 | DeepSpeedZeroOptimizer_Stage3             | `ds_tensor` slices, fp32 slices      | Stage3Slices        |
 
-Every holder of A/B is written (low-precision param, master, state), in place: params are views into
-flat buffers the engine communicates. See research/distributed_internals.md section 2.
+Every holder of a trainable param is written (low-precision param, master, state), in place: params are
+views into flat buffers the engine communicates. See research/distributed_internals.md section 2.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..merge import ReplicatedAccess
-from .base import Piece, ShardAccess
-from .sharded import FlatRangeShards, ShardedAccess
+from ..access import FlatRangeShards, Piece, ReplicatedAccess, ShardAccess, ShardedAccess
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -56,15 +54,16 @@ class ReplicatedMasters(ShardAccess):
                     offset += lp.numel()
 
     def full_fp32(self, params):
-        return [self.master[id(p)][0].detach().view(p.shape).float().clone() for p in params]
-
-    def weight_pieces(self, layer):
-        return [Piece(0, [_flat(layer.weight.data)])]
+        return [self.master[id(p)][0].detach().view(p.shape).float().clone() if id(p) in self.master
+                else p.detach().float().clone() for p in params]
 
     def param_pieces(self, param):
-        return [Piece(0, [_flat(param.data), _flat(self.master[id(param)][0])])]
+        masters = [_flat(self.master[id(param)][0])] if id(param) in self.master else []  # frozen params have none
+        return [Piece(0, [_flat(param.data)] + masters)]
 
     def state_pieces(self, param, key):
+        if id(param) not in self.master:
+            return []
         view, holder = self.master[id(param)]
         state = _state_tensor(self.inner, holder, key)
         if state is None:
@@ -125,11 +124,8 @@ class PartitionedMasters(ShardedAccess):
         self.all_reduce_sum_(packed)
         return [chunk.view(p.shape).clone() for chunk, p in zip(packed.split(sizes), params)]
 
-    def weight_pieces(self, layer):
-        return [Piece(0, [_flat(layer.weight.data)])]  # frozen W: a plain replicated tensor
-
     def param_pieces(self, param):
-        pieces = [Piece(0, [_flat(param.data)])]
+        pieces = [Piece(0, [_flat(param.data)])]  # frozen params have no master fragment
         found = self._master_view(param)
         if found is not None:
             start, view, _ = found
@@ -151,8 +147,8 @@ class Stage3Slices(FlatRangeShards):
     """ZeRO-3: every param (frozen W too) is a 1-D slice `ds_tensor` of ceil(numel / world) elements;
     the last rank's slice is padded. Persistent params also keep a full `p.data` between steps.
 
-    W is merged slice by slice and never gathered. A merge needs all of A but only the rows of B under the
-    local slice of W (plus ROW_BLOCK alignment): one all_to_all brings exactly those.
+    A fetch of named ranges is one all_to_all from the ranks' master slices, or nothing when every rank holds
+    what it wants whole in fp32 (persistent params without offload). Nothing is gathered to write it.
     """
 
     def __init__(self, wrapper, group=None, comm_device="cpu"):
@@ -178,8 +174,7 @@ class Stage3Slices(FlatRangeShards):
         return lo, hi - lo
 
     def _votes(self, flags: list[bool]) -> list[int]:
-        """How many ranks say True, per flag (one tiny all-reduce). Whether a param is held whole can differ
-        between ranks in principle, and it decides the size of collectives: decide it together."""
+        """How many ranks say True, per flag (one tiny all-reduce)."""
         counts = torch.tensor([float(f) for f in flags])
         self.all_reduce_sum_(counts)
         return [int(c) for c in counts.tolist()]
@@ -216,20 +211,28 @@ class Stage3Slices(FlatRangeShards):
             return [p.detach().clone() for p in params]  # persistent fp32 params are their own masters
         return super().full_fp32(params)
 
-    def lora_factors(self, layers):
-        lora = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
-        votes = self._votes([self._fp32_whole(lora)] + [self._whole_data(layer.weight) is not None for layer in layers])
-        if votes[0] == self.world:  # whole fp32 A/B (their own masters) on every rank: nothing to fetch
-            return [(layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), 0) for layer in layers]
-        # A full copy of W anywhere (persistent, or left gathered by a forward) is merged whole: needs all of B.
-        return self.exchange_factors(layers, [count > 0 for count in votes[1:]])
+    def spans(self, params):
+        """A rank holding a param whole (persistent, or left gathered by a forward) covers all of it. Who does is
+        decided together: one byte per rank and param, all-reduced (each rank fills its own row)."""
+        held = torch.zeros(self.world, len(params), dtype=torch.uint8, device=self.comm_device)
+        held[self.rank] = torch.tensor([self._whole_data(p) is not None for p in params], dtype=torch.uint8)
+        if self.world > 1:
+            torch.distributed.all_reduce(held, group=self.group)
+        whole = held.cpu().tolist()
+        return [[(0, p.ds_numel) if whole[r][i] else self.owned(p, r) for r in range(self.world)]
+                for i, p in enumerate(params)]
 
-    def weight_pieces(self, layer):
-        return self._pieces(layer.weight, [layer.weight.ds_tensor])
+    def fetch_fp32(self, wanted):
+        # Whole fp32 params on every rank (their own masters) need no communication.
+        if self.all_ranks_agree(self._fp32_whole([p for p, _, _ in wanted[self.rank]])):
+            return [self._whole_data(p)[lo:hi].clone() for p, lo, hi in wanted[self.rank]]
+        return super().fetch_fp32(wanted)
 
     def param_pieces(self, param):
-        # In pure fp32 without offload the master aliases ds_tensor: writing both is harmless.
-        return self._pieces(param, [param.ds_tensor, self._master_slice(param)])
+        # Frozen params have no master. In pure fp32 without offload the master aliases ds_tensor: writing both
+        # is harmless.
+        masters = [self._master_slice(param)] if param.requires_grad else []
+        return self._pieces(param, [param.ds_tensor] + masters)
 
     def state_pieces(self, param, key):
         flat = self.wrapper.fp32_partitioned_groups_flat[self.wrapper.grad_position[self.wrapper.get_param_id(param)][0]]
@@ -238,10 +241,10 @@ class Stage3Slices(FlatRangeShards):
         start, valid = self._range(param)  # padding excluded: zeros would shift the quantile
         return [Piece(start, [self._master_slice(param, key).narrow(0, 0, valid)])] if valid else []
 
-    def after_merge(self, layers):
-        for layer in layers:  # ZeRO++ hpZ keeps a secondary copy of W that only trainable groups invalidate
-            if getattr(layer.weight, "ds_secondary_tensor", None) is not None:
-                layer.weight.ds_secondary_tensor = None
+    def after_write(self, params):
+        for param in params:  # ZeRO++ hpZ keeps a secondary copy that only trainable groups invalidate
+            if getattr(param, "ds_secondary_tensor", None) is not None:
+                param.ds_secondary_tensor = None
 
 
 def shard_access_for(engine) -> ShardAccess:

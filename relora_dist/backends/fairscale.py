@@ -6,11 +6,13 @@ fairscale's own FSDP asserts CUDA and is out of scope: use `--backend fsdp2` for
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 
 import torch
 
+from .base import NoOptions
 from .owner_sharded import OwnerShardedBackend, optimizer_recipe
 
 
@@ -25,13 +27,19 @@ class FairscaleBackend(OwnerShardedBackend):
     """`dtype="bf16"` is autocast over fp32 parameters, as with DDP (OSS has no separate masters)."""
 
     name = "fairscale"
+    Options = NoOptions
+    options_section = None
 
-    def __init__(self, *, device: torch.device, dtype: str = "fp32"):
-        try:
-            import fairscale  # noqa: F401
-        except ImportError as e:
-            raise ValueError(f"--backend fairscale needs the fairscale package ({e})") from None
-        super().__init__(device=device, dtype=dtype)
+    def __init__(self, *, device: torch.device, dtype: str = "fp32", micro_batch_size: int = 1, accumulation_steps: int = 1,
+                 max_norm: float = 1.0):
+        self.check_options(NoOptions())
+        super().__init__(device=device, dtype=dtype, micro_batch_size=micro_batch_size,
+                         accumulation_steps=accumulation_steps, max_norm=max_norm)
+
+    @classmethod
+    def check_options(cls, options, **run):
+        if importlib.util.find_spec("fairscale") is None:
+            raise ValueError("--backend fairscale needs the fairscale package (pip install fairscale)")
 
     def setup(self, model, make_optimizer, param_groups):
         from fairscale.nn.data_parallel import ShardedDataParallel
@@ -55,14 +63,9 @@ class FairscaleBackend(OwnerShardedBackend):
     def no_sync(self):
         return self._wrapped.no_sync()
 
-    def step(self, *, lr, max_norm, loss_is_finite=True):
+    def clip_gradients(self, max_norm):
         # The gradients sit on their owners only: OSS computes the global norm (one all-reduce) and clips.
-        norm = float(self._optimizer.clip_grad_norm(max_norm if max_norm > 0 else math.inf))
-        stepped = loss_is_finite and math.isfinite(norm)
-        if stepped:
-            self.set_lr(lr)
-            self._optimizer.step()
-        return norm, stepped
+        return float(self._optimizer.clip_grad_norm(max_norm if max_norm > 0 else math.inf))
 
     def zero_grad(self):
         self._wrapped.zero_grad(set_to_none=True)

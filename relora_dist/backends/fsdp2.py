@@ -4,7 +4,8 @@ Between steps every parameter (frozen W included) is a DTensor sharded by rows, 
 rank r holds rows [r*c, min((r+1)*c, d)) with c = ceil(d / world) (torch.chunk), possibly none. The
 sharded fp32 parameter is the master (`MixedPrecisionPolicy` casts only what it all-gathers) and AdamW
 keeps its states as DTensors of the same layout. So a reset works on local rows in place: W and B share
-rows, `W_local += s * B_local @ A` needs all of A (one all_to_all, see `sharded.FlatRangeShards`).
+rows, so a ReLoRA merge `W_local += s * B_local @ A` needs all of A and the local rows of B (one fetch through
+`access.FlatRangeShards`).
 Checkpoints go through torch.distributed.checkpoint and load at any world size.
 """
 
@@ -13,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
@@ -24,14 +25,20 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from .base import Backend, Piece, checkpoint_must_fit
-from .sharded import FlatRangeShards
+from ..access import FlatRangeShards, Piece
+from .base import Backend, checkpoint_must_fit
 
 CHECKPOINT_DIR = "dcp"
 
 
+@dataclass
+class FSDP2Options:
+    reshard_after_forward: bool = True
+    """fsdp2: free each layer's gathered parameters after its forward and gather them again for backward (false: keep them, more memory, fewer all-gathers)."""
+
+
 class RowShards(FlatRangeShards):
-    """FSDP2's row shards: pieces are the local rows of the DTensor parameter and of its Adam states."""
+    """FSDP2's row shards: pieces are the local rows of the DTensor parameter and of its optimizer states."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, group, comm_device):
         super().__init__(group, comm_device)
@@ -54,9 +61,6 @@ class RowShards(FlatRangeShards):
         lo, hi = self.owned(param, self.rank)
         return [Piece(lo, [tensor.to_local().view(-1)])] if hi > lo else []
 
-    def weight_pieces(self, layer):
-        return self._pieces(layer.weight, layer.weight)
-
     def param_pieces(self, param):
         return self._pieces(param, param)
 
@@ -67,11 +71,11 @@ class RowShards(FlatRangeShards):
 
 
 def _check_row_sharding(model: nn.Module, access: RowShards) -> None:
-    """The reset assumes torch.chunk row shards on a 1-D mesh (not HSDP, not a shard_placement_fn)."""
+    """The access layer assumes torch.chunk row shards on a 1-D mesh (not HSDP, not a shard_placement_fn)."""
     for name, p in model.named_parameters():
         if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
             raise ValueError(f"FSDP2 parameter {name} is not row-sharded (Shard(0) on a 1-D mesh): {type(p).__name__}"
-                             f" {getattr(p, 'placements', None)}; relora_dist's reset needs row shards")
+                             f" {getattr(p, 'placements', None)}; relora_dist's access layer needs row shards")
         lo, hi = access.owned(p, access.rank)
         if p.to_local().numel() != hi - lo:
             raise ValueError(f"FSDP2 parameter {name}: local shard {tuple(p.to_local().shape)} is not torch.chunk's rows")
@@ -81,13 +85,12 @@ class FSDP2Backend(Backend):
     """`dtype="bf16"`: bf16 compute and all-gathers over fp32 sharded masters, gradients reduced in fp32."""
 
     name = "fsdp2"
+    Options = FSDP2Options
+    options_section = "fsdp2"
 
-    def __init__(self, *, device: torch.device, dtype: str = "fp32", reshard_after_forward: bool = True):
-        self.device = device
-        self.dtype = dtype
+    def __init__(self, *, device: torch.device, dtype: str = "fp32", reshard_after_forward: bool = True, **batch):
+        super().__init__(device=device, dtype=dtype, **batch)
         self.reshard_after_forward = reshard_after_forward
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self._model: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
 
@@ -134,21 +137,13 @@ class FSDP2Backend(Backend):
         finally:
             self._model.set_requires_gradient_sync(True)
 
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self, *, lr, max_norm, loss_is_finite=True):
+    def clip_gradients(self, max_norm):
         params = [p for p in self._model.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # the same on every rank
-        grad_norm = float(norm)
-        stepped = loss_is_finite and math.isfinite(grad_norm)
-        if stepped:
-            if max_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-            self.set_lr(lr)
-            self._optimizer.step()
-        return grad_norm, stepped
+        if max_norm > 0 and math.isfinite(float(norm)):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
 
     def zero_grad(self):
         self._optimizer.zero_grad(set_to_none=True)
@@ -161,17 +156,11 @@ class FSDP2Backend(Backend):
                 module.reshard()
 
     def shard_access(self):
-        self.reshard()  # the reset writes shards; the next forward all-gathers what was written
+        self.reshard()  # methods write shards; the next forward all-gathers what was written
         return RowShards(self._optimizer, None, self.device)
-
-    def all_reduce_sum(self, tensor):
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return tensor
 
     def replicated_named_tensors(self):
         return list(self._model.named_buffers())  # every parameter is sharded
-
 
     # -- checkpoints and export -----------------------------------------------------------------------
     def save(self, directory, trainer_state):
@@ -192,6 +181,21 @@ class FSDP2Backend(Backend):
         state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.rank == 0 else {}
 
+    @classmethod
+    def checkpoint_model_source(cls, directory):
+        return Path(directory) / CHECKPOINT_DIR
+
+    @classmethod
+    def read_checkpoint_model(cls, directory):
+        """Full model state from the DCP checkpoint, in one process without a process group."""
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / "full.pt"
+            dcp_to_torch_save(str(cls.checkpoint_model_source(directory)), str(target))
+            state = torch.load(target, map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
+
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one (HF LLaMA: model.model.layers)."""
@@ -200,14 +204,3 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     if layers is None:
         raise ValueError(f"--backend fsdp2 shards decoder layers; {type(model).__name__} has no .model.layers")
     return list(layers)
-
-
-def consolidated_checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
-    """Full model state from an FSDP2 checkpoint, in one process without a process group (relora-export)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(Path(directory) / CHECKPOINT_DIR), str(target))
-        state = torch.load(target, map_location="cpu", weights_only=False)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}

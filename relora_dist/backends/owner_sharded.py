@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..merge import ReplicatedAccess
+from ..access import ReplicatedAccess
 from .base import Backend
 from .ddp import DDPBackend
 
@@ -30,6 +30,7 @@ class OwnerShardedBackend(DDPBackend):
     """Shared by the OSS and ZeroRedundancyOptimizer backends; `_optimizer` is the sharding wrapper."""
 
     # --keep-states-at-switch would need the states from their owners: not offered (the base refuses).
+    carries_states = False
     param_states = Backend.param_states
     restore_param_states = Backend.restore_param_states
 

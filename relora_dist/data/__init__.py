@@ -1,6 +1,6 @@
 """Data pipeline: texts -> tokenizer -> packed sequences -> world-size-independent batches."""
 
-from .batches import GlobalBatchPlan, val_batches
+from .batches import GlobalBatchPlan, split_batch, val_batches
 from .corpus import TextSplits, embedded_corpus_documents, load_text_splits
 from .packing import pack_documents
 from .pipeline import PackedData, build_data
@@ -16,5 +16,6 @@ __all__ = [
     "embedded_corpus_documents",
     "load_text_splits",
     "pack_documents",
+    "split_batch",
     "val_batches",
 ]

@@ -17,6 +17,21 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
 
 
+def split_batch(global_batch_size: int, *, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches per rank per optimizer update; ValueError when the global batch does not split evenly."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if global_batch_size % world_size != 0:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by world size {world_size}")
+    per_rank = global_batch_size // world_size
+    if per_rank % micro_batch_size != 0:
+        raise ValueError(
+            f"per-rank batch {per_rank} (global batch {global_batch_size} / world size {world_size}) "
+            f"is not divisible by micro batch size {micro_batch_size}"
+        )
+    return per_rank // micro_batch_size
+
+
 class GlobalBatchPlan:
     """Epoch-wise shuffled global batches; batch indices count across epochs (0-based)."""
 
@@ -62,23 +77,14 @@ class GlobalBatchPlan:
         in rank order gives back `global_indices(batch_index)`.
         """
         _check_rank(rank, world_size)
-        g = self.global_batch_size
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if g % world_size != 0:
-            raise ValueError(f"global batch size {g} is not divisible by world size {world_size}")
-        per_rank = g // world_size
-        if per_rank % micro_batch_size != 0:
-            raise ValueError(
-                f"per-rank batch {per_rank} (global batch {g} / world size {world_size}) "
-                f"is not divisible by micro batch size {micro_batch_size}"
-            )
+        split_batch(self.global_batch_size, world_size=world_size, micro_batch_size=micro_batch_size)
+        per_rank = self.global_batch_size // world_size
         local = self.global_indices(batch_index)[rank * per_rank : (rank + 1) * per_rank]
         return list(local.split(micro_batch_size))
 
     def accumulation_steps(self, *, world_size: int, micro_batch_size: int) -> int:
         """Micro-batches per rank per optimizer step (after the same checks as local_microbatches)."""
-        return len(self.local_microbatches(0, rank=0, world_size=world_size, micro_batch_size=micro_batch_size))
+        return split_batch(self.global_batch_size, world_size=world_size, micro_batch_size=micro_batch_size)
 
 
 def val_batches(

@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field, replace
 from .accounting import ModelCounts, Precision, static_bytes
 from .hardware import GiB, Hardware
 
-METHODS = ("full", "relora")
+# What the model counts: every weight trains ("full"), or frozen projections plus low-rank factors ("relora").
+# A training method names its own (relora_dist.methods.Method.cost_structure).
+COST_STRUCTURES = ("full", "relora")
 CONTEXT_BYTES = GiB  # CUDA context + NCCL + allocator slack outside the tensors
 DDP_BUCKET_BYTES = 25 * 2**20
 
@@ -53,7 +55,7 @@ class Workload:
     counts: ModelCounts
     ffn: int
     rank: int
-    method: str = "full"
+    method: str = "full"  # the cost structure (COST_STRUCTURES)
     world_size: int = 1
     global_batch: int = 1152  # 1152 x 512 tokens, the 250M/350M runs' batch (the 1.3B's is unreported)
     micro_batch: int | None = None  # None: the largest that fits
@@ -68,8 +70,8 @@ class Workload:
     divides_global: bool = False  # require b | global_batch / world_size, as the training code asserts
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose full or relora (--method)")
+        if self.method not in COST_STRUCTURES:
+            raise ValueError(f"unknown cost structure {self.method!r}; choose full or relora")
         if self.world_size < 1:
             raise ValueError(f"world size must be >= 1, got {self.world_size} (--world-size)")
         if self.global_batch < 1:
@@ -290,11 +292,6 @@ def fit_efficiency(workload: Workload, hardware: Hardware, examples_per_s: float
     return Efficiency((lo + hi) / 2, eta_bw, phi)
 
 
-def with_method(workload: Workload, method: str) -> Workload:
-    """The same run with the other method (activations reset to the measured ones for it)."""
-    return replace(workload, method=method, activations=None if workload.method != method else workload.activations)
-
-
 # ---- The paper's hardware table (SPEC section 4): the 1.3B, seq 512, pure bf16, DDP all-reducing every micro-batch.
 
 GOAL = 0.10  # issue #6: every predicted figure within 10% of the paper's
@@ -412,7 +409,7 @@ def paper_table4(setups=PAPER_SETUPS, *, eta_bw: float = 0.75, phi: float = 0.0)
         fits[s.setup] = {"eta_mm": eff.eta_mm, "eta_bw": eff.eta_bw, "phi": eff.phi, "hardware": s.hardware,
                          "fitted_on": f"{s.setup} full-rank ({s.full:g} ex/s)",
                          "fixed": "eta_bw, phi and busbw a priori"}
-        pred = {m: predict(paper_workload(m, s.world_size), hw, eff) for m in METHODS}
+        pred = {m: predict(paper_workload(m, s.world_size), hw, eff) for m in COST_STRUCTURES}
         paper = {"full": s.full, "relora": s.relora}
         common = {
             "setup": s.setup, "hardware": s.hardware, "world_size": s.world_size, "busbw_gbs": hw.busbw / 1e9,
@@ -421,12 +418,12 @@ def paper_table4(setups=PAPER_SETUPS, *, eta_bw: float = 0.75, phi: float = 0.0)
             "speedup_paper": s.relora / s.full - 1,
             "warm_start_paper": s.warm_start,
             "warm_start_harmonic_paper": warm_start_adjusted(s.full, s.relora),
-            "warm_start_harmonic_predicted": warm_start_adjusted(*(pred[k].examples_per_s for k in METHODS)),
+            "warm_start_harmonic_predicted": warm_start_adjusted(*(pred[k].examples_per_s for k in COST_STRUCTURES)),
             "micro_batch_full": pred["full"].micro_batch, "micro_batch_relora": pred["relora"].micro_batch,
         }
-        misses = [m for m in METHODS if abs(pred[m].examples_per_s / paper[m] - 1) > GOAL]
+        misses = [m for m in COST_STRUCTURES if abs(pred[m].examples_per_s / paper[m] - 1) > GOAL]
         needed = busbw_for_paper_speedup(s, eta_bw=eta_bw, phi=phi) if misses else None
-        for m in METHODS:
+        for m in COST_STRUCTURES:
             p = pred[m]
             error = p.examples_per_s / paper[m] - 1
             rows.append({

@@ -14,6 +14,9 @@ import json
 import sys
 from dataclasses import asdict, replace
 
+from ..methods import method_names
+from ..train.config import standalone_method
+
 PROG = "relora-perfmodel"
 A_PRIORI_ETA_MM = 0.45  # GPUs without a paper point (note 2.6, S0)
 WIDTHS = (8, 8, 8, 4, 6, 6, 6, 6, 8)  # table4 columns after setup and method
@@ -75,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--preset", default="1b", help="model preset (relora_dist.models.PRESETS)")
     pred.add_argument("--hardware", default="a100_40gb", help="a profile name, or 'cpu' to measure this machine")
     pred.add_argument("--world-size", type=int, default=8)
-    pred.add_argument("--method", choices=("full", "relora"), default="relora")
+    pred.add_argument("--method", choices=method_names(), default="relora",
+                      help="a registered training method (its cost structure and, for control, its smaller model)")
     pred.add_argument("--micro-batch", type=int, default=None, help="default: the largest that fits")
     pred.add_argument("--global-batch", type=int, default=1152)
     pred.add_argument("--seq-len", type=int, default=512)
@@ -117,9 +121,10 @@ def _predict(args) -> str:
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"lora dropout must be in [0, 1), got {args.lora_dropout} (--lora-dropout)")
     hardware = measure_cpu_profile(world_size=args.world_size) if args.hardware == "cpu" else PROFILES[args.hardware]
-    config = llama_config(args.preset, vocab_size=args.vocab_size, max_positions=max(1024, args.seq_len))
+    method = standalone_method(args.method, rank=args.rank)
+    config = method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=max(1024, args.seq_len)))
     workload = Workload.from_config(
-        config, rank=args.rank, seq_len=args.seq_len, method=args.method, world_size=args.world_size,
+        config, rank=args.rank, seq_len=args.seq_len, method=method.cost_structure, world_size=args.world_size,
         global_batch=args.global_batch, micro_batch=args.micro_batch, precision=args.precision,
         allreduce_every_microbatch=not args.no_sync, lora_dropout=args.lora_dropout)
     eff, source = _default_efficiency(args.hardware)

@@ -1,4 +1,4 @@
-"""Command-line flags generated from the RunConfig dataclasses (field docstrings become help)."""
+"""Command-line flags generated from the run-config sections (field docstrings become help)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import inspect
 from dataclasses import fields
 from pathlib import Path
 
-from .config import SECTIONS, RunConfig, flag_for
+from ..methods import method_names, method_sections
+from .config import SHARED_METHOD_FIELDS, RunConfig, flag_for, section_specs
 
 
 @functools.cache
@@ -35,12 +36,35 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+class _Switch(argparse.Action):
+    """A boolean flag: `--x` / `--no-x` as bare switches, and `--x true|false` as before."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        flags = list(option_strings) + [f"--no-{s[2:]}" for s in option_strings if s.startswith("--")]
+        kwargs.pop("type", None)
+        super().__init__(flags, dest, nargs="?", metavar="BOOL", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        else:
+            try:
+                setattr(namespace, self.dest, True if values is None else _bool(values))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"argument {option_string}: {e}")
+
+    def format_usage(self):
+        return " | ".join(self.option_strings)
+
+
 def _converter(annotation: str):
     base = annotation.replace(" | None", "").strip()
     if base.startswith("tuple"):
         convert = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731
     else:
-        convert = {"int": int, "float": float, "bool": _bool}.get(base, str)
+        convert = {"int": int, "float": float}.get(base, str)
     if "None" not in annotation:
         return convert
 
@@ -51,30 +75,55 @@ def _converter(annotation: str):
     return optional
 
 
+def _one_of(kind: str, names: tuple[str, ...], flag: str):
+    def convert(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {text!r}; choose one of {', '.join(names)} ({flag})")
+        return text
+
+    convert.__name__ = kind
+    return convert
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _is_bool(annotation: str) -> bool:
+    return annotation.replace(" | None", "").strip() == "bool"
+
+
 def build_parser(prog: str = "relora-train") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="ReLoRA / full-rank / LoRA pre-training of LLaMA models.",
+    from ..backends import BACKENDS
+
+    parser = _Parser(prog=prog, description="Low-rank and full-rank pre-training of LLaMA models (--method).",
                      argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML file with sections model, data, optim, train, relora.")
-    parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")
+    parser.add_argument("--config", help="YAML file with one section per top-level key (see the README's config reference).")
+    parser.add_argument("--dry-run", action="store_true", help="Validate everything the run would, print the resolved config and exit.")
     # The deepspeed launcher appends --local_rank=N; ranks come from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    default = RunConfig()
-    for section in SECTIONS:
-        cls = type(getattr(default, section))
+    shared_done: set[str] = set()
+    for section, (cls, defaults) in section_specs().items():
         group = parser.add_argument_group(section)
         docs = field_docs(cls)
         for f in fields(cls):
             flag = flag_for(section, f.name)
-            if flag is None:
+            if flag is None or (section in method_sections() and f.name in shared_done):
                 continue
-            kwargs = dict(dest=f"{section}.{f.name}", help=docs.get(f.name, ""))
+            dest = f"{section}.{f.name}"
+            if section in method_sections() and f.name in SHARED_METHOD_FIELDS:
+                shared_done.add(f.name)
+                dest = f"method.{f.name}"  # routed to the section of the method in use
+            kwargs = dict(dest=dest, help=docs.get(f.name, ""))
             if f.name == "resume":
                 kwargs.update(nargs="?", const="latest", metavar="CKPT")
+            elif _is_bool(str(f.type)):
+                kwargs.update(action=_Switch)
+            elif (section, f.name) == ("train", "method"):
+                kwargs.update(type=_one_of("method", method_names(), "--method"), metavar="{" + ",".join(method_names()) + "}")
+            elif (section, f.name) == ("train", "backend"):
+                kwargs.update(type=_one_of("backend", BACKENDS, "--backend"), metavar="{" + ",".join(BACKENDS) + "}")
             else:
                 kwargs.update(type=_converter(str(f.type)), metavar=f.name.upper())
             group.add_argument(f"--{flag}", **kwargs)
@@ -87,14 +136,31 @@ def parse_run_config(argv: list[str] | None = None, prog: str = "relora-train") 
     tree: dict = {}
     if getattr(args, "config", None):
         tree = load_yaml(args.config)
-    for dest, value in vars(args).items():
-        if "." in dest:
-            section, name = dest.split(".", 1)
-            tree.setdefault(section, {})
-            tree[section] = dict(tree[section] or {}) | {name: value}
+    flags = {dest: value for dest, value in vars(args).items() if "." in dest}
+    method = flags.get("train.method", (tree.get("train") or {}).get("method", "relora"))
+    for dest, value in flags.items():
+        section, name = dest.split(".", 1)
+        if section == "method":
+            section = _section_with(name, method)
+        tree.setdefault(section, {})
+        tree[section] = dict(tree[section] or {}) | {name: value}
     cfg = RunConfig.from_dict(tree)
     cfg.validate()
     return cfg, args
+
+
+def _section_with(name: str, method: str) -> str:
+    """The config section a shared method flag sets: the method's own, else the first section that has it."""
+    from ..methods import method_class
+
+    sections = method_sections()
+    try:
+        own = method_class(method).config_section
+    except ValueError:
+        own = None  # reported by validation
+    if own in sections and name in {f.name for f in fields(sections[own][0])}:
+        return own
+    return next(s for s, (cls, _) in sections.items() if name in {f.name for f in fields(cls)})
 
 
 def load_yaml(path: str) -> dict:
@@ -116,7 +182,7 @@ def config_reference_markdown() -> str:
     """The README's config reference: YAML key, flag, default and help of every field."""
     rows = ["| YAML key | flag | default | meaning |", "|---|---|---|---|"]
     default = RunConfig()
-    for section in SECTIONS:
+    for section in default.sections:
         obj = getattr(default, section)
         docs = field_docs(type(obj))
         for f in fields(obj):

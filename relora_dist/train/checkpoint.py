@@ -14,9 +14,10 @@ from typing import Callable
 
 import torch
 
-from ..backends.base import Backend
+from ..backends.base import Backend, load_checkpoint_file
 
 STATE_FILE = "trainer_state.json"
+METHOD_STATE_FILE = "method_state.pt"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -140,6 +141,17 @@ def read_trainer_state(path: Path) -> dict:
         return json.loads((path / STATE_FILE).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"checkpoint {path} is corrupt: {STATE_FILE}: {e}") from None
+
+
+def save_method_state(directory: Path, state: dict) -> None:
+    """The method's own state (tensors and primitives, the same on every rank), written by rank 0."""
+    if state:
+        torch.save(state, directory / METHOD_STATE_FILE)
+
+
+def load_method_state(directory: Path) -> dict:
+    file = directory / METHOD_STATE_FILE
+    return load_checkpoint_file(file) if file.is_file() else {}
 
 
 def load_rng(path: Path, rank: int) -> bool:

@@ -1,16 +1,21 @@
 """One config tree for a training run; YAML files and CLI flags are derived from it.
 
-Precedence: dataclass defaults < YAML (`--config`) < command-line flags. Every flag is generated from
-a field (its docstring is the help text); a few get conventional names through FLAG_NAMES.
+Sections: model, data, optim, train (the loop), then one per engine that has options (from the backend
+registry: ddp, fsdp2, deepspeed) and one per method family (from the method registry: relora). A YAML
+file uses the section names as top-level keys.
+
+Precedence: dataclass defaults < relora-train's section defaults < YAML (`--config`) < command-line flags.
+Every flag is generated from a field (its docstring is the help text); a few get conventional names
+through FLAG_NAMES, and the `relora:` section keeps its historical bare flags (--merge-every, ...).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..backends import BACKENDS
-from ..config import ReLoRAConfig
+from ..backends import BACKENDS, backend_class, option_sections
+from ..methods import method_class, method_names, method_sections
 
 DTYPES = ("fp32", "bf16")
 
@@ -70,11 +75,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     method: str = "relora"
-    """full | relora | lora | lora_ws | control."""
+    """Training method (relora-train --help lists them; README: Methods)."""
     backend: str = "ddp"
     """Distributed engine: ddp (single process when world size is 1), deepspeed (needs --deepspeed), fsdp2 (fully_shard per decoder layer), fairscale (OSS + ShardedDDP) or zero_redundancy (DDP + torch ZeroRedundancyOptimizer)."""
-    deepspeed: str | None = None
-    """DeepSpeed JSON config (ZeRO stage, offload, buckets; see launch/configs/zero*.json). Implies --backend deepspeed."""
     steps: int = 200
     """Optimizer updates in the whole run (warm start included)."""
     global_batch_size: int = 16
@@ -83,8 +86,6 @@ class TrainConfig:
     """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
     dtype: str = "fp32"
     """fp32, or bf16 (ddp, fairscale, zero_redundancy: autocast over fp32 parameters; deepspeed: bf16 parameters with fp32 masters, frozen W in bf16; fsdp2: bf16 compute and all-gathers over fp32 sharded masters, fp32 gradient reduction)."""
-    fsdp_reshard_after_forward: bool = True
-    """fsdp2: free each layer's gathered parameters after its forward and gather them again for backward (false: keep them, more memory, fewer all-gathers)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them (HF non-reentrant gradient checkpointing; any backend)."""
     seed: int = 0
@@ -117,28 +118,68 @@ class TrainConfig:
     """After every merge/reset, verify that replicated tensors are bit-identical on all ranks (one small all-reduce)."""
 
 
-@dataclass
+
+CORE_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+# Keys that moved into an engine section; old YAML files and checkpoints keep working.
+MOVED_KEYS = {("train", "deepspeed"): ("deepspeed", "config"),
+              ("train", "fsdp_reshard_after_forward"): ("fsdp2", "reshard_after_forward")}
+
+
+def section_specs() -> dict[str, tuple[type, dict]]:
+    """Section name -> (dataclass, relora-train's defaults for it), in YAML/flag order."""
+    specs = {name: (cls, {}) for name, cls in CORE_SECTIONS.items()}
+    specs.update({name: (cls, {}) for name, cls in option_sections().items()})
+    specs.update(method_sections())
+    return specs
+
+
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    relora: ReLoRAConfig = field(default_factory=lambda: ReLoRAConfig(rank=8, merge_every=50, restart_warmup_steps=5))
+    """The resolved settings of one run: one attribute per section (cfg.train, cfg.relora, cfg.fsdp2, ...)."""
+
+    def __init__(self, **sections):
+        for name, (cls, defaults) in section_specs().items():
+            value = sections.pop(name, None)
+            setattr(self, name, value if value is not None else cls(**defaults))
+        if sections:
+            raise ValueError(f"unknown config section(s): {', '.join(sorted(sections))}")
+        self._derive()
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return tuple(section_specs())
+
+    def _derive(self) -> None:
+        # Method sections with a seed take the run's (--seed): one seed for init, data and method randomness.
+        for name in method_sections():
+            section = getattr(self, name)
+            if hasattr(section, "seed"):
+                section.seed = self.train.seed
+
+    def engine_users(self, section: str) -> list[str]:
+        return [b for b in BACKENDS if backend_class(b).options_section == section]
 
     def validate(self) -> None:
+        """Everything that does not need the world size, the data or the model (see train/preflight.py)."""
         t = self.train
-        if t.deepspeed and t.backend == "ddp":
-            t.backend = "deepspeed"
-        if t.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {t.backend!r}; available: {', '.join(BACKENDS)} (--backend)")
-        if t.backend == "deepspeed" and not t.deepspeed:
-            raise ValueError("--backend deepspeed needs a DeepSpeed JSON config (--deepspeed launch/configs/zero2.json)")
-        if t.backend != "deepspeed" and t.deepspeed:
-            raise ValueError(f"--deepspeed was given but --backend is {t.backend}")
-        if t.backend != "fsdp2" and not t.fsdp_reshard_after_forward:
-            raise ValueError(f"--fsdp-reshard-after-forward applies to --backend fsdp2 only (backend is {t.backend})")
-        if t.backend != "ddp" and self.optim.keep_states_at_switch:
-            raise ValueError(f"--keep-states-at-switch is not supported with --backend {t.backend} (ddp only)")
+        for name in BACKENDS:  # an engine whose own option was set is selected by it (--deepspeed)
+            implied = getattr(backend_class(name), "implied_by", None)
+            if implied and t.backend == "ddp" and getattr(getattr(self, backend_class(name).options_section), implied):
+                t.backend = name
+        if t.method not in method_names():
+            raise ValueError(f"unknown method {t.method!r}; choose one of {', '.join(method_names())} (--method)")
+        engine = backend_class(t.backend)  # unknown backend: one line
+        for section, cls in option_sections().items():
+            if engine.options_section == section:
+                continue
+            values, default = asdict(getattr(self, section)), asdict(cls())
+            for key in values:
+                if values[key] != default[key]:
+                    raise ValueError(f"{option_flag(section, key)} was given but --backend is {t.backend}: it applies to"
+                                     f" --backend {', '.join(self.engine_users(section))} only")
+        if self.optim.keep_states_at_switch and not engine.carries_states:
+            carriers = [b for b in BACKENDS if backend_class(b).carries_states]
+            raise ValueError(f"--keep-states-at-switch is not supported with --backend {t.backend} ({', '.join(carriers)} only)")
         if t.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {t.dtype!r} (--dtype)")
         for name in ("global_batch_size", "micro_batch_size", "steps"):
@@ -153,44 +194,85 @@ class RunConfig:
         if self.optim.lr <= 0 or (self.optim.lora_lr is not None and self.optim.lora_lr <= 0):
             raise ValueError("learning rates must be > 0 (--lr, --lora-lr)")
 
+    def engine_options(self):
+        """The options of the engine this run uses (its section), or None."""
+        section = backend_class(self.train.backend).options_section
+        return getattr(self, section) if section else None
+
     def to_dict(self) -> dict:
-        return {section: asdict(getattr(self, section)) | ({"target_modules": list(self.relora.target_modules)} if section == "relora" else {})
-                for section in SECTIONS}
+        return {name: _plain(asdict(getattr(self, name))) for name in self.sections}
 
     @classmethod
     def from_dict(cls, tree: dict) -> "RunConfig":
-        default = cls()
-        parts = {}
-        for section in SECTIONS:
-            values = dict(tree.get(section) or {})
-            known = {f.name for f in fields(type(getattr(default, section)))}
-            unknown = set(values) - known
-            if unknown:
-                raise ValueError(f"unknown key(s) in config section '{section}': {', '.join(sorted(unknown))}")
-            base = asdict(getattr(default, section))
-            parts[section] = type(getattr(default, section))(**(base | values))
-        extra = set(tree) - set(SECTIONS)
+        specs = section_specs()
+        tree = {name: dict(values or {}) for name, values in tree.items()}
+        for (old_section, old_key), (section, key) in MOVED_KEYS.items():
+            if old_key in tree.get(old_section, {}):
+                value = tree[old_section].pop(old_key)
+                if key in tree.get(section, {}) and tree[section][key] != value:
+                    raise ValueError(f"config sets both {old_section}.{old_key} and {section}.{key}; keep {section}.{key}")
+                tree.setdefault(section, {})[key] = value
+        extra = set(tree) - set(specs)
         if extra:
-            raise ValueError(f"unknown config section(s): {', '.join(sorted(extra))}; expected {', '.join(SECTIONS)}")
-        cfg = cls(**parts)
-        cfg.relora.seed = cfg.train.seed
-        return cfg
+            raise ValueError(f"unknown config section(s): {', '.join(sorted(extra))}; expected {', '.join(specs)}")
+        parts = {}
+        for name, (section_cls, defaults) in specs.items():
+            values = tree.get(name, {})
+            unknown = set(values) - {f.name for f in fields(section_cls)}
+            if unknown:
+                raise ValueError(f"unknown key(s) in config section '{name}': {', '.join(sorted(unknown))}")
+            parts[name] = section_cls(**(asdict(section_cls(**defaults)) | values))
+        return cls(**parts)
 
 
-SECTIONS = ("model", "data", "optim", "train", "relora")
+def standalone_method(name: str, *, steps: int = 1000, **settings):
+    """Method `name` outside a run (benchmarks, the performance model): relora-train's defaults, with `settings`
+    applied to its config section where that section has them (rank, dropout, ...). Benchmarks measure its last
+    phase (`phases()[-1]`)."""
+    cls = method_class(name)
+    section = {}
+    if cls.config_section is not None:
+        known = {f.name for f in fields(cls.config_class)}
+        section = {k: v for k, v in settings.items() if k in known}
+    tree = {"train": {"method": name, "steps": steps}} | ({cls.config_section: section} if section else {})
+    return cls(RunConfig.from_dict(tree))
 
-# (section, field) -> flag name; None = no flag. Fields not listed get --field-name.
+
+def _plain(values: dict) -> dict:
+    """YAML-friendly values (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+# (section, field) -> flag name; None = no flag. Fields not listed get --field-name in the core sections and
+# the relora section (their historical flags), --section-field-name in the others.
 FLAG_NAMES = {
     ("model", "preset"): "model",
     ("model", "config_path"): "model-config",
     ("relora", "alpha"): "lora-alpha",
     ("relora", "dropout"): "lora-dropout",
-    ("relora", "seed"): None,  # derived from --seed
+    ("deepspeed", "config"): "deepspeed",
+    ("fsdp2", "reshard_after_forward"): "fsdp-reshard-after-forward",
 }
+BARE_FLAG_SECTIONS = ("model", "data", "optim", "train", "relora")
+# Fields every method section may have, set by one flag for the method in use (--rank: the rank of every
+# low-rank method).
+SHARED_METHOD_FIELDS = ("rank",)
 
 
 def flag_for(section: str, name: str) -> str | None:
-    return FLAG_NAMES.get((section, name), name.replace("_", "-"))
+    if (section, name) in FLAG_NAMES:
+        return FLAG_NAMES[section, name]
+    if name == "seed" and section in method_sections():
+        return None  # derived from --seed
+    if name in SHARED_METHOD_FIELDS and section in method_sections():
+        return name.replace("_", "-")
+    flag = name.replace("_", "-")
+    return flag if section in BARE_FLAG_SECTIONS else f"{section.replace('_', '-')}-{flag}"
+
+
+def option_flag(section: str, name: str) -> str:
+    flag = flag_for(section, name)
+    return f"--{flag}" if flag else f"{section}.{name}"
 
 
 def save_yaml(cfg: RunConfig, path: Path) -> None:

@@ -24,7 +24,7 @@ import relora_dist as rd
 from relora_dist.backends.deepspeed import DeepSpeedBackend
 from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
-from relora_dist.merge import ReplicatedAccess
+from relora_dist.access import ReplicatedAccess
 from relora_dist.models import build_model, llama_config_from_shape
 from relora_dist.prune import ADAM_KEYS, prune_states
 from relora_dist.train.consistency import replica_mismatches
@@ -155,13 +155,13 @@ def run_case(case, info):
         state_keys = len(getattr(engine.optimizer, "optimizer", engine.optimizer).state)
         with CollectiveCounter() as counter:
             rd.merge_and_reinit_layers(layers, backend.shard_access(), restart_index=index)
-            stats = prune_states(named_lora, backend.shard_access(), method=cfg.prune, ratio=cfg.prune_ratio, seed=cfg.seed,
+            stats = prune_states(named_lora, backend.shard_access(), rule=cfg.prune, ratio=cfg.prune_ratio, seed=cfg.seed,
                                  restart_index=index)
         # I4: no state keys added; about the configured fraction zeroed (measured on this rank's pieces)
         assert len(getattr(engine.optimizer, "optimizer", engine.optimizer).state) == state_keys
         assert abs(stats["zeroed"] - cfg.prune_ratio) < 0.15, stats
         rd.merge_and_reinit(reference, restart_index=index)
-        prune_states(rd.lora_parameters(reference), ReplicatedAccess(ref_opt), method=cfg.prune, ratio=cfg.prune_ratio,
+        prune_states(rd.lora_parameters(reference), ReplicatedAccess(ref_opt), rule=cfg.prune, ratio=cfg.prune_ratio,
                      seed=cfg.seed, restart_index=index)
         report["bytes"].append(counter.total_bytes)
         bound = 1.1 * lora_fp32_bytes + histogram_bytes + 8 * len(layers)  # + the ZeRO-3 finiteness flags

@@ -15,7 +15,7 @@ import torch
 import relora_dist as rd
 from relora_dist.backends import build_backend
 from relora_dist.distributed import close_distributed, init_distributed
-from relora_dist.merge import ReplicatedAccess
+from relora_dist.access import ReplicatedAccess
 from relora_dist.models import build_model, llama_config_from_shape
 from relora_dist.prune import prune_states
 from relora_dist.train.consistency import replica_mismatches
@@ -81,9 +81,9 @@ def main():
         lora_ids = {id(p) for _, p in rd.lora_parameters(backend.unwrapped_model)}
         others = {id(p): {k: v.clone() for k, v in s.items()} for p, s in state.items() if id(p) not in lora_ids}
         keys_before = len(state)
-        stats = prune_states(rd.lora_parameters(backend.unwrapped_model), backend.shard_access(), method=cfg.prune,
+        stats = prune_states(rd.lora_parameters(backend.unwrapped_model), backend.shard_access(), rule=cfg.prune,
                              ratio=cfg.prune_ratio, seed=cfg.seed, restart_index=index)
-        prune_states(rd.lora_parameters(reference), ReplicatedAccess(ref_opt), method=cfg.prune, ratio=cfg.prune_ratio,
+        prune_states(rd.lora_parameters(reference), ReplicatedAccess(ref_opt), rule=cfg.prune, ratio=cfg.prune_ratio,
                      seed=cfg.seed, restart_index=index)
         assert len(state) == keys_before
         assert all(torch.equal(v, others[id(p)][k]) for p, s in state.items() if id(p) in others for k, v in s.items())

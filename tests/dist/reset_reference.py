@@ -7,7 +7,8 @@ import types
 
 import torch
 
-from relora_dist.merge import ReplicatedAccess, add_in_fp32, lora_delta
+from relora_dist.access import ReplicatedAccess
+from relora_dist.merge import add_in_fp32, lora_delta
 from relora_dist.prune import ADAM_KEYS, prune_states
 from relora_dist.randomness import kaiming_uniform_A
 
@@ -59,5 +60,5 @@ def expected_after_reset(pre, layers, named_lora, cfg, index, *, master="master"
             exp[f"{n}.lora_B/{kind}"].zero_()
     fake = [(name, torch.nn.Parameter(exp[f"{name}/{master}"].clone())) for name, _ in named_lora]
     holder = types.SimpleNamespace(state={p: {k: exp[f"{name}/{k}"] for k in ADAM_KEYS} for name, p in fake})
-    prune_states(fake, ReplicatedAccess(holder), method=cfg.prune, ratio=cfg.prune_ratio, seed=cfg.seed, restart_index=index)
+    prune_states(fake, ReplicatedAccess(holder), rule=cfg.prune, ratio=cfg.prune_ratio, seed=cfg.seed, restart_index=index)
     return exp

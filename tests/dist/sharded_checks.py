@@ -25,7 +25,7 @@ import relora_dist as rd
 from relora_dist.backends import build_backend
 from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
-from relora_dist.merge import ReplicatedAccess
+from relora_dist.access import ReplicatedAccess
 from relora_dist.models import build_model, llama_config_from_shape
 from relora_dist.prune import ADAM_KEYS, prune_states
 from relora_dist.train.consistency import replica_mismatches
@@ -96,7 +96,8 @@ def run_case(case, info):
     model = rd.wrap(build_model(llama_config_from_shape(32, 87, 2, 2, vocab_size=VOCAB, max_positions=64)), cfg)
     reference = copy.deepcopy(model)
     ref_opt = make_optimizer([{"params": [p for p in reference.parameters() if p.requires_grad]}])
-    backend = build_backend(case["backend"], device=info.device, dtype=case["dtype"], reshard_after_forward=case["reshard"])
+    options = {"reshard_after_forward": case["reshard"]} if case["backend"] == "fsdp2" else {}
+    backend = build_backend(case["backend"], device=info.device, dtype=case["dtype"], **options)
     backend.setup(model, make_optimizer, [{"params": [p for p in model.parameters() if p.requires_grad]}])
     layers = rd.relora_layers(backend.unwrapped_model)
     named_lora = rd.lora_parameters(backend.unwrapped_model)
@@ -133,14 +134,14 @@ def run_case(case, info):
         state_keys = len(state_holder(backend).state)
         with CollectiveCounter() as counter:
             rd.merge_and_reinit_layers(layers, backend.shard_access(), restart_index=index)
-            stats = prune_states(named_lora, backend.shard_access(), method=cfg.prune, ratio=cfg.prune_ratio, seed=cfg.seed,
+            stats = prune_states(named_lora, backend.shard_access(), rule=cfg.prune, ratio=cfg.prune_ratio, seed=cfg.seed,
                                  restart_index=index)
         # I4: no state keys added; about the configured fraction zeroed (on this rank's pieces)
         assert len(state_holder(backend).state) == state_keys
         expected_zeroed = 1.0 if cfg.prune == "reset" else cfg.prune_ratio
         assert abs(stats["zeroed"] - expected_zeroed) < 0.15, stats
         rd.merge_and_reinit(reference, restart_index=index)
-        prune_states(rd.lora_parameters(reference), ReplicatedAccess(ref_opt), method=cfg.prune, ratio=cfg.prune_ratio,
+        prune_states(rd.lora_parameters(reference), ReplicatedAccess(ref_opt), rule=cfg.prune, ratio=cfg.prune_ratio,
                      seed=cfg.seed, restart_index=index)
 
         ops = counter.by_op()

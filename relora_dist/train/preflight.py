@@ -1,0 +1,60 @@
+"""Everything a run would reject that is known before its data: checked on every rank before any data is
+built or any collective starts, and by --dry-run (a few seconds, no data, no process group)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import backend_class
+from ..backends.base import NoOptions
+from ..data import split_batch
+from ..methods import Method, build_method
+from ..models import build_model, llama_config
+from .config import RunConfig
+
+
+@dataclass
+class RunPlan:
+    method: Method
+    world_size: int
+    accumulation_steps: int
+
+
+def launcher_world_size() -> int:
+    """Ranks this job runs on, as the launcher (torchrun, deepspeed) announces them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def preflight(cfg: RunConfig, world_size: int | None = None) -> RunPlan:
+    """Validate the config, the method (its phases against the steps, its engines), the batch split, the engine
+    options (DeepSpeed's JSON) and the model the method builds (on the meta device: rank against layer widths,
+    target modules, sequence length). One-line ValueErrors naming the flag."""
+    world_size = launcher_world_size() if world_size is None else world_size
+    cfg.validate()
+    method = build_method(cfg)
+    method.validate()
+    t = cfg.train
+    accumulation = split_batch(t.global_batch_size, world_size=world_size, micro_batch_size=t.micro_batch_size)
+    backend_class(t.backend).check_options(cfg.engine_options() or NoOptions(), dtype=t.dtype,
+                                           micro_batch_size=t.micro_batch_size, accumulation_steps=accumulation,
+                                           world_size=world_size, max_norm=cfg.optim.grad_clip)
+    check_model(cfg, method)
+    return RunPlan(method, world_size, accumulation)
+
+
+def check_model(cfg: RunConfig, method: Method, vocab_size: int | None = None) -> None:
+    """Build the model of every phase on the meta device (no memory, no init cost): shape errors show now."""
+    m = cfg.model
+    config = method.model_config(llama_config(m.preset, vocab_size=vocab_size or cfg.data.vocab_size,
+                                              config_path=m.config_path, max_positions=m.max_positions))
+    if cfg.data.seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len {cfg.data.seq_len} exceeds the model's max positions"
+                         f" {config.max_position_embeddings} (--seq-len)")
+    with torch.random.fork_rng(devices=[]):
+        for start, _ in method.phases():
+            with torch.device("meta"):
+                model = build_model(config)
+            method.prepare_model(model, start)

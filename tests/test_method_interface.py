@@ -1,0 +1,107 @@
+"""The method interface: a new method is one module (tests/dist/frozen_embeddings.py, registered from the
+test's own entry point) that trains on 2 gloo ranks under DDP and FSDP2 exactly like a single process, with
+its state checkpointed; the registry drives --method; method state is weights_only- and DCP-loadable."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, RELORA_RUN, SMALL, assert_run_equals_reference, exported, load_run, read_metrics, run_cli
+from relora_dist.methods import Method, method_class, method_names, register_method
+from relora_dist.models import build_model, llama_config
+from relora_dist.train.arguments import parse_run_config
+
+PLUGIN = REPO / "tests" / "dist" / "frozen_embeddings.py"
+FROZEN = RELORA_RUN[:1] + ["relora_frozen_embeddings"] + RELORA_RUN[2:]
+BUILT_IN = ("full", "control", "lora", "lora_ws", "relora")
+
+
+def test_built_in_methods_come_from_the_registry():
+    assert method_names()[: len(BUILT_IN)] == BUILT_IN
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        method_class("nope")
+    for name in method_names():
+        assert issubclass(method_class(name), Method) and method_class(name).name == name
+
+
+def test_loop_and_engines_never_name_a_method():
+    """The loop calls the method; engines see the access layer only."""
+    loop = (REPO / "relora_dist" / "train" / "trainer.py").read_text()
+    for name in BUILT_IN:
+        assert f'"{name}"' not in loop, name
+    for path in (REPO / "relora_dist" / "backends").glob("*.py"):
+        text = path.read_text()
+        for forbidden in ("..methods", "..merge", "..prune", "..layer", "relora_layers", "lora_A", "lora_B"):
+            assert forbidden not in text, (path.name, forbidden)
+    for path in (REPO / "relora_dist" / "methods").glob("*.py"):
+        assert "..backends" not in path.read_text(), path.name
+
+
+def test_a_registered_method_gets_its_flag_and_config_section():
+    @register_method
+    class Probe(Method):
+        name = "probe_method"
+
+    try:
+        cfg, _ = parse_run_config(["--method", "probe_method", "--steps", "4"])
+        assert cfg.train.method == "probe_method"
+    finally:
+        from relora_dist.methods import base
+
+        base._REGISTRY.pop("probe_method")
+
+
+def test_a_new_method_is_one_module_and_trains_exactly_on_ddp_and_fsdp2(tmp_path):
+    """The test-only method, 1 process vs 2 ranks under DDP and FSDP2: same losses, merges at updates 7 and 10 at
+    LR 0, the same merged model with the embeddings exactly as initialised; a run resumed mid-cycle restores the
+    method's own state (its per-update log fields match the uninterrupted run)."""
+    reference = tmp_path / "one"
+    run_cli(SMALL + FROZEN + ["--out", reference, "--micro-batch-size", "4", "--export-merged", reference / "hf"],
+            script=PLUGIN)
+    for backend in ("ddp", "fsdp2"):
+        out = tmp_path / backend
+        run_cli(SMALL + FROZEN + ["--backend", backend, "--out", out, "--export-merged", out / "hf"], nproc=2,
+                script=PLUGIN)
+        assert_run_equals_reference(out, reference, backend)
+        assert read_metrics(out)[-1]["events_applied"] == 4  # two merges, two resets
+
+    config = json.loads(next((reference / "checkpoints").glob("step_*/model_config.json")).read_text())
+    torch.manual_seed(0)  # relora-train's default --seed: the initial model every rank builds
+    initial = build_model(llama_config("debug", vocab_size=config["vocab_size"]))
+    merged = exported(reference / "hf")
+    assert torch.equal(merged["model.embed_tokens.weight"], initial.model.embed_tokens.weight.detach())
+    assert not torch.equal(merged["lm_head.weight"], initial.lm_head.weight.detach())  # the rest trains
+    assert load_run(reference)[0]["trainable_parameters"] == load_run(tmp_path / "ddp")[0]["trainable_parameters"]
+    method_state = torch.load(next((reference / "checkpoints").glob("step_*/method_state.pt")), weights_only=True)
+    assert method_state["event_steps"].tolist() == [1, 1, 2, 2] and method_state["version"] == 1
+
+    split = tmp_path / "split"
+    run_cli(SMALL + FROZEN + ["--out", split, "--stop-after", "8"], nproc=2, script=PLUGIN)
+    run_cli(SMALL + FROZEN + ["--out", split, "--resume"], nproc=2, script=PLUGIN)
+    assert [m["events_applied"] for m in read_metrics(split)] == [m["events_applied"] for m in read_metrics(tmp_path / "ddp")]
+    assert [m["loss"] for m in read_metrics(split)] == [m["loss"] for m in read_metrics(tmp_path / "ddp")]
+
+
+def test_method_state_loads_with_weights_only_and_through_dcp(tmp_path):
+    """What a method's state_dict may hold (tensors and primitives) survives torch.save/weights_only and DCP."""
+    import torch.distributed.checkpoint as dcp
+
+    sys.path.insert(0, str(PLUGIN.parent))
+    try:
+        import frozen_embeddings  # noqa: F401  (registers the test-only method)
+    finally:
+        sys.path.pop(0)
+    cfg, _ = parse_run_config(SMALL + FROZEN)
+    method = method_class("relora_frozen_embeddings")(cfg)
+    method.event_steps = torch.tensor([1, 1, 2])
+    state = method.state_dict()
+    torch.save(state, tmp_path / "state.pt")
+    assert torch.equal(torch.load(tmp_path / "state.pt", weights_only=True)["event_steps"], state["event_steps"])
+    dcp.save(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    loaded = {"event_steps": torch.zeros(3, dtype=torch.int64), "version": 0}
+    dcp.load(loaded, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    assert torch.equal(loaded["event_steps"], state["event_steps"]) and loaded["version"] == 1
+    for name in BUILT_IN:  # the built-in methods keep no state beyond the model and optimizer
+        assert method_class(name)(parse_run_config(SMALL + ["--method", name, "--steps", "12", "--warm-start-steps", "3"])[0]).state_dict() == {}
