@@ -36,7 +36,7 @@ from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.methods import method_names
 from relora_dist.train.config import standalone_method
-from relora_dist.models import build_model, llama_config
+from relora_dist.models import llama_config
 from relora_dist.perf import ModelCounts
 
 DDP_LOOP_ENGINES = ("ddp", "zero_redundancy")  # engines whose gradient all-reduce the harness can count and pad
@@ -117,7 +117,7 @@ class Case:
         self.method = bench_method(args, method)
         self.config = self.method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len))
         torch.manual_seed(0)
-        model = self.method.prepare_model(build_model(self.config), self.method.phases()[-1][0])
+        model = self.method.prepare_model(self.method.build_model(self.config), self.method.phases()[-1][0])
         # DDP's reducer all-reduces in C++; the counting hook routes it through dist.all_reduce, which the
         # CollectiveCounter sees like every other engine's collectives.
         ddp_loop = {"count_gradient_bytes": True, "allreduce_every_microbatch": args.allreduce_every_microbatch,

@@ -1,6 +1,6 @@
 """The neutral tensor-access layer between engines and methods.
 
-Engines (`backends/`) implement `ShardAccess`: where this rank's pieces of each parameter and optimizer
+Engines (`backends/`) implement `TensorAccess`: where this rank's pieces of each parameter and optimizer
 state live, and the few collectives a method's events need (all-reduce, a fetch of named flat ranges
 through one all_to_all, a gather of small tensors). Methods (`methods/`, and the ReLoRA operations in
 `merge.py` / `prune.py`) use it and never look inside an engine; engines know nothing of methods.
@@ -62,7 +62,7 @@ def range_key(wanted: list[Range]) -> list[tuple[int, int, int]]:
     return [(id(p), lo, hi) for p, lo, hi in wanted]
 
 
-class ShardAccess(ABC):
+class TensorAccess(ABC):
     """Where parameters and their optimizer states live on this rank, and the collectives over the ranks
     that share them. Every rank must call every collective method in the same order with the same arguments.
 
@@ -113,7 +113,7 @@ class ShardAccess(ABC):
         secondary partitions)."""
 
 
-class ReplicatedAccess(ShardAccess):
+class ReplicatedAccess(TensorAccess):
     """Single process, DDP, and owner-sharded optimizers: every rank holds every parameter whole and the states
     of the parameters its `optimizer` steps; nothing to communicate."""
 
@@ -136,7 +136,7 @@ class ReplicatedAccess(ShardAccess):
         pass
 
 
-class ShardedAccess(ShardAccess):
+class PartitionedAccess(TensorAccess):
     """Ranks hold disjoint pieces of the same tensors; collectives run on the engine's device (NCCL needs CUDA
     tensors even for CPU-offloaded masters and CPU-side quantile histograms)."""
 
@@ -161,7 +161,7 @@ class ShardedAccess(ShardAccess):
         return bool(value.item())
 
 
-class FlatRangeShards(ShardedAccess):
+class FlatRangeShards(PartitionedAccess):
     """Each rank holds elements [lo, hi) of every flattened tensor (possibly none): ZeRO-3 `ds_tensor` slices,
     FSDP2 row shards. A fetch of named ranges is one all_to_all; nothing is gathered whole."""
 
@@ -251,5 +251,5 @@ class FlatRangeShards(ShardedAccess):
         return out
 
 
-__all__ = ["Piece", "Range", "ShardAccess", "ReplicatedAccess", "ShardedAccess", "FlatRangeShards", "write_pieces",
-           "range_key"]
+__all__ = ["Piece", "Range", "TensorAccess", "ReplicatedAccess", "PartitionedAccess", "FlatRangeShards",
+           "write_pieces", "range_key"]

@@ -18,6 +18,10 @@ class DistInfo:
     device: torch.device
 
 
+SETUP_TIMEOUT = datetime.timedelta(hours=2)
+_setup_group = None
+
+
 def init_distributed(timeout_s: int = 600) -> DistInfo:
     """Join the process group when launched with WORLD_SIZE > 1 (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -30,6 +34,10 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     timeout = datetime.timedelta(seconds=timeout_s)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout, rank=rank, world_size=world_size)
+        global _setup_group
+        # Work that rank 0 does alone (training a tokenizer, packing a corpus, converting a checkpoint) can take
+        # longer than a collective should ever wait: the other ranks wait for it on a group of its own.
+        _setup_group = dist.new_group(backend="gloo", timeout=max(timeout, SETUP_TIMEOUT))
     # Groups created later without a timeout (DeepSpeed's data-parallel groups, device meshes) take torch's
     # module default (30 min gloo, 10 min NCCL), not the world group's: make that ours too.
     import torch.distributed.distributed_c10d as c10d
@@ -54,20 +62,22 @@ def rank0_first(fn, *, rank: int, world_size: int):
     """Run `fn` on rank 0, then on the others (which then hit rank 0's caches).
 
     A failure on rank 0 is raised on every rank (a ValueError with the same message), so a bad input
-    never leaves the other ranks waiting in a collective.
+    never leaves the other ranks waiting in a collective. The others wait up to SETUP_TIMEOUT (or the run's
+    collective timeout, if longer), not the collective timeout: rank 0's work alone may take long.
     """
     if world_size == 1:
         return fn()
     if rank != 0:
         error = [None]
-        dist.broadcast_object_list(error, src=0)
+        dist.broadcast_object_list(error, src=0, group=_setup_group)
         if error[0] is not None:
             raise ValueError(error[0])
         return fn()
     try:
         result = fn()
     except Exception as e:
-        dist.broadcast_object_list([str(e) if isinstance(e, ValueError) else f"rank 0 failed: {type(e).__name__}: {e}"], src=0)
+        dist.broadcast_object_list([str(e) if isinstance(e, ValueError) else f"rank 0 failed: {type(e).__name__}: {e}"],
+                                   src=0, group=_setup_group)
         raise
-    dist.broadcast_object_list([None], src=0)
+    dist.broadcast_object_list([None], src=0, group=_setup_group)
     return result

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .access import ReplicatedAccess, ShardAccess, range_key, write_pieces
+from .access import ReplicatedAccess, TensorAccess, range_key, write_pieces
 from .layer import ReLoRALinear, relora_layers
 from .randomness import kaiming_uniform_A
 
@@ -53,7 +53,7 @@ def add_in_fp32(view: torch.Tensor, delta: torch.Tensor) -> None:
         view.copy_(view.float().add_(delta.to(view.device)))
 
 
-def lora_factors(layers: list[ReLoRALinear], access: ShardAccess) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+def lora_factors(layers: list[ReLoRALinear], access: TensorAccess) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     """Per layer (A32 whole, B32 rows, index of the first row): the fp32 masters a merge of this rank's W pieces
     needs, in one fetch. A is NaN everywhere when any rank saw a non-finite A or B rows of that layer."""
     spans = access.spans([layer.weight for layer in layers])
@@ -82,7 +82,7 @@ def lora_factors(layers: list[ReLoRALinear], access: ShardAccess) -> list[tuple[
 
 
 @torch.no_grad()
-def merge_and_reinit_layers(layers: list[ReLoRALinear], access: ShardAccess, *, restart_index: int) -> None:
+def merge_and_reinit_layers(layers: list[ReLoRALinear], access: TensorAccess, *, restart_index: int) -> None:
     """W += s*B@A (fp32, from the masters), then A <- keyed Kaiming draw, B <- 0, in every holder.
 
     Raises before touching any W if a master is non-finite. Never gathers W.

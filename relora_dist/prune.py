@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .access import Piece, ReplicatedAccess, ShardAccess
+from .access import Piece, ReplicatedAccess, TensorAccess
 from .quantile import abs_quantiles
 from .randomness import keep_mask
 
@@ -39,7 +39,7 @@ def _threshold_keep(pieces: list[Piece], numel: int, threshold: float) -> torch.
 @torch.no_grad()
 def prune_states(
     named_params: list[tuple[str, nn.Parameter]],
-    access: ShardAccess,
+    access: TensorAccess,
     *,
     rule: str,
     ratio: float,

@@ -1,6 +1,6 @@
 """The one interface every distributed engine implements: the training ops the loop calls (setup,
 forward context, backward, step, checkpoint), so the loop never branches on which engine it runs, and a
-`relora_dist.access.ShardAccess` saying where this rank's pieces of parameters and optimizer states live.
+`relora_dist.access.TensorAccess` saying where this rank's pieces of parameters and optimizer states live.
 
 Engines know nothing of training methods: methods act on the model only through that access layer.
 """
@@ -18,7 +18,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from ..access import ShardAccess
+from ..access import TensorAccess
 
 
 @dataclass
@@ -68,6 +68,8 @@ class Backend(ABC):
     Options: ClassVar[type] = NoOptions
     # Config section holding `Options` (engines that share options share a section); None: no options.
     options_section: ClassVar[str | None] = None
+    # An option field whose value selects this engine when --backend was left at its default (--deepspeed).
+    implied_by: ClassVar[str | None] = None
     # The engine steps a plain torch optimizer keyed by the module's own parameters, so optimizer states can be
     # carried over when a method rebuilds the model (--keep-states-at-switch).
     carries_states: ClassVar[bool] = False
@@ -153,7 +155,7 @@ class Backend(ABC):
             group["lr"] = lr
 
     @abstractmethod
-    def shard_access(self) -> ShardAccess: ...
+    def shard_access(self) -> TensorAccess: ...
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor over all ranks in place (loss logging, evaluation)."""

@@ -112,7 +112,7 @@ class DeepSpeedBackend(Backend):
     Options = DeepSpeedOptions
     options_section = "deepspeed"
     defers_gradient_sync = False
-    implied_by = "config"  # setting deepspeed.config (--deepspeed) selects this engine
+    implied_by = "config"  # --deepspeed CONFIG selects this engine
 
     def __init__(self, *, device: torch.device, dtype: str, config: str | Path | dict, micro_batch_size: int = 1,
                  accumulation_steps: int = 1, max_norm: float = 1.0):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..access import FlatRangeShards, Piece, ReplicatedAccess, ShardAccess, ShardedAccess
+from ..access import FlatRangeShards, PartitionedAccess, Piece, ReplicatedAccess, TensorAccess
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def _state_tensor(optimizer: torch.optim.Optimizer, holder: torch.Tensor, key: s
     return value if isinstance(value, torch.Tensor) and value.numel() > 1 else None
 
 
-class ReplicatedMasters(ShardAccess):
+class ReplicatedMasters(TensorAccess):
     """ZeRO-0 with bf16/fp16: every rank holds each param whole plus a replicated fp32 copy."""
 
     def __init__(self, wrapper):
@@ -74,7 +74,7 @@ class ReplicatedMasters(ShardAccess):
         pass
 
 
-class PartitionedMasters(ShardedAccess):
+class PartitionedMasters(PartitionedAccess):
     """ZeRO-1/2 and BF16_Optimizer: full low-precision params on every rank (views into a flat buffer),
     fp32 masters and Adam states as one flat partition per rank and group.
 
@@ -247,7 +247,7 @@ class Stage3Slices(FlatRangeShards):
                 param.ds_secondary_tensor = None
 
 
-def shard_access_for(engine) -> ShardAccess:
+def shard_access_for(engine) -> TensorAccess:
     """The access class matching what `engine.optimizer` holds (see the table above)."""
     wrapper = engine.optimizer
     group = getattr(engine, "data_parallel_group", None)
@@ -263,7 +263,7 @@ def shard_access_for(engine) -> ShardAccess:
 
 
 @torch.no_grad()
-def full_parameters(engine, access: ShardAccess, names: list[str]) -> dict[str, torch.Tensor]:
+def full_parameters(engine, access: TensorAccess, names: list[str]) -> dict[str, torch.Tensor]:
     """Full fp32 values of the named module parameters on every rank: masters for trainable ones (one packed
     collective), the module's own values for frozen ones (gathered one at a time under ZeRO-3)."""
     module: nn.Module = engine.module

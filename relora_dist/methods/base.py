@@ -16,7 +16,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..access import ShardAccess
+from ..access import TensorAccess
+from ..models import build_model
 from ..schedule import jagged_cosine
 
 
@@ -81,8 +82,12 @@ class Method:
 
     # -- the model ------------------------------------------------------------------------------------
     def model_config(self, config):
-        """The architecture to build for a base LLaMA config (another size, another architecture)."""
+        """The config to build for a base LLaMA config (another size, another architecture's config)."""
         return config
+
+    def build_model(self, config) -> nn.Module:
+        """A freshly initialised model of `config` (another architecture overrides this; the global RNG is seeded)."""
+        return build_model(config)
 
     def prepare_model(self, model: nn.Module, step: int) -> nn.Module:
         """The model for the updates from `step` on, transformed in place before an engine wraps it (module
@@ -111,7 +116,7 @@ class Method:
         """Events to perform now that `step` updates are done (called once per successful update)."""
         return []
 
-    def apply(self, event: Event, model: nn.Module, access: ShardAccess) -> str:
+    def apply(self, event: Event, model: nn.Module, access: TensorAccess) -> str:
         """Perform a non-rebuild event on `model` (unwrapped) through `access`; returns a log line."""
         raise NotImplementedError(f"{self.name} has no event {event.name!r}")
 

@@ -86,7 +86,7 @@ def claim_run_directory(out: Path, *, overwrite: bool, is_main: bool) -> None:
     if not previous:
         return
     if not overwrite:
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it, --overwrite true to start"
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start"
                          " afresh, or another --out")
     if is_main:
         for path in previous:

@@ -163,8 +163,8 @@ class RunConfig:
         """Everything that does not need the world size, the data or the model (see train/preflight.py)."""
         t = self.train
         for name in BACKENDS:  # an engine whose own option was set is selected by it (--deepspeed)
-            implied = getattr(backend_class(name), "implied_by", None)
-            if implied and t.backend == "ddp" and getattr(getattr(self, backend_class(name).options_section), implied):
+            engine = backend_class(name)
+            if engine.implied_by and t.backend == "ddp" and getattr(getattr(self, engine.options_section), engine.implied_by):
                 t.backend = name
         if t.method not in method_names():
             raise ValueError(f"unknown method {t.method!r}; choose one of {', '.join(method_names())} (--method)")

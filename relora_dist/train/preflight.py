@@ -12,7 +12,7 @@ from ..backends import backend_class
 from ..backends.base import NoOptions
 from ..data import split_batch
 from ..methods import Method, build_method
-from ..models import build_model, llama_config
+from ..models import llama_config
 from .config import RunConfig
 
 
@@ -56,5 +56,5 @@ def check_model(cfg: RunConfig, method: Method, vocab_size: int | None = None) -
     with torch.random.fork_rng(devices=[]):
         for start, _ in method.phases():
             with torch.device("meta"):
-                model = build_model(config)
+                model = method.build_model(config)
             method.prepare_model(model, start)

@@ -22,7 +22,7 @@ from ..backends import build_backend
 from ..data import GlobalBatchPlan, build_data, val_batches
 from ..distributed import init_distributed, rank0_first
 from ..methods import Event
-from ..models import build_model, llama_config, save_hf_model
+from ..models import llama_config, save_hf_model
 from .checkpoint import (check_model_fits, claim_run_directory, load_method_state, load_rng, read_trainer_state,
                          resolve_checkpoint, save_checkpoint, save_method_state)
 from .config import RunConfig, save_yaml
@@ -124,7 +124,7 @@ class Trainer:
     # -- setup -----------------------------------------------------------------------------------
     def _build_model(self, step: int):
         """The model as the method structures it for update `step` (0-based), before an engine wraps it."""
-        model = build_model(self.model_config)
+        model = self.method.build_model(self.model_config)
         if self.cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return self.method.prepare_model(model, step)
