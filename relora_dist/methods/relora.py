@@ -20,8 +20,8 @@ class ReLoRA(LowRankAdapters):
     description = "full rank for --warm-start-steps, then ReLoRA in the same run (merges, resets, LR restarts)"
 
     def after_update(self, step):
+        events = super().after_update(step)  # the warm-start switch
         actions = self.controller.actions_after(step - 1)
-        events = [Event("wrap", rebuild=True)] if actions.wrap else []
         if actions.merge:
             events.append(Event("merge", actions.merge_index))
         if actions.reset:

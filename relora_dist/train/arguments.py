@@ -9,7 +9,7 @@ import inspect
 from dataclasses import fields
 from pathlib import Path
 
-from ..methods import method_names, method_sections
+from ..methods import method_class, method_names, method_sections
 from .config import SHARED_METHOD_FIELDS, RunConfig, flag_for, section_specs
 
 
@@ -121,7 +121,8 @@ def build_parser(prog: str = "relora-train") -> argparse.ArgumentParser:
             elif _is_bool(str(f.type)):
                 kwargs.update(action=_Switch)
             elif (section, f.name) == ("train", "method"):
-                kwargs.update(type=_one_of("method", method_names(), "--method"), metavar="{" + ",".join(method_names()) + "}")
+                kwargs.update(type=_one_of("method", method_names(), "--method"), metavar="{" + ",".join(method_names()) + "}",
+                              help="; ".join(f"{n}: {method_class(n).description}" for n in method_names()) + ".")
             elif (section, f.name) == ("train", "backend"):
                 kwargs.update(type=_one_of("backend", BACKENDS, "--backend"), metavar="{" + ",".join(BACKENDS) + "}")
             else:
@@ -131,7 +132,8 @@ def build_parser(prog: str = "relora-train") -> argparse.ArgumentParser:
 
 
 def parse_run_config(argv: list[str] | None = None, prog: str = "relora-train") -> tuple[RunConfig, argparse.Namespace]:
-    """defaults < YAML < flags. Raises ValueError for bad values; argparse exits 2 for bad flags."""
+    """defaults < YAML < flags. Raises ValueError for values a section refuses; argparse exits 2 for bad flags.
+    Everything else is checked by `train.preflight.preflight` (the run and --dry-run call it)."""
     args = build_parser(prog).parse_args(argv)
     tree: dict = {}
     if getattr(args, "config", None):
@@ -144,15 +146,11 @@ def parse_run_config(argv: list[str] | None = None, prog: str = "relora-train") 
             section = _section_with(name, method)
         tree.setdefault(section, {})
         tree[section] = dict(tree[section] or {}) | {name: value}
-    cfg = RunConfig.from_dict(tree)
-    cfg.validate()
-    return cfg, args
+    return RunConfig.from_dict(tree), args
 
 
 def _section_with(name: str, method: str) -> str:
     """The config section a shared method flag sets: the method's own, else the first section that has it."""
-    from ..methods import method_class
-
     sections = method_sections()
     try:
         own = method_class(method).config_section

@@ -126,6 +126,11 @@ MOVED_KEYS = {("train", "deepspeed"): ("deepspeed", "config"),
               ("train", "fsdp_reshard_after_forward"): ("fsdp2", "reshard_after_forward")}
 
 
+def engine_users(section: str) -> list[str]:
+    """The engines whose options live in config section `section`."""
+    return [b for b in BACKENDS if backend_class(b).options_section == section]
+
+
 def section_specs() -> dict[str, tuple[type, dict]]:
     """Section name -> (dataclass, relora-train's defaults for it), in YAML/flag order."""
     specs = {name: (cls, {}) for name, cls in CORE_SECTIONS.items()}
@@ -156,9 +161,6 @@ class RunConfig:
             if hasattr(section, "seed"):
                 section.seed = self.train.seed
 
-    def engine_users(self, section: str) -> list[str]:
-        return [b for b in BACKENDS if backend_class(b).options_section == section]
-
     def validate(self) -> None:
         """Everything that does not need the world size, the data or the model (see train/preflight.py)."""
         t = self.train
@@ -176,7 +178,7 @@ class RunConfig:
             for key in values:
                 if values[key] != default[key]:
                     raise ValueError(f"{option_flag(section, key)} was given but --backend is {t.backend}: it applies to"
-                                     f" --backend {', '.join(self.engine_users(section))} only")
+                                     f" --backend {', '.join(engine_users(section))} only")
         if self.optim.keep_states_at_switch and not engine.carries_states:
             carriers = [b for b in BACKENDS if backend_class(b).carries_states]
             raise ValueError(f"--keep-states-at-switch is not supported with --backend {t.backend} ({', '.join(carriers)} only)")

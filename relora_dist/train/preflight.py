@@ -45,10 +45,11 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> RunPlan:
     return RunPlan(method, world_size, accumulation)
 
 
-def check_model(cfg: RunConfig, method: Method, vocab_size: int | None = None) -> None:
-    """Build the model of every phase on the meta device (no memory, no init cost): shape errors show now."""
+def check_model(cfg: RunConfig, method: Method) -> None:
+    """Build the model of every phase on the meta device (no memory, no init cost): shape errors show now. The
+    vocabulary is --vocab-size's stand-in (the tokenizer is not built yet); no check depends on it."""
     m = cfg.model
-    config = method.model_config(llama_config(m.preset, vocab_size=vocab_size or cfg.data.vocab_size,
+    config = method.model_config(llama_config(m.preset, vocab_size=cfg.data.vocab_size,
                                               config_path=m.config_path, max_positions=m.max_positions))
     if cfg.data.seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len {cfg.data.seq_len} exceeds the model's max positions"

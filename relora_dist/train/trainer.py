@@ -71,7 +71,7 @@ class Trainer:
         # Rank 0 trains the tokenizer and packs the data; the other ranks then read its caches.
         self.data = rank0_first(lambda: build_run_data(cfg), rank=self.dist.rank, world_size=self.dist.world_size)
         self.plan = GlobalBatchPlan(len(self.data.train), t.global_batch_size, t.seed, seq_len=cfg.data.seq_len)
-        self.accumulation_steps = self.plan.accumulation_steps(world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
+        self.accumulation_steps = plan.accumulation_steps  # the split preflight checked
 
         self._eval_sequences = self._eval_set_size(len(self.data.val))
 
@@ -105,7 +105,7 @@ class Trainer:
         # Dropout streams differ per rank (methods' own randomness never uses the global RNG).
         torch.manual_seed(t.seed * 1000 + 1 + self.dist.rank)
         if resume_dir is not None:
-            self._resume(resume_dir)
+            self._resume(resume_dir, saved)
         if self.is_main:
             save_yaml(cfg, self.out / "config.yaml")
 
@@ -132,8 +132,7 @@ class Trainer:
     def _setup_backend(self, model) -> None:
         self.backend.setup(model, self.method.make_optimizer, self.method.param_groups(model))
 
-    def _resume(self, path: Path) -> None:
-        state = read_trainer_state(path)
+    def _resume(self, path: Path, state: dict) -> None:
         self.backend.load(path)
         self.batches_consumed = state["batches_consumed"]
         self.skipped_total = state.get("skipped_total", 0)
