@@ -128,6 +128,47 @@ def table4_section(rows: list[dict]) -> str:
     ])
 
 
+def compile_section(eager: dict, compiled: dict) -> str:
+    """Eager against --compile on the same engines, with the ReLoRA/full ratio the executed-FLOP count predicts."""
+    def ratios(data: dict) -> dict[str, tuple[float, float]]:
+        by = {(r["engine"], r["method"]): r for r in data["rows"]}
+        return {e: (by[(e, "relora")]["examples_per_s"] / by[(e, "full")]["examples_per_s"],
+                    by[(e, "full")]["executed_flops_per_token"] / by[(e, "relora")]["executed_flops_per_token"])
+                for e, m in by if m == "full" and (e, "relora") in by}
+    header = ["engine", "mode", "full ex/s", "relora ex/s", "ReLoRA / full measured", "FLOP model", "measured / model"]
+    body = []
+    for mode, data in (("eager", eager), ("compile", compiled)):
+        by = {(r["engine"], r["method"]): r for r in data["rows"]}
+        for engine, (measured, model) in ratios(data).items():
+            body.append([engine, mode, f"{by[(engine, 'full')]['examples_per_s']:.2f}", f"{by[(engine, 'relora')]['examples_per_s']:.2f}",
+                         f"{measured:.2f}x", f"{model:.2f}x", f"{measured / model:.2f}"])
+    r0 = eager["rows"][0]
+    return "\n\n".join([
+        "## `--compile` against eager (`relora-bench --compile`)",
+        f"{_machine(eager)} Preset {r0['preset']}, seq {r0['seq_len']}, {r0['dtype']}, {r0['world_size']} ranks, micro-batch "
+        f"{r0['micro_batch_size']} x {r0['accumulation_steps']}, ReLoRA r={next(r['rank'] for r in eager['rows'] if r['rank'])}, "
+        "LoRA dropout 0.1; median of 5 updates after 2 warm-up updates (which absorb the compilation). FLOP model: full "
+        "rank's executed FLOPs per token over ReLoRA's. This box's run-to-run noise was large when these were taken "
+        "(the same eager case moved by up to 25% between runs): read the ratios within one mode, not across sessions.",
+        _table(header, body),
+    ])
+
+
+def loop_overhead_section(data: dict) -> str:
+    header = ["phase", "ours ms/update", "bare DDP loop ms/update", "bare / ours", "ours per repeat", "bare per repeat"]
+    body = [[r["phase"], f"{r['ours_ms']:.1f}", f"{r['bare_ms']:.1f}", f"{r['ratio_bare_over_ours']:.3f}x",
+             ", ".join(f"{x:.0f}" for x in r["ours_samples_ms"]), ", ".join(f"{x:.0f}" for x in r["bare_samples_ms"])]
+            for r in data["rows"]]
+    c = data["config"]
+    return "\n\n".join([
+        "## Training-loop overhead (`benchmarks/loop_overhead.py`)",
+        f"{_machine(data)} `launch/train.py` against a hand-written DDP loop on the same model and global batches "
+        f"({' '.join(c['train_args'])}), {c['nproc']} gloo ranks x {c['threads']} thread, {c['repeats']} alternating "
+        "repeats; per phase the median per-update interval (merges and the switch left out), then the median over repeats.",
+        _table(header, body),
+    ])
+
+
 def quality_section(table: Path) -> str:
     folder = table.parent.as_posix()
     return "\n\n".join([
@@ -159,6 +200,11 @@ def main(argv=None) -> int:
         path = results / name
         if path.exists():
             sections.append(render(json.loads(path.read_text())))
+    if (results / "throughput_compile.json").exists() and (results / "throughput_compile_eager.json").exists():
+        sections.append(compile_section(json.loads((results / "throughput_compile_eager.json").read_text()),
+                                        json.loads((results / "throughput_compile.json").read_text())))
+    if (results / "loop_overhead.json").exists():
+        sections.append(loop_overhead_section(json.loads((results / "loop_overhead.json").read_text())))
     quality = results / "quality" / "quality.md"
     if quality.exists():
         sections.append(quality_section(quality))

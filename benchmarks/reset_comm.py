@@ -22,7 +22,7 @@ import relora_dist as rd
 from relora_dist.benchmarks.common import build_engine, write_results
 from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
-from relora_dist.models import build_model, llama_config
+from relora_dist.models import build_model, causal_lm_loss, llama_config
 from relora_dist.prune import prune_states
 
 
@@ -38,7 +38,7 @@ def measure(preset: str, engine: str, dtype: str, prune: str, rank: int, info) -
                   [{"params": [p for p in model.parameters() if p.requires_grad]}])
     tokens = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(info.rank))
     with backend.forward_context():
-        loss = backend.model(input_ids=tokens, labels=tokens).loss
+        loss = causal_lm_loss(backend.model, tokens)
     backend.backward(loss)
     backend.step(lr=1e-4, max_norm=1.0)
     backend.zero_grad()

@@ -35,8 +35,9 @@ from relora_dist.benchmarks.common import ENGINES, Stopwatch, build_engine, devi
 from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.methods import method_names
+from relora_dist.train.compile import compile_decoder_layers
 from relora_dist.train.config import standalone_method
-from relora_dist.models import llama_config
+from relora_dist.models import causal_lm_loss, llama_config
 from relora_dist.perf import ModelCounts
 
 DDP_LOOP_ENGINES = ("ddp", "zero_redundancy")  # engines whose gradient all-reduce the harness can count and pad
@@ -56,6 +57,8 @@ def parse_args(argv=None, *, prog="relora-bench", doc=__doc__, extend=None, modu
     p.add_argument("--rank", type=int, default=128, help="rank of the low-rank methods (every projection is wrapped)")
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--fused-kernels", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (Inductor), as relora-train --compile;"
+                   " the warm-up updates absorb the compilation")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--accumulation-steps", type=int, default=2)
     p.add_argument("--warmup-updates", type=int, default=1)
@@ -118,6 +121,8 @@ class Case:
         self.config = self.method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len))
         torch.manual_seed(0)
         model = self.method.prepare_model(self.method.build_model(self.config), self.method.phases()[-1][0])
+        if args.compile:
+            compile_decoder_layers(model, "inductor")
         # DDP's reducer all-reduces in C++; the counting hook routes it through dist.all_reduce, which the
         # CollectiveCounter sees like every other engine's collectives.
         ddp_loop = {"count_gradient_bytes": True, "allreduce_every_microbatch": args.allreduce_every_microbatch,
@@ -135,7 +140,7 @@ class Case:
             sync = backend.compute_only() if compute_only else (contextlib.nullcontext() if last else backend.no_sync())
             with sync:
                 with watch("forward"), backend.forward_context():
-                    loss = backend.model(input_ids=batch.to(self.info.device), labels=batch.to(self.info.device)).loss / n
+                    loss = causal_lm_loss(backend.model, batch.to(self.info.device)) / n
                 with watch("backward"):
                     backend.backward(loss)
 
@@ -209,7 +214,7 @@ def run_case(args, info, method: str, engine: str, busbw_gbs: float, peak: tuple
         "preset": args.preset, "method": method, "engine": engine, "dtype": args.dtype, "world_size": n,
         "micro_batch_size": args.micro_batch_size, "accumulation_steps": args.accumulation_steps,
         "global_batch_size": global_batch, "seq_len": args.seq_len, "rank": args.rank if low_rank else None,
-        "lora_dropout": args.lora_dropout if low_rank else None,
+        "lora_dropout": args.lora_dropout if low_rank else None, "compile": args.compile,
         "allreduce_every_microbatch": args.allreduce_every_microbatch, "emulated_busbw_gbs": busbw_gbs or None,
         "update_s": update_s, "update_s_all": [m["update_s"] for m in measured],
         "examples_per_s": global_batch / update_s, "examples_per_s_per_gpu": global_batch / update_s / n,

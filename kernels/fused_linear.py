@@ -98,7 +98,7 @@ def _backward(dy2, x2, weight, lora_A, lora_B, t, scale, dropout_p, seed, need_d
             dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), dt.stride(0), lora_A.stride(0),
             lora_A.stride(1), x2.stride(0), x2.stride(1), dx.stride(0) if need_dx else 0, dA.stride(0),
             dropout_p, seed, DROPOUT=dropout_p > 0, COMPUTE_DX=need_dx, BR=BR, **opts)
-    return dx, dA[:R], dB[:, :R]
+    return dx, dA[:R], dB[:, :R].contiguous()  # the fake kernel (and Inductor) expect dense outputs
 
 
 # -- torch.library ops: opaque to torch.compile, with fake (meta) implementations for tracing ------------------

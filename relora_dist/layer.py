@@ -19,6 +19,31 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@torch.library.custom_op("relora_dist::input_dropout", mutates_args=())
+def input_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATen's dropout as one opaque op for torch.compile: Inductor would otherwise generate its own per-element
+    random numbers, twice as slow as ATen's on a CPU (a 20m ReLoRA forward went 0.22 -> 0.46 s)."""
+    return torch.native_dropout(x, p, True)
+
+
+@input_dropout.register_fake
+def _(x, p):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _input_dropout_setup(ctx, inputs, output):
+    ctx.p = inputs[1]
+    ctx.save_for_backward(output[1])
+
+
+def _input_dropout_backward(ctx, grad, _mask_grad):
+    (mask,) = ctx.saved_tensors
+    return torch.ops.aten.native_dropout_backward(grad, mask, 1.0 / (1.0 - ctx.p)), None
+
+
+input_dropout.register_autograd(_input_dropout_backward, setup_context=_input_dropout_setup)
+
+
 class ReLoRALinear(nn.Module):
     """y = x W^T + bias + scale * (dropout(x) A^T) B^T with W frozen and A (r x in), B (out x r) trainable.
 
@@ -96,8 +121,13 @@ class ReLoRALinear(nn.Module):
         if self._fused_enabled(x):
             return self._fused_forward(x)
         frozen = F.linear(x, self.weight, self.bias)
-        low_rank = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        low_rank = F.linear(F.linear(self._dropped(x), self.lora_A), self.lora_B)
         return frozen + self.scale * low_rank
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.training and isinstance(self.lora_dropout, nn.Dropout):
+            return input_dropout(x, self.lora_dropout.p)[0]  # traced: ATen's dropout, not Inductor's
+        return self.lora_dropout(x)  # eager: nn.Dropout, as ever
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}"

@@ -7,7 +7,9 @@ import random
 import time
 
 # The Triton kernels run on the CPU through the interpreter; triton reads this when a kernel is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# RELORA_KERNEL_DEVICE=cuda (launch/gpu_check.sh) runs tests/test_kernels.py compiled on a GPU instead.
+if os.environ.get("RELORA_KERNEL_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import socket
 import subprocess
 import sys

@@ -1,4 +1,5 @@
 """Fused Triton kernels (relora_dist.kernels) under TRITON_INTERPRET=1, against an fp64 autograd reference.
+With RELORA_KERNEL_DEVICE=cuda (launch/gpu_check.sh) the same tests run compiled on a GPU.
 
 Shapes are ragged (not multiples of the 32-wide interpreter tiles) and small: the interpreter's cost grows as
 the number of tiles. bf16 is checked through the interpreter-only fp32 upcast of the dot operands; the
@@ -16,7 +17,21 @@ import relora_dist as rd
 from relora_dist.kernels import dropout_keep_mask, fused_relora_linear
 from relora_dist.kernels import fused_linear
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported"
+DEVICE = os.environ.get("RELORA_KERNEL_DEVICE", "cpu")
+if DEVICE == "cpu":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported"
+
+
+@pytest.fixture(autouse=True)
+def on_kernel_device():
+    """Every tensor a test makes without a device lands on the kernel device; seeded draws stay on the CPU
+    (`cpu_randn`) so both devices see the same numbers."""
+    with torch.device(DEVICE):
+        yield
+
+
+def cpu_randn(*shape, generator=None):
+    return torch.randn(*shape, generator=generator, device="cpu").to(DEVICE)
 
 
 def reference(x, W, A, B, scale, bias, keep, p):
@@ -29,12 +44,12 @@ def reference(x, W, A, B, scale, bias, keep, p):
 def run_both(M, N, K, r, *, p=0.0, bias=True, dtype=torch.float32, seed=7, lead=()):
     """Fused output and grads, and the fp64 reference's, plus the unfused path in `dtype` (error yardstick)."""
     g = torch.Generator().manual_seed(M * 1000 + N + K + r)
-    x = torch.randn(*lead, M, K, generator=g).to(dtype).requires_grad_()
-    W = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
-    A = (torch.randn(r, K, generator=g) / K**0.5).requires_grad_()
-    B = (torch.randn(N, r, generator=g) * 0.2).requires_grad_()
-    b = torch.randn(N, generator=g).requires_grad_() if bias else None
-    dy = torch.randn(*lead, M, N, generator=g).to(dtype)
+    x = cpu_randn(*lead, M, K, generator=g).to(dtype).requires_grad_()
+    W = (cpu_randn(N, K, generator=g) / K**0.5).to(dtype)
+    A = (cpu_randn(r, K, generator=g) / K**0.5).requires_grad_()
+    B = (cpu_randn(N, r, generator=g) * 0.2).requires_grad_()
+    b = cpu_randn(N, generator=g).requires_grad_() if bias else None
+    dy = cpu_randn(*lead, M, N, generator=g).to(dtype)
     y = fused_relora_linear(x, W, A, B, 1.7, bias=b, dropout_p=p, seed=seed)
     y.backward(dy)
     fused = {"y": y, "dx": x.grad, "dA": A.grad, "dB": B.grad, "db": b.grad if bias else None}
@@ -125,7 +140,7 @@ def test_dropout_mask_is_consistent_between_forward_and_backward_and_keyed_by_se
     assert torch.equal(again["y"], fused["y"])
     other, *_ = run_both(96, 64, 80, 16, p=0.25, lead=(2,), seed=8)
     assert not torch.equal(other["y"], fused["y"])
-    assert not torch.equal(dropout_keep_mask((50, 40), 0.25, 1, "cpu"), dropout_keep_mask((50, 40), 0.25, 2, "cpu"))
+    assert not torch.equal(dropout_keep_mask((50, 40), 0.25, 1, DEVICE), dropout_keep_mask((50, 40), 0.25, 2, DEVICE))
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -177,16 +192,17 @@ def test_reset_state_and_inputs_without_grad():
 
 def test_relora_linear_dispatches_to_the_fused_path_and_matches_the_torch_path():
     """`fused_kernels="on"` routes ReLoRALinear through the kernels (here via the interpreter), with the torch
-    path's results; "auto" keeps the torch path on a CPU."""
+    path's results; "auto" keeps the torch path on a CPU ("off" on a GPU, where "auto" is the fused path)."""
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(40, 56))
-    torch_path = rd.wrap(base, rd.ReLoRAConfig(rank=8, alpha=16, dropout=0.0, target_modules=("0",)))
+    torch_mode = "auto" if DEVICE == "cpu" else "off"
+    torch_path = rd.wrap(base, rd.ReLoRAConfig(rank=8, alpha=16, dropout=0.0, target_modules=("0",), fused_kernels=torch_mode))
     fused_path = rd.wrap(torch.nn.Sequential(torch.nn.Linear(40, 56)),
                          rd.ReLoRAConfig(rank=8, alpha=16, dropout=0.0, target_modules=("0",), fused_kernels="on"))
     fused_path.load_state_dict(torch_path.state_dict())
     with torch.no_grad():
         for m in (torch_path, fused_path):
-            m[0].lora_B.normal_(generator=torch.Generator().manual_seed(1))
+            m[0].lora_B.copy_(cpu_randn(*m[0].lora_B.shape, generator=torch.Generator().manual_seed(1)))
     x = torch.randn(3, 20, 40)
     y_torch, y_fused = torch_path(x), fused_path(x)
     assert not torch_path[0]._fused_enabled(x) and fused_path[0]._fused_enabled(x)

@@ -26,7 +26,7 @@ class DDPOptions:
     """ddp, zero_redundancy: pad every gradient all-reduce to this bus bandwidth in bytes/s (slow-link emulation)."""
 
 
-def _no_buffer_broadcast() -> dict:
+def no_buffer_broadcast() -> dict:
     # LLaMA's only buffers (rotary frequencies) are identical everywhere: skip the per-forward broadcast.
     # torch 2.13 renamed the switch; older releases only know broadcast_buffers.
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
@@ -60,7 +60,7 @@ class DDPBackend(Backend):
         self._module = model.to(self.device)
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self._wrapped = DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_broadcast())
+            self._wrapped = DistributedDataParallel(model, device_ids=device_ids, **no_buffer_broadcast())
             if self.gradient_traffic is not None:
                 self._wrapped.register_comm_hook(self.gradient_traffic, counting_allreduce_hook)
         else:

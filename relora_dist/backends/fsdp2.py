@@ -26,6 +26,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from ..access import FlatRangeShards, Piece
+from ..models import decoder_layers
 from .base import Backend, checkpoint_must_fit
 
 CHECKPOINT_DIR = "dcp"
@@ -101,7 +102,7 @@ class FSDP2Backend(Backend):
         names = {id(p): n for n, p in model.named_parameters()}
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.dtype == "bf16" else MixedPrecisionPolicy()
         model.to(self.device)
-        for block in _decoder_layers(model):
+        for block in decoder_layers(model):
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         _check_row_sharding(model, RowShards(None, None, self.device))
@@ -195,12 +196,3 @@ class FSDP2Backend(Backend):
             dcp_to_torch_save(str(cls.checkpoint_model_source(directory)), str(target))
             state = torch.load(target, map_location="cpu", weights_only=False)
         return {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
-
-
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one (HF LLaMA: model.model.layers)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"--backend fsdp2 shards decoder layers; {type(model).__name__} has no .model.layers")
-    return list(layers)

@@ -88,6 +88,10 @@ class TrainConfig:
     """fp32, or bf16 (ddp, fairscale, zero_redundancy: autocast over fp32 parameters; deepspeed: bf16 parameters with fp32 masters, frozen W in bf16; fsdp2: bf16 compute and all-gathers over fp32 sharded masters, fp32 gradient reduction)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them (HF non-reentrant gradient checkpointing; any backend)."""
+    compile: bool = False
+    """torch.compile each decoder layer before the engine wraps the model (as torchtitan); parameters are graph inputs, so merges and resets recompile nothing. On a CPU, Inductor needs a C++ compiler (g++ or clang++)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of --compile: inductor (generated kernels), aot_eager (traced, no code generation) or any registered backend."""
     seed: int = 0
     """Seed of model init, data order, dropout and ReLoRA's generators."""
     eval_every: int = 50

@@ -13,6 +13,7 @@ from ..backends.base import NoOptions
 from ..data import split_batch
 from ..methods import Method, build_method
 from ..models import llama_config
+from .compile import check_compile
 from .config import RunConfig
 
 
@@ -41,6 +42,8 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> RunPlan:
     backend_class(t.backend).check_options(cfg.engine_options() or NoOptions(), dtype=t.dtype,
                                            micro_batch_size=t.micro_batch_size, accumulation_steps=accumulation,
                                            world_size=world_size, max_norm=cfg.optim.grad_clip)
+    if t.compile:
+        check_compile(t.compile_backend, cuda=torch.cuda.is_available())
     check_model(cfg, method)
     return RunPlan(method, world_size, accumulation)
 

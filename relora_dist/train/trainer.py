@@ -22,9 +22,10 @@ from ..backends import build_backend
 from ..data import GlobalBatchPlan, build_data, val_batches
 from ..distributed import init_distributed, rank0_first
 from ..methods import Event
-from ..models import llama_config, save_hf_model
+from ..models import causal_lm_loss, llama_config, save_hf_model
 from .checkpoint import (check_model_fits, claim_run_directory, load_method_state, load_rng, read_trainer_state,
                          resolve_checkpoint, save_checkpoint, save_method_state)
+from .compile import compile_decoder_layers, compiled_graphs
 from .config import RunConfig, save_yaml
 from .consistency import check_replicas
 from .faults import FaultPlan
@@ -127,7 +128,11 @@ class Trainer:
         model = self.method.build_model(self.model_config)
         if self.cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return self.method.prepare_model(model, step)
+        return self._compiled(self.method.prepare_model(model, step))
+
+    def _compiled(self, model):
+        t = self.cfg.train
+        return compile_decoder_layers(model, t.compile_backend) if t.compile else model
 
     def _setup_backend(self, model) -> None:
         self.backend.setup(model, self.method.make_optimizer, self.method.param_groups(model))
@@ -161,7 +166,7 @@ class Trainer:
             sync = i == len(micro) - 1
             with (contextlib.nullcontext() if sync else backend.no_sync()):
                 with backend.forward_context():
-                    loss = backend.model(input_ids=batch, labels=batch).loss / len(micro)
+                    loss = causal_lm_loss(backend.model, batch) / len(micro)
                 if i == 0:
                     loss = self.faults.corrupt_loss(loss, attempt)
                 backend.backward(loss)
@@ -194,7 +199,7 @@ class Trainer:
         of the parameters that keep training)."""
         model = self.backend.release_model(lambda: self._build_model(self.step - 1))
         kept = self.backend.param_states(model.parameters()) if self.cfg.optim.keep_states_at_switch else {}
-        model = self.method.prepare_model(model, self.step)  # every Parameter object that stays is the same
+        model = self._compiled(self.method.prepare_model(model, self.step))  # every Parameter that stays is the same
         self._setup_backend(model)
         self.backend.restore_param_states({p: s for p, s in kept.items() if p.requires_grad})
         return self.method.describe_rebuild(event, model)
@@ -210,7 +215,7 @@ class Trainer:
         for batch in val_batches(val, rank=self.dist.rank, world_size=self.dist.world_size, batch_size=t.micro_batch_size):
             batch = batch.to(self.dist.device)
             with self.backend.forward_context():
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = causal_lm_loss(model, batch)
             tokens = batch.numel() - batch.shape[0]  # labels are shifted by one inside the model
             totals += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64, device=self.dist.device)
         model.train()
@@ -277,6 +282,9 @@ class Trainer:
                 }
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     record["val_loss"] = self.evaluate()
+                record["wall_s"] = self.elapsed_before + time.perf_counter() - start_wall  # as summary.json counts it
+                if t.compile:
+                    record["compiled_graphs"] = compiled_graphs()  # flat after each phase's first update: no recompiles
                 metrics.log(record)
                 if t.save_every and step % t.save_every == 0 and step < t.steps:
                     self.save(self.elapsed_before + time.perf_counter() - start_wall)
@@ -303,6 +311,8 @@ class Trainer:
             "tokens_per_s": (self.batches_consumed - first_batch) * tokens_per_update / max(wall_s - self.elapsed_before, 1e-9),
             "device": str(self.dist.device), "dataset": self.data.source,
         }
+        if t.compile:
+            summary["compiled_graphs"] = compiled_graphs()
         summary["tokens_per_s_per_rank"] = summary["tokens_per_s"] / self.dist.world_size
         if self.is_main:
             write_summary(self.out, summary)

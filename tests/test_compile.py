@@ -1,0 +1,107 @@
+"""--compile (torch.compile per decoder layer, Inductor) on every engine: 2 gloo ranks through the CLI equal the
+eager single-process reference (losses and merged export to 1e-5, two merges and resets at LR 0), and merges
+and resets recompile nothing: the graph count is flat inside each phase."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from conftest import REPO, RELORA_RUN, SMALL, assert_run_equals_reference, read_metrics, run_cli
+from relora_dist import ReLoRAConfig, wrap
+from relora_dist.layer import input_dropout, lora_parameters
+from relora_dist.models import build_model, causal_lm_loss, llama_config
+from relora_dist.train.compile import compile_decoder_layers, compiled_graphs
+
+WARM_START = int(RELORA_RUN[RELORA_RUN.index("--warm-start-steps") + 1])
+ENGINES = {
+    "ddp": ([], "torchrun"),
+    "fsdp2": (["--backend", "fsdp2"], "torchrun"),
+    "fairscale": (["--backend", "fairscale"], "torchrun"),
+    "zero_redundancy": (["--backend", "zero_redundancy"], "torchrun"),
+    "zero2": (["--deepspeed", REPO / "launch" / "configs" / "zero2.json"], "deepspeed"),
+    "zero3": (["--deepspeed", REPO / "launch" / "configs" / "zero3.json"], "deepspeed"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_inductor_cache(tmp_path_factory):
+    """One Inductor cache for the module's runs: the first compiles, the others mostly read."""
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    yield
+    if old is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
+def assert_no_recompiles(out) -> None:
+    """compiled_graphs per update: constant through the warm start and, after the wrap's one compile, through both
+    merges and resets; the wrap adds no more graphs than the first phase has."""
+    graphs = [m["compiled_graphs"] for m in read_metrics(out)]
+    first, second = graphs[:WARM_START], graphs[WARM_START:]
+    assert len(set(first)) == 1 and len(set(second)) == 1, graphs
+    assert 0 < first[0] and second[0] - first[0] <= first[0], graphs
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_compiled_run_equals_the_eager_reference_without_recompiles(tmp_path, reference_run, engine):
+    flags, launcher = ENGINES[engine]
+    backend = "deepspeed" if launcher == "deepspeed" else (flags[1] if flags else "ddp")
+    run_cli(SMALL + RELORA_RUN + flags + ["--compile", "true", "--out", tmp_path, "--export-merged", tmp_path / "hf"],
+            nproc=2, launcher=launcher, timeout=600)
+    assert_run_equals_reference(tmp_path, reference_run, backend)
+    assert_no_recompiles(tmp_path)
+
+
+def test_fused_kernels_inside_compiled_layers_equal_eager():
+    """The fused custom ops in Inductor-compiled decoder layers (Inductor holds their fake kernels to the real
+    outputs' shapes and strides; the kernels run through the Triton interpreter): loss and gradients equal eager."""
+    torch.manual_seed(0)
+    eager = wrap(build_model(llama_config("debug", vocab_size=256)), ReLoRAConfig(rank=4, alpha=8, dropout=0.0, fused_kernels="on"))
+    with torch.no_grad():
+        for _, p in lora_parameters(eager):
+            p.normal_(0, 0.1)
+    compiled = compile_decoder_layers(copy.deepcopy(eager), "inductor")
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    losses = [causal_lm_loss(model, tokens) for model in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-6)
+    for (name, a), (_, b) in zip(lora_parameters(eager), lora_parameters(compiled), strict=True):
+        assert (a.grad - b.grad).abs().max() <= 1e-5 * a.grad.abs().max(), name
+    assert compiled_graphs() > 0
+
+
+def test_compiled_lora_dropout_is_atens_dropout_as_one_op():
+    """Traced, the LoRA input dropout is one opaque op around ATen's dropout (Inductor's own CPU random numbers are
+    twice as slow): it passes opcheck, scales the kept elements by 1/(1-p) forward and backward, and a compiled
+    ReLoRA layer in training drops about p of its low-rank inputs."""
+    x = torch.randn(400, 50, requires_grad=True)
+    torch.library.opcheck(input_dropout, (x, 0.25))
+    out, mask = input_dropout(x, 0.25)
+    out.sum().backward()
+    assert mask.dtype == torch.bool and abs(mask.float().mean().item() - 0.75) < 0.02
+    assert torch.allclose(out, x.detach() * mask / 0.75, rtol=1e-6, atol=0) and torch.allclose(x.grad, mask / 0.75, rtol=1e-6, atol=0)
+
+    torch.manual_seed(0)
+    layer = wrap(torch.nn.Sequential(torch.nn.Linear(50, 30)), ReLoRAConfig(rank=4, alpha=8, dropout=0.5, target_modules=("0",)))
+    inputs = []
+    layer[0].lora_A.register_hook(lambda g: inputs.append(g))  # dA = dt^T dropout(x): zero columns where x was dropped
+    traced = []
+
+    def recording_backend(graph, example_inputs):
+        traced.extend(str(node.target) for node in graph.graph.nodes)
+        return graph.forward
+
+    compiled = torch.compile(layer, backend=recording_backend, fullgraph=True)
+    with torch.no_grad():
+        layer[0].lora_B.fill_(1.0)
+    ones = torch.ones(1, 50)
+    compiled(ones).sum().backward()
+    kept = (inputs[0].abs().sum(0) > 0).float().mean().item()
+    assert 0.2 < kept < 0.8, kept  # about half of the 50 inputs survive
+    assert any("relora_dist.input_dropout" in target for target in traced) and not any("dropout" in t and "relora" not in t
+                                                                                     for t in traced), traced
