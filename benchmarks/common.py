@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,11 @@ def build_engine(engine: str, dtype: str, device, *, micro_batch_size: int = 1, 
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     return build_backend(engine, device=device, dtype=dtype, **options)
+
+
+def torchrun_command(nproc: int, *args) -> list[str]:
+    """torchrun on this machine: `args` is the script (or -m module) and its arguments."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
 
 
 def machine() -> dict:

@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False); nothing was checked", file=sys.stderr)
         return 2
+    from relora_dist.benchmarks.common import torchrun_command
     from relora_dist.models import llama_config
     from relora_dist.perf import ModelCounts
     from relora_dist.perf.hardware import peak_flops_for
@@ -194,8 +195,7 @@ def main(argv=None) -> int:
             checks.append(out_of_time(case.name))
             continue
         run_out = out / "runs" / case.name.replace("/", "_")
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "launch/train.py",
-                   *case.train_args(run_out)]
+        command = torchrun_command(1, "launch/train.py", *case.train_args(run_out))
         with PeakSampler(device) as sampler:
             baseline = sampler.peak
             check, _ = run_step(case.name, command, timeout_s=left(STEP_TIMEOUT_S["run"]), env=env)

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from relora_dist.benchmarks.common import torchrun_command, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_ARGS = ("--model 9m --vocab-size 4096 --seq-len 128 --global-batch-size 16 --micro-batch-size 8 --dtype fp32 "
               "--rank 32 --lora-dropout 0.1 --lr 1e-3 --grad-clip 1.0 --eval-every 0 --eval-batches 1 --save-every 0 "
@@ -90,8 +92,7 @@ def bare_worker(argv: list[str], times_path: str) -> None:
 # -- the driver ---------------------------------------------------------------------------------------------------------
 def _torchrun(nproc: int, threads: int, script: list[str]) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]
-    subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run(torchrun_command(nproc, *script), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
 def _ours(args, work: Path) -> list[float]:
@@ -129,9 +130,6 @@ def main(argv=None) -> int:
     if args.bare_worker:
         bare_worker([a for a in rest if a != "--"], args.bare_worker)
         return 0
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.common import write_results
-
     # Ours logs update k after k's events (the warm-start switch, merges); the bare loop sets up the next phase
     # before its first update: leave out both intervals around every event.
     events = {args.warm_start_steps} | set(range(args.warm_start_steps + args.merge_every, args.updates + 1, args.merge_every))

@@ -130,17 +130,15 @@ def table4_section(rows: list[dict]) -> str:
 
 def compile_section(eager: dict, compiled: dict) -> str:
     """Eager against --compile on the same engines, with the ReLoRA/full ratio the executed-FLOP count predicts."""
-    def ratios(data: dict) -> dict[str, tuple[float, float]]:
-        by = {(r["engine"], r["method"]): r for r in data["rows"]}
-        return {e: (by[(e, "relora")]["examples_per_s"] / by[(e, "full")]["examples_per_s"],
-                    by[(e, "full")]["executed_flops_per_token"] / by[(e, "relora")]["executed_flops_per_token"])
-                for e, m in by if m == "full" and (e, "relora") in by}
     header = ["engine", "mode", "full ex/s", "relora ex/s", "ReLoRA / full measured", "FLOP model", "measured / model"]
     body = []
     for mode, data in (("eager", eager), ("compile", compiled)):
         by = {(r["engine"], r["method"]): r for r in data["rows"]}
-        for engine, (measured, model) in ratios(data).items():
-            body.append([engine, mode, f"{by[(engine, 'full')]['examples_per_s']:.2f}", f"{by[(engine, 'relora')]['examples_per_s']:.2f}",
+        for engine in dict.fromkeys(e for e, m in by if m == "full" and (e, "relora") in by):
+            full, relora = by[(engine, "full")], by[(engine, "relora")]
+            measured = relora["examples_per_s"] / full["examples_per_s"]
+            model = full["executed_flops_per_token"] / relora["executed_flops_per_token"]
+            body.append([engine, mode, f"{full['examples_per_s']:.2f}", f"{relora['examples_per_s']:.2f}",
                          f"{measured:.2f}x", f"{model:.2f}x", f"{measured / model:.2f}"])
     r0 = eager["rows"][0]
     return "\n\n".join([

@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from relora_dist.benchmarks.common import ENGINES, Stopwatch, build_engine, device_peak_flops, synchronize, write_results
+from relora_dist.benchmarks.common import (ENGINES, Stopwatch, build_engine, device_peak_flops, synchronize, torchrun_command,
+                                           write_results)
 from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.methods import method_names
@@ -96,8 +97,7 @@ def spawn(args, argv) -> int:
     forwarded = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
                  and not a.startswith("--nproc=")]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", args.module, *forwarded]
+    command = torchrun_command(args.nproc, "-m", args.module, *forwarded)
     return subprocess.call(command, env=env)
 
 

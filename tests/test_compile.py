@@ -7,7 +7,6 @@ through the same engine hooks and in-place writes (what differs per engine) with
 does not), to keep the suite's time: ZeRO-3's hooks split each layer into many small graphs."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -20,41 +19,37 @@ from relora_dist.train.compile import compile_decoder_layers, compiled_graphs
 
 WARM_START = int(RELORA_RUN[RELORA_RUN.index("--warm-start-steps") + 1])
 AOT = ["--compile-backend", "aot_eager"]
+# case: (flags, launcher, the backend summary.json names)
 ENGINES = {
-    "ddp": ([], "torchrun"),
-    "fsdp2": (["--backend", "fsdp2"], "torchrun"),
-    "fairscale": (["--backend", "fairscale", *AOT], "torchrun"),
-    "zero_redundancy": (["--backend", "zero_redundancy", *AOT], "torchrun"),
-    "zero2": (["--deepspeed", REPO / "launch" / "configs" / "zero2.json", *AOT], "deepspeed"),
-    "zero3": (["--deepspeed", REPO / "launch" / "configs" / "zero3.json", *AOT], "deepspeed"),
+    "ddp": ([], "torchrun", "ddp"),
+    "fsdp2": (["--backend", "fsdp2"], "torchrun", "fsdp2"),
+    "fairscale": (["--backend", "fairscale", *AOT], "torchrun", "fairscale"),
+    "zero_redundancy": (["--backend", "zero_redundancy", *AOT], "torchrun", "zero_redundancy"),
+    "zero2": (["--deepspeed", REPO / "launch" / "configs" / "zero2.json", *AOT], "deepspeed", "deepspeed"),
+    "zero3": (["--deepspeed", REPO / "launch" / "configs" / "zero3.json", *AOT], "deepspeed", "deepspeed"),
 }
 
 
 @pytest.fixture(scope="module", autouse=True)
 def shared_inductor_cache(tmp_path_factory):
     """One Inductor cache for the module's runs: the first compiles, the others mostly read."""
-    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
-    yield
-    if old is None:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
-    else:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        yield
 
 
 def assert_no_recompiles(out) -> None:
-    """compiled_graphs per update: constant through the warm start and, after the wrap's one compile, through both
-    merges and resets; the wrap adds no more graphs than the first phase has."""
+    """compiled_graphs per update: constant through the warm start and, after the wrap's one compile (the low-rank
+    layers are compiled too), through both merges and resets; the wrap adds no more graphs than the first phase has."""
     graphs = [m["compiled_graphs"] for m in read_metrics(out)]
     first, second = graphs[:WARM_START], graphs[WARM_START:]
     assert len(set(first)) == 1 and len(set(second)) == 1, graphs
-    assert 0 < first[0] and second[0] - first[0] <= first[0], graphs
+    assert 0 < first[0] < second[0] <= 2 * first[0], graphs
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_compiled_run_equals_the_eager_reference_without_recompiles(tmp_path, reference_run, engine):
-    flags, launcher = ENGINES[engine]
-    backend = "deepspeed" if launcher == "deepspeed" else (flags[1] if flags else "ddp")
+    flags, launcher, backend = ENGINES[engine]
     run_cli(SMALL + RELORA_RUN + flags + ["--compile", "true", "--out", tmp_path, "--export-merged", tmp_path / "hf"],
             nproc=2, launcher=launcher, timeout=600)
     assert_run_equals_reference(tmp_path, reference_run, backend)

@@ -82,10 +82,6 @@ class GlobalBatchPlan:
         local = self.global_indices(batch_index)[rank * per_rank : (rank + 1) * per_rank]
         return list(local.split(micro_batch_size))
 
-    def accumulation_steps(self, *, world_size: int, micro_batch_size: int) -> int:
-        """Micro-batches per rank per optimizer step (after the same checks as local_microbatches)."""
-        return split_batch(self.global_batch_size, world_size=world_size, micro_batch_size=micro_batch_size)
-
 
 def val_batches(
     val: torch.Tensor, *, rank: int, world_size: int, batch_size: int, max_batches: int | None = None

@@ -30,7 +30,7 @@ def check_compile(backend: str, *, cuda: bool) -> None:
 
 def compile_decoder_layers(model: nn.Module, backend: str) -> nn.Module:
     """Compile each decoder layer in place (module objects, names and parameters unchanged). Called again after a
-    method restructures the layers, it only re-arms them: the dynamo cache is shared."""
+    method restructures the layers (a rebuild), it only re-arms them: the dynamo cache is shared."""
     for layer in decoder_layers(model):
         layer.compile(backend=backend)
     return model

@@ -128,13 +128,13 @@ class Trainer:
         model = self.method.build_model(self.model_config)
         if self.cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return self._compiled(self.method.prepare_model(model, step))
-
-    def _compiled(self, model):
-        t = self.cfg.train
-        return compile_decoder_layers(model, t.compile_backend) if t.compile else model
+        return self.method.prepare_model(model, step)
 
     def _setup_backend(self, model) -> None:
+        """Hand the model, in its final structure for this phase, to the engine (compiled first with --compile)."""
+        t = self.cfg.train
+        if t.compile:
+            compile_decoder_layers(model, t.compile_backend)
         self.backend.setup(model, self.method.make_optimizer, self.method.param_groups(model))
 
     def _resume(self, path: Path, state: dict) -> None:
@@ -199,7 +199,7 @@ class Trainer:
         of the parameters that keep training)."""
         model = self.backend.release_model(lambda: self._build_model(self.step - 1))
         kept = self.backend.param_states(model.parameters()) if self.cfg.optim.keep_states_at_switch else {}
-        model = self._compiled(self.method.prepare_model(model, self.step))  # every Parameter that stays is the same
+        model = self.method.prepare_model(model, self.step)  # every Parameter object that stays is the same
         self._setup_backend(model)
         self.backend.restore_param_states({p: s for p, s in kept.items() if p.requires_grad})
         return self.method.describe_rebuild(event, model)
