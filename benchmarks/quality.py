@@ -1,13 +1,14 @@
 """Training quality at small scale: the paper's method comparison and its ablation (Table 1), same token budget
 for every row, a small learning-rate sweep per row, validation curves, and the update spectra (Figure 5).
 
-    python benchmarks/quality.py --preset cpu        # 45-48 min on 2 cores (18 runs), the embedded corpus
+    python benchmarks/quality.py --preset cpu        # about 50 min on 2 cores (20 runs), the embedded corpus
     python benchmarks/quality.py --preset gpu_60m --data-dataset c4 ...   # the paper's 60M / 130M settings
     python benchmarks/quality.py --preset smoke --out /tmp/q           # the pipeline in a minute (the tests)
 
 Rows: full rank; Control (a full-rank model as large as what ReLoRA trains); LoRA; LoRA + warm start (W);
 ReLoRA (all four mechanisms); and the ablation without warm start: restarts (R), R + optimizer reset (O),
-R + jagged schedule (J), R + O + J. Each row trains the same number of updates of the same global batch; the
+R + jagged schedule (J), R + O + J; and ReLoRA with a shared LoRA input (relora_shared: one dropout mask per
+q/k/v and gate/up group). Each row trains the same number of updates of the same global batch; the
 lowest final validation loss over its learning rates is reported, beside the paper's perplexities (130M
 ablation, 60M/130M method table). Which of the paper's orderings reproduce is computed, not asserted.
 Results: OUT/quality.json, OUT/quality.md, OUT/val_loss.png, OUT/spectrum.png (W_final - W_warm_start of
@@ -39,6 +40,8 @@ ROWS: dict[str, tuple[str, dict]] = {name: (name, {}) for name in method_names()
     "R+O": ("relora", {**OFF, "restarts": True, "optimizer_reset": True, "warm_start_steps": 0}),
     "R+J": ("relora", {**OFF, "restarts": True, "jagged_schedule": True, "warm_start_steps": 0}),
     "R+O+J": ("relora", {"warm_start_steps": 0}),
+    # ReLoRA with one LoRA dropout mask and down-projection GEMM per q/k/v and gate/up group (--shared-lora-input)
+    "relora_shared": ("relora", {"shared_lora_input": True}),
 }
 RECORD = "quality_record.json"  # written into a run's directory when it is done
 
@@ -89,9 +92,9 @@ def run_arguments(name: str, lr: float, preset: Preset, out: Path) -> list[str]:
             "--restart-warmup-steps", p.restart_warmup, "--warm-start-steps", overrides.get("warm_start_steps", p.warm_start),
             "--eval-every", p.eval_every, "--save-every", p.warm_start, "--keep-checkpoints", 1000,
             "--out", out, "--overwrite", "true", "--progress", "false", *p.extra]
-    for switch in ("restarts", "optimizer_reset", "jagged_schedule"):
-        if switch in overrides:
-            args += [f"--{switch.replace('_', '-')}", str(overrides[switch]).lower()]
+    for switch, value in overrides.items():  # the ablation switches, the shared LoRA input
+        if switch != "warm_start_steps":
+            args += [f"--{switch.replace('_', '-')}", str(value).lower()]
     return [str(a) for a in args]
 
 

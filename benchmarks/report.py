@@ -128,27 +128,96 @@ def table4_section(rows: list[dict]) -> str:
     ])
 
 
-def compile_section(eager: dict, compiled: dict) -> str:
-    """Eager against --compile on the same engines, with the ReLoRA/full ratio the executed-FLOP count predicts."""
-    header = ["engine", "mode", "full ex/s", "relora ex/s", "ReLoRA / full measured", "FLOP model", "measured / model"]
-    body = []
-    for mode, data in (("eager", eager), ("compile", compiled)):
+LORA_PATH_VARIANTS = {  # file-name prefix in results/lora_path/: what the ReLoRA rows ran
+    "before": "s * (x A^T) B^T added out of place, one mask per module (the path of commit 17953e8)",
+    "per_module": "scale on the small factors, added in place; one mask per module (the default)",
+    "shared": "as per_module, plus --shared-lora-input: one mask and one GEMM per q/k/v and gate/up group",
+}
+
+
+def lora_path_section(runs: dict[str, dict]) -> str:
+    """ReLoRA/full from repeated relora-bench invocations (`{variant}_{eager|compile}_{repeat}.json`): each ratio taken
+    within one invocation (full and ReLoRA measured minutes apart), then the median and range over the repeats."""
+    ratios: dict[tuple, list[float]] = {}
+    full_rate: dict[tuple, list[float]] = {}
+    flop_model: dict[str, float] = {}
+    for name, data in runs.items():
+        variant, mode, _repeat = name.rsplit("_", 2)
         by = {(r["engine"], r["method"]): r for r in data["rows"]}
-        for engine in dict.fromkeys(e for e, m in by if m == "full" and (e, "relora") in by):
-            full, relora = by[(engine, "full")], by[(engine, "relora")]
-            measured = relora["examples_per_s"] / full["examples_per_s"]
-            model = full["executed_flops_per_token"] / relora["executed_flops_per_token"]
-            body.append([engine, mode, f"{full['examples_per_s']:.2f}", f"{relora['examples_per_s']:.2f}",
-                         f"{measured:.2f}x", f"{model:.2f}x", f"{measured / model:.2f}"])
-    r0 = eager["rows"][0]
+        for (engine, method), full in by.items():
+            if method != "full" or (engine, "relora") not in by:
+                continue
+            relora = by[(engine, "relora")]
+            ratios.setdefault((engine, mode, variant), []).append(relora["examples_per_s"] / full["examples_per_s"])
+            full_rate.setdefault((engine, mode), []).append(full["examples_per_s"])
+            flop_model[engine] = full["executed_flops_per_token"] / relora["executed_flops_per_token"]
+    median = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:len(xs) // 2 + 1]) / 2  # noqa: E731
+    header = ["engine", "mode", "full ex/s (median)", *[f"ReLoRA / full: {v}" for v in LORA_PATH_VARIANTS], "FLOP model",
+              "best measured / model"]
+    body = []
+    for engine, mode in dict.fromkeys((e, m) for e, m, _ in ratios):
+        cells = []
+        for variant in LORA_PATH_VARIANTS:
+            xs = ratios.get((engine, mode, variant))
+            cells.append("-" if not xs else f"{median(xs):.2f}x" + (f" ({min(xs):.2f}-{max(xs):.2f}, n={len(xs)})" if len(xs) > 1 else " (n=1)"))
+        best = max(median(xs) for (e, m, _), xs in ratios.items() if (e, m) == (engine, mode))
+        body.append([engine, mode, f"{median(full_rate[(engine, mode)]):.2f}", *cells, f"{flop_model[engine]:.2f}x",
+                     f"{best / flop_model[engine]:.2f}"])
+    any_run = next(iter(runs.values()))
+    r0 = any_run["rows"][0]
     return "\n\n".join([
-        "## `--compile` against eager (`relora-bench --compile`)",
-        f"{_machine(eager)} Preset {r0['preset']}, seq {r0['seq_len']}, {r0['dtype']}, {r0['world_size']} ranks, micro-batch "
-        f"{r0['micro_batch_size']} x {r0['accumulation_steps']}, ReLoRA r={next(r['rank'] for r in eager['rows'] if r['rank'])}, "
-        "LoRA dropout 0.1; median of 5 updates after 2 warm-up updates (which absorb the compilation). FLOP model: full "
-        "rank's executed FLOPs per token over ReLoRA's. This box's run-to-run noise was large when these were taken "
-        "(the same eager case moved by up to 25% between runs): read the ratios within one mode, not across sessions.",
+        "## ReLoRA's unfused path against full rank (`relora-bench`, repeated)",
+        f"{_machine(any_run)} Preset {r0['preset']}, seq {r0['seq_len']}, {r0['dtype']}, {r0['world_size']} ranks x 1 thread, "
+        f"micro-batch {r0['micro_batch_size']} x {r0['accumulation_steps']}, ReLoRA r={next(r['rank'] for r in any_run['rows'] if r['rank'])}, "
+        "LoRA dropout 0.1; per invocation the median of 5 updates after 2 warm-up updates (which absorb the compilation), "
+        "full rank and ReLoRA in the same invocation; the variants' invocations alternated. FLOP model: full rank's executed "
+        "FLOPs per token over ReLoRA's. The same case moved by up to 10-20% between repeats on this box (the ranges), more "
+        "than the variants differ: the interleaved single-process table below is the cleaner comparison. Variants:",
+        "\n".join(f"- `{k}`: {v}" for k, v in LORA_PATH_VARIANTS.items()),
         _table(header, body),
+    ])
+
+
+def lora_path_ab_section(runs: list[dict]) -> str:
+    """benchmarks/lora_path.py: the path's variants and full rank interleaved in one process, per LoRA dropout."""
+    header = ["LoRA dropout", "variant", "forward ms", "backward ms", "fwd+bwd ms", "full / variant"]
+    body = [[f"{data['config']['lora_dropout']:g}", r["variant"], f"{r['forward_ms']:.1f}", f"{r['backward_ms']:.1f}",
+             f"{r['fwd_bwd_ms']:.1f}", f"{r['speed_vs_full']:.3f}x"] for data in runs for r in data["rows"]]
+    c = runs[0]["config"]
+    return "\n\n".join([
+        "## ReLoRA's unfused path, variants interleaved in one process (`benchmarks/lora_path.py`)",
+        f"{_machine(runs[0])} Preset {c['preset']}, vocab {c['vocab_size']}, seq {c['seq_len']}, micro-batch {c['micro_batch_size']}, "
+        f"fp32, r {c['rank']}, {c['threads']} thread; each round one forward + backward of every variant on the same batch, "
+        f"the median over {', '.join(str(d['config']['rounds']) for d in runs)} rounds after {c['warmup_rounds']} warm-up rounds. "
+        "Variants: `before` adds s·(x A^T) B^T out of place (the path of commit 17953e8), `per_module` is the default now "
+        "(scale on the small factors, added in place), `shared` adds --shared-lora-input.",
+        _table(header, body),
+    ])
+
+
+def shared_input_quality_section(seeds: dict[str, dict]) -> str:
+    """benchmarks/quality.py rows relora and relora_shared, one quality.json per seed."""
+    body, losses = [], {"relora": [], "relora_shared": []}
+    for seed, data in sorted(seeds.items()):
+        by = {r["row"]: r for r in data["runs"]}
+        for row in losses:
+            losses[row].append(by[row]["val_loss"])
+        body.append([seed, f"{by['relora']['val_loss']:.4f} ({by['relora']['val_ppl']:.2f})",
+                     f"{by['relora_shared']['val_loss']:.4f} ({by['relora_shared']['val_ppl']:.2f})",
+                     f"{by['relora_shared']['val_loss'] - by['relora']['val_loss']:+.4f}"])
+    mean = {row: sum(v) / len(v) for row, v in losses.items()}
+    spread = max(losses["relora"]) - min(losses["relora"])
+    body.append(["mean", f"{mean['relora']:.4f}", f"{mean['relora_shared']:.4f}", f"{mean['relora_shared'] - mean['relora']:+.4f}"])
+    any_run = next(iter(seeds.values()))
+    s = any_run["settings"]
+    return "\n\n".join([
+        "## One LoRA dropout mask per q/k/v and gate/up group (`--shared-lora-input`), quality",
+        f"{_machine(any_run)} `benchmarks/quality.py --preset {any_run['preset']} --rows relora,relora_shared --lrs "
+        f"{','.join(f'{lr:g}' for lr in sorted({r['lr'] for r in any_run['runs']}))} --seed N`: the `relora` row of the "
+        f"table below (model {s.get('model', '?')}, LoRA dropout 0.1), one mask per module against one per group, "
+        f"same seed, same data. Final validation loss (perplexity); the per-module row's spread over seeds is "
+        f"{spread:.4f}.",
+        _table(["seed", "per-module masks (default)", "shared per group", "shared - per-module"], body),
     ])
 
 
@@ -198,9 +267,16 @@ def main(argv=None) -> int:
         path = results / name
         if path.exists():
             sections.append(render(json.loads(path.read_text())))
-    if (results / "throughput_compile.json").exists() and (results / "throughput_compile_eager.json").exists():
-        sections.append(compile_section(json.loads((results / "throughput_compile_eager.json").read_text()),
-                                        json.loads((results / "throughput_compile.json").read_text())))
+    lora_path = sorted((results / "lora_path").glob("*.json"))
+    if lora_path:
+        sections.append(lora_path_section({f.stem: json.loads(f.read_text()) for f in lora_path}))
+    ab = [json.loads(f.read_text()) for f in sorted(results.glob("lora_path_ab*.json"), reverse=True)]
+    if ab:
+        sections.append(lora_path_ab_section(ab))
+    shared_quality = sorted((results / "quality_shared").glob("seed*.json"))
+    if shared_quality:
+        sections.append(shared_input_quality_section({f.stem.removeprefix("seed"): json.loads(f.read_text())
+                                                      for f in shared_quality}))
     if (results / "loop_overhead.json").exists():
         sections.append(loop_overhead_section(json.loads((results / "loop_overhead.json").read_text())))
     quality = results / "quality" / "quality.md"

@@ -58,6 +58,8 @@ def parse_args(argv=None, *, prog="relora-bench", doc=__doc__, extend=None, modu
     p.add_argument("--rank", type=int, default=128, help="rank of the low-rank methods (every projection is wrapped)")
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--fused-kernels", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--shared-lora-input", action="store_true",
+                   help="q/k/v and gate/up share one LoRA dropout mask and down-projection GEMM (relora-train --shared-lora-input)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (Inductor), as relora-train --compile;"
                    " the warm-up updates absorb the compilation")
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -109,7 +111,7 @@ def _batches(seed: int, count: int, args) -> list[torch.Tensor]:
 def bench_method(args, name: str):
     """Registered method `name` with the harness's settings (rank, LoRA dropout, fused kernels, merge period)."""
     return standalone_method(name, rank=args.rank, alpha=32.0, dropout=args.lora_dropout, fused_kernels=args.fused_kernels,
-                             merge_every=args.merge_every, restart_warmup_steps=0)
+                             shared_lora_input=args.shared_lora_input, merge_every=args.merge_every, restart_warmup_steps=0)
 
 
 class Case:
@@ -215,6 +217,7 @@ def run_case(args, info, method: str, engine: str, busbw_gbs: float, peak: tuple
         "micro_batch_size": args.micro_batch_size, "accumulation_steps": args.accumulation_steps,
         "global_batch_size": global_batch, "seq_len": args.seq_len, "rank": args.rank if low_rank else None,
         "lora_dropout": args.lora_dropout if low_rank else None, "compile": args.compile,
+        "shared_lora_input": args.shared_lora_input if low_rank else None,
         "allreduce_every_microbatch": args.allreduce_every_microbatch, "emulated_busbw_gbs": busbw_gbs or None,
         "update_s": update_s, "update_s_all": [m["update_s"] for m in measured],
         "examples_per_s": global_batch / update_s, "examples_per_s_per_gpu": global_batch / update_s / n,

@@ -49,6 +49,13 @@ class Piece:
         return self.views[0].numel() if self.views else 0
 
 
+def external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
+    """(module, a parameter another module owns that this module's forward reads), as modules declare it with an
+    `external_parameters()` method. Engines that gather parameters module by module (ZeRO-3) gather these too."""
+    return [(module, p) for module in model.modules() if callable(getattr(module, "external_parameters", None))
+            for p in module.external_parameters()]
+
+
 def write_pieces(pieces: list[Piece], full_flat: torch.Tensor) -> None:
     """Copy this rank's ranges of a full flat tensor into every holder of them."""
     for piece in pieces:

@@ -49,6 +49,8 @@ class ReLoRAConfig:
     """Seed of the dedicated generators for re-init and random masks (never the global RNG)."""
     reference_prune_semantics: bool = False
     """Reproduce the authors' code: independent masks for exp_avg and exp_avg_sq, thresholds per key."""
+    shared_lora_input: bool = False
+    """Projections that read the same input (q/k/v; gate/up) share one dropout mask of it and one down-projection GEMM x [A_q; A_k; A_v]^T (off: one mask and one GEMM per module, as the authors and PEFT do). Unfused path only: where the fused kernels run (--fused-kernels on, or auto on a GPU) each module computes its own."""
     fused_kernels: str = "auto"
     """Fused Triton forward/backward of ReLoRALinear (B@A never formed): auto (CUDA inputs with triton installed), on, off. On a CPU the fused path runs only under TRITON_INTERPRET=1."""
 
@@ -81,6 +83,9 @@ class ReLoRAConfig:
             raise ValueError(f"prune ratio must be in [0, 1), got {self.prune_ratio} (--prune-ratio)")
         if self.fused_kernels not in FUSED_MODES:
             raise ValueError(f"fused_kernels must be one of {', '.join(FUSED_MODES)}, got {self.fused_kernels!r} (--fused-kernels)")
+        if self.shared_lora_input and self.fused_kernels == "on":
+            raise ValueError("shared_lora_input is for the unfused path; the fused kernels compute each module's x A^T"
+                             " themselves (--shared-lora-input, --fused-kernels)")
         if self.warm_start_steps < 0:
             raise ValueError(f"warm_start_steps must be >= 0, got {self.warm_start_steps} (--warm-start-steps)")
 

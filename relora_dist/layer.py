@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ReLoRAConfig
+from .models import SHARED_INPUT_PROJECTIONS
 from .randomness import kaiming_uniform_A
 
 
@@ -91,6 +92,8 @@ class ReLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shared_input: SharedLoRAInput | None = None  # set by wrap() with shared_lora_input
+        self.shared_index = 0  # this module's place in shared_input.members
         self.reset_lora(restart_index=0)
 
     @torch.no_grad()
@@ -120,9 +123,22 @@ class ReLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused_enabled(x):
             return self._fused_forward(x)
-        frozen = F.linear(x, self.weight, self.bias)
-        low_rank = F.linear(F.linear(self._dropped(x), self.lora_A), self.lora_B)
-        return frozen + self.scale * low_rank
+        t = self.shared_input.down_projection(self, x) if self.shared_input is not None else self.down_projection(x)
+        # 2-D, so the in-place add below rebases the GEMM's own output (a view would cost a CopySlices copy in backward).
+        out = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        # Linear's backward never reads its output, so the low-rank term goes into it in place; the scale rides on
+        # the GEMM (BLAS alpha), never on an out-sized tensor. Under autocast, B is cast as F.linear would cast it.
+        out.addmm_(t.reshape(-1, self.rank), self.lora_B.to(out.dtype).t(), alpha=self.scale)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def down_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """t = dropout(x) A^T, this module's own mask (r columns)."""
+        return F.linear(self._dropped(x), self.lora_A)
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """The group siblings' A this forward may read (access.external_parameters: ZeRO-3 gathers them with ours)."""
+        members = self.shared_input.members if self.shared_input is not None else []
+        return [m.lora_A for m in members if m is not self]
 
     def _dropped(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.training and isinstance(self.lora_dropout, nn.Dropout):
@@ -131,6 +147,45 @@ class ReLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}"
+
+
+class SharedLoRAInput:
+    """Sibling projections that read the same x (q/k/v; gate/up) share one dropout of x and one down-projection
+    GEMM x [A_1; A_2; ...]^T: one mask for the group where the authors (and PEFT) draw one per module.
+
+    A forward pass calls each member once, in any order: the first computes t for all of them and the others take
+    their r columns. The group trusts the model's structure (models.SHARED_INPUT_PROJECTIONS) rather than tensor
+    identity, which ZeRO-3 breaks by handing every module its input through a detach() and which a trace could not
+    see through. A plain object, not a module: the members stay where they are, with their own parameters and names.
+    """
+
+    def __init__(self, members: list[ReLoRALinear]):
+        self.members = members
+        self._pending: dict[int, torch.Tensor] = {}  # member index -> its columns of t, until it takes them
+
+    def down_projection(self, member: ReLoRALinear, x: torch.Tensor) -> torch.Tensor:
+        t = self._pending.pop(member.shared_index, None)
+        if t is None or t.shape[:-1] != x.shape[:-1]:  # this member is the pass's first call
+            A = torch.cat([m.lora_A for m in self.members])
+            columns = F.linear(member._dropped(x), A).split([m.rank for m in self.members], dim=-1)
+            self._pending = {i: c for i, c in enumerate(columns) if i != member.shared_index}
+            t = columns[member.shared_index]
+        return t  # once every member has taken its columns, the group holds no activation
+
+
+def _share_inputs(replaced: dict[str, ReLoRALinear]) -> None:
+    """Group the wrapped siblings that read one input (models.SHARED_INPUT_PROJECTIONS), where two or more are."""
+    groups: dict[tuple[str, int], list[ReLoRALinear]] = {}
+    for name, layer in replaced.items():
+        parent, _, child = name.rpartition(".")
+        for g, group in enumerate(SHARED_INPUT_PROJECTIONS):
+            if child in group:
+                groups.setdefault((parent, g), []).append(layer)
+    for members in groups.values():
+        if len(members) > 1:
+            shared = SharedLoRAInput(members)
+            for index, m in enumerate(members):
+                m.shared_input, m.shared_index = shared, index
 
 
 def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
@@ -149,6 +204,7 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
             f"target modules {list(config.target_modules)} match no nn.Linear in {type(model).__name__}"
             " (--target-modules)"
         )
+    replaced = {}
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -166,6 +222,9 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
             fused=config.fused_kernels,
         )
         setattr(parent, child, replacement)
+        replaced[name] = replacement
+    if config.shared_lora_input:
+        _share_inputs(replaced)
     return model
 
 

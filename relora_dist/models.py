@@ -24,6 +24,11 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+# Sibling projections of one block that read the same input tensor (HF LLaMA and the models built like it):
+# ReLoRA's shared_lora_input gives each group one dropout mask and one down-projection GEMM.
+SHARED_INPUT_PROJECTIONS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def _normalise(name: str) -> str:
     return name.removeprefix("llama_").removeprefix("llama-").lower()
 

@@ -66,7 +66,10 @@ def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_
     resumed from DeepSpeed's own checkpoint after one rank was SIGKILLed at a random update equals the
     uninterrupted one (I6); the checkpoint the kill left, resumed on one rank for one update and then on two
     again (DeepSpeed universal checkpoints + our frozen W), ends at the reference model too."""
-    common = SMALL + RELORA + ["--deepspeed", CONFIGS / config]
+    # ZeRO-3 with q/k/v and gate/up sharing one LoRA down-projection: a module reads its siblings' A (external
+    # parameters) through inputs DeepSpeed hands each module as a fresh alias
+    shared = ["--shared-lora-input", "true"] if config == "zero3.json" else []
+    common = SMALL + RELORA + ["--deepspeed", CONFIGS / config] + shared
     run_cli(common + ["--out", tmp_path / "whole", "--export-merged", tmp_path / "whole" / "hf"], nproc=2, launcher="deepspeed")
     fault = killed_run(common, tmp_path / "split", launcher="deepspeed")
     left = tmp_path / "split" / "checkpoints" / (tmp_path / "split" / "checkpoints" / "latest").read_text().strip()

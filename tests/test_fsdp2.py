@@ -56,11 +56,11 @@ def test_fsdp2_run_equals_single_process_and_resumes_at_other_world_sizes(tmp_pa
 
 
 def test_fsdp2_bf16_with_activation_checkpointing_and_kept_gathers_through_the_cli(tmp_path):
-    """bf16 mixed precision, activation checkpointing and reshard_after_forward=false with evaluations (which
-    leave parameters gathered) between resets, through the whole CLI."""
+    """bf16 mixed precision, activation checkpointing (recomputing shared LoRA inputs) and reshard_after_forward=false
+    with evaluations (which leave parameters gathered) between resets, through the whole CLI."""
     run_cli(SMALL + RELORA_RUN + ["--backend", "fsdp2", "--dtype", "bf16", "--activation-checkpointing", "true",
                                   "--fsdp-reshard-after-forward", "false", "--eval-every", "3", "--out", tmp_path,
-                                  "--check-replicas", "true"], nproc=2)
+                                  "--check-replicas", "true", "--shared-lora-input", "true"], nproc=2)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["merges"] == 2 and summary["val_loss"] < 7.0
 

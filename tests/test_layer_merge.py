@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import relora_dist as rd
+from relora_dist.access import external_parameters
 from relora_dist.models import build_model, llama_config_from_shape
 
 
@@ -63,6 +64,58 @@ def test_forward_equals_dense_with_delta():
     x = torch.randn(5, 12, dtype=torch.float64)
     dense = x @ (layer.weight.double() + 2.0 * layer.lora_B.double() @ layer.lora_A.double()).T + layer.bias.double()
     torch.testing.assert_close(layer(x.float()).double(), dense, rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_lora_grads(model, tokens):
+    torch.manual_seed(7)
+    loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), [p.grad for _, p in rd.lora_parameters(model)]
+
+
+def test_shared_lora_input_groups_qkv_and_gate_up_and_changes_nothing_without_dropout():
+    """One GEMM x [A_q; A_k; A_v]^T per group is the same function as one per module (float rounding apart)."""
+    models = {}
+    for shared in (False, True):
+        model = rd.wrap(tiny_llama(), rd.ReLoRAConfig(rank=4, dropout=0.0, merge_every=10, restart_warmup_steps=1,
+                                                      shared_lora_input=shared))
+        torch.manual_seed(5)
+        for layer in rd.relora_layers(model):
+            nn.init.normal_(layer.lora_B, std=0.1)
+        models[shared] = model
+    attn, mlp = models[True].model.layers[0].self_attn, models[True].model.layers[0].mlp
+    assert attn.q_proj.shared_input is attn.k_proj.shared_input is attn.v_proj.shared_input is not None
+    assert mlp.gate_proj.shared_input is mlp.up_proj.shared_input is not attn.q_proj.shared_input
+    assert attn.o_proj.shared_input is None and mlp.down_proj.shared_input is None  # their inputs are their own
+    assert [p for m, p in external_parameters(models[True]) if m is attn.k_proj] == [attn.q_proj.lora_A, attn.v_proj.lora_A]
+    assert all(layer.shared_input is None for layer in rd.relora_layers(models[False]))
+    tokens = torch.randint(0, 97, (2, 16))
+    (loss_a, grads_a), (loss_b, grads_b) = (_loss_and_lora_grads(models[s], tokens) for s in (False, True))
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert not attn.q_proj.shared_input._pending and not mlp.up_proj.shared_input._pending  # nothing held after a forward
+
+
+def test_shared_lora_input_draws_one_dropout_mask_per_group():
+    model = rd.wrap(tiny_llama(), rd.ReLoRAConfig(rank=4, dropout=0.5, merge_every=10, restart_warmup_steps=1,
+                                                  shared_lora_input=True))
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        for proj in (attn.k_proj, attn.v_proj):
+            proj.lora_A.copy_(attn.q_proj.lora_A)
+    x = torch.randn(3, 5, 32)
+    t = [proj.shared_input.down_projection(proj, x) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert torch.equal(t[0], t[1]) and torch.equal(t[1], t[2])  # one mask: equal A give equal t
+    assert not torch.equal(t[0], x @ attn.q_proj.lora_A.T)  # and the mask is there
+    own = [proj.down_projection(x) for proj in (attn.q_proj, attn.k_proj)]
+    assert not torch.equal(own[0], own[1])  # per-module masks differ
+    # a pass cut short (q only) leaves k's and v's columns; the next pass starts at q again and computes anew
+    attn.q_proj.shared_input.down_projection(attn.q_proj, x)
+    model.eval()
+    other = torch.randn(3, 5, 32)
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        torch.testing.assert_close(proj.shared_input.down_projection(proj, other), other @ proj.lora_A.T)
 
 
 def _train_a_bit(model, steps=3):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..access import write_pieces
+from ..access import external_parameters, write_pieces
 from ..distributed import rank0_first
 from .base import Backend, checkpoint_must_fit, clip_replicated_gradients
 from .deepspeed_layout import full_parameters, shard_access_for
@@ -148,6 +148,9 @@ class DeepSpeedBackend(Backend):
             self._guard = _FiniteStepGuard(optimizer, config["gradient_clipping"])
             config["gradient_clipping"] = 0.0
         self.engine, *_ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer, config=config)
+        if self.stage == 3:  # ZeRO-3 gathers a module's own parameters for its forward; declared others too
+            for module, parameter in external_parameters(self.engine.module):
+                deepspeed.zero.register_external_parameter(module, parameter)
 
     def release_model(self, build_model):
         names = [n for n, _ in self.engine.module.named_parameters()]
