@@ -65,10 +65,15 @@ def command(engine: str) -> list[str]:
     return [sys.executable, TRAIN]
 
 
+def run_arguments(method: str, engine: str, out: Path, extra: list[str]) -> list[str]:
+    """relora-train's flags for one entry (--method always: it was once missing, and every entry ran ReLoRA)."""
+    return (COMMON + ["--method", method] + METHOD_ARGS[method] + ENGINES[engine][2] + extra
+            + ["--out", str(out), "--overwrite", "true", "--export-merged", str(out / "hf")])
+
+
 def fingerprint(method: str, engine: str, work: Path, extra: list[str]) -> dict:
     out = work / f"{method}_{engine}"
-    args = COMMON + METHOD_ARGS[method] + ENGINES[engine][2] + extra + ["--out", str(out), "--overwrite", "true",
-                                                                         "--export-merged", str(out / "hf")]
+    args = run_arguments(method, engine, out, extra)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
     result = subprocess.run(command(engine) + args, capture_output=True, text=True, env=env, timeout=900)
     if result.returncode != 0:
