@@ -86,7 +86,7 @@ def fingerprint(method: str, engine: str, work: Path, extra: list[str]) -> dict:
     return {
         "updates": [[m["step"], m["loss"], m["lr"], m["grad_norm"], m.get("val_loss")] for m in metrics],
         "val_loss": summary["val_loss"],
-        "merges": summary["merges"], "resets": summary["resets"],
+        "merges": summary.get("merges"), "resets": summary.get("resets"),  # None for methods without them
         "export": {k: hashlib.sha256(v.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()).hexdigest()
                    for k, v in sorted(tensors.items())},
     }
