@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from statistics import median
 
 MIB = 2**20
 
@@ -151,7 +152,6 @@ def lora_path_section(runs: dict[str, dict]) -> str:
             ratios.setdefault((engine, mode, variant), []).append(relora["examples_per_s"] / full["examples_per_s"])
             full_rate.setdefault((engine, mode), []).append(full["examples_per_s"])
             flop_model[engine] = full["executed_flops_per_token"] / relora["executed_flops_per_token"]
-    median = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:len(xs) // 2 + 1]) / 2  # noqa: E731
     header = ["engine", "mode", "full ex/s (median)", *[f"ReLoRA / full: {v}" for v in LORA_PATH_VARIANTS], "FLOP model",
               "best measured / model"]
     body = []
