@@ -10,7 +10,8 @@ median over rounds is reported. Variants (the same weights; ReLoRA's B drawn non
 - `full`: the full-rank model (every weight trainable);
 - `before`: ReLoRA with the low-rank term added out of place, `frozen + s * ((dropout(x) A^T) B^T)` (commit 17953e8);
 - `per_module`: ReLoRA as it runs by default now: the scale on the small factors and the term added in place;
-- `shared`: `per_module` with `--shared-lora-input` (one dropout mask and one GEMM per q/k/v and gate/up group).
+- `shared`: `per_module` with `--shared-lora-input` (one dropout mask and one GEMM per q/k/v and gate/up group);
+- `shared_bits16`: `shared` with `--lora-dropout-mask bits16` (the mask cut from 16 random bits an element).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def build_variants(args) -> dict[str, tuple[torch.nn.Module, object]]:
     torch.manual_seed(0)
     full = build_model(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len))
     variants = {"full": (full, None)}
-    for name, shared, forward in (("before", False, out_of_place_forward), ("per_module", False, None), ("shared", True, None)):
-        model = wrap(copy.deepcopy(full), ReLoRAConfig(rank=args.rank, alpha=32.0, dropout=args.lora_dropout,
+    for name, shared, mask, forward in (("before", False, "aten", out_of_place_forward), ("per_module", False, "aten", None),
+                                        ("shared", True, "aten", None), ("shared_bits16", True, "bits16", None)):
+        model = wrap(copy.deepcopy(full), ReLoRAConfig(rank=args.rank, alpha=32.0, dropout=args.lora_dropout, dropout_mask=mask,
                                                        shared_lora_input=shared, fused_kernels="off"))
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():

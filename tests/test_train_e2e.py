@@ -36,11 +36,11 @@ def test_every_method_trains_with_falling_validation_loss(tmp_path, method):
         assert abs(summary["model_parameters"] - target) < 0.02 * target
 
 
-@pytest.mark.parametrize("stop_after", [3, 9], ids=["at-phase-switch", "mid-cycle"])
-def test_resume_equals_uninterrupted_run(tmp_path, stop_after):
-    """I6 with dropout on: model, optimizer, controller, RNG and data position all restored."""
+@pytest.mark.parametrize("stop_after, mask", [(3, "aten"), (9, "bits16")], ids=["at-phase-switch", "mid-cycle-bits16"])
+def test_resume_equals_uninterrupted_run(tmp_path, stop_after, mask):
+    """I6 with dropout on: model, optimizer, controller, RNG and data position all restored (either dropout mask)."""
     args = SMALL + ["--method", "relora", "--steps", "14", "--warm-start-steps", "3", "--merge-every", "4",
-                    "--restart-warmup-steps", "1", "--lora-dropout", "0.1"]
+                    "--restart-warmup-steps", "1", "--lora-dropout", "0.1", "--lora-dropout-mask", mask]
     run_cli(args + ["--out", tmp_path / "full"])
     # warm start ends after update 3; merges after updates 8 and 12
     first = run_cli(args + ["--out", tmp_path / "split", "--stop-after", str(stop_after)])

@@ -256,6 +256,7 @@ FLAG_NAMES = {
     ("model", "config_path"): "model-config",
     ("relora", "alpha"): "lora-alpha",
     ("relora", "dropout"): "lora-dropout",
+    ("relora", "dropout_mask"): "lora-dropout-mask",
     ("deepspeed", "config"): "deepspeed",
     ("fsdp2", "reshard_after_forward"): "fsdp-reshard-after-forward",
 }
