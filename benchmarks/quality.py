@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from relora_dist.methods import method_names
+from relora_dist.train.config import flag_for
 
 # name: (method, overrides): one row per registered method, then the ablation rows, which start ReLoRA from
 # scratch with the named mechanisms on.
@@ -42,6 +43,8 @@ ROWS: dict[str, tuple[str, dict]] = {name: (name, {}) for name in method_names()
     "R+O+J": ("relora", {"warm_start_steps": 0}),
     # ReLoRA with one LoRA dropout mask and down-projection GEMM per q/k/v and gate/up group (--shared-lora-input)
     "relora_shared": ("relora", {"shared_lora_input": True}),
+    # ReLoRA with the LoRA dropout mask cut from 16 random bits an element (--lora-dropout-mask bits16)
+    "relora_bits16": ("relora", {"dropout_mask": "bits16"}),
 }
 RECORD = "quality_record.json"  # written into a run's directory when it is done
 
@@ -92,9 +95,9 @@ def run_arguments(name: str, lr: float, preset: Preset, out: Path) -> list[str]:
             "--restart-warmup-steps", p.restart_warmup, "--warm-start-steps", overrides.get("warm_start_steps", p.warm_start),
             "--eval-every", p.eval_every, "--save-every", p.warm_start, "--keep-checkpoints", 1000,
             "--out", out, "--overwrite", "true", "--progress", "false", *p.extra]
-    for switch, value in overrides.items():  # the ablation switches, the shared LoRA input
+    for switch, value in overrides.items():  # the ablation switches, the LoRA input variants (relora section)
         if switch != "warm_start_steps":
-            args += [f"--{switch.replace('_', '-')}", str(value).lower()]
+            args += [f"--{flag_for('relora', switch)}", str(value).lower()]
     return [str(a) for a in args]
 
 

@@ -133,12 +133,14 @@ LORA_PATH_VARIANTS = {  # file-name prefix in results/lora_path/: what the ReLoR
     "before": "s * (x A^T) B^T added out of place, one mask per module (the path of commit 17953e8)",
     "per_module": "scale on the small factors, added in place; one mask per module (the default)",
     "shared": "as per_module, plus --shared-lora-input: one mask and one GEMM per q/k/v and gate/up group",
+    "shared_bits16": "as shared, plus --lora-dropout-mask bits16: the mask cut from 16 random bits an element",
 }
 
 
-def lora_path_section(runs: dict[str, dict]) -> str:
+def lora_path_section(runs: dict[str, dict], *, interleaved: bool = False) -> str:
     """ReLoRA/full from repeated relora-bench invocations (`{variant}_{eager|compile}_{repeat}.json`): each ratio taken
-    within one invocation (full and ReLoRA measured minutes apart), then the median and range over the repeats."""
+    within one invocation (full and ReLoRA measured minutes apart, or update against update with --interleave),
+    then the median and range over the repeats."""
     ratios: dict[tuple, list[float]] = {}
     full_rate: dict[tuple, list[float]] = {}
     flop_model: dict[str, float] = {}
@@ -152,12 +154,13 @@ def lora_path_section(runs: dict[str, dict]) -> str:
             ratios.setdefault((engine, mode, variant), []).append(relora["examples_per_s"] / full["examples_per_s"])
             full_rate.setdefault((engine, mode), []).append(full["examples_per_s"])
             flop_model[engine] = full["executed_flops_per_token"] / relora["executed_flops_per_token"]
-    header = ["engine", "mode", "full ex/s (median)", *[f"ReLoRA / full: {v}" for v in LORA_PATH_VARIANTS], "FLOP model",
+    variants = [v for v in LORA_PATH_VARIANTS if any(key[2] == v for key in ratios)]
+    header = ["engine", "mode", "full ex/s (median)", *[f"ReLoRA / full: {v}" for v in variants], "FLOP model",
               "best measured / model"]
     body = []
     for engine, mode in dict.fromkeys((e, m) for e, m, _ in ratios):
         cells = []
-        for variant in LORA_PATH_VARIANTS:
+        for variant in variants:
             xs = ratios.get((engine, mode, variant))
             cells.append("-" if not xs else f"{median(xs):.2f}x" + (f" ({min(xs):.2f}-{max(xs):.2f}, n={len(xs)})" if len(xs) > 1 else " (n=1)"))
         best = max(median(xs) for (e, m, _), xs in ratios.items() if (e, m) == (engine, mode))
@@ -165,15 +168,24 @@ def lora_path_section(runs: dict[str, dict]) -> str:
                      f"{best / flop_model[engine]:.2f}"])
     any_run = next(iter(runs.values()))
     r0 = any_run["rows"][0]
+    updates = len(r0["update_s_all"])
+    if interleaved:
+        title = "## ReLoRA's unfused path against full rank (`relora-bench --interleave`)"
+        how = (f"per invocation the median of {updates} updates after the warm-up updates (which absorb the compilation), "
+               "full rank's and ReLoRA's alternated update by update on the same engine (both cases alive, `--interleave`), "
+               "so the box's drift hits both alike; the variants' invocations alternated.")
+    else:
+        title = "## ReLoRA's unfused path against full rank (`relora-bench`, repeated)"
+        how = (f"per invocation the median of {updates} updates after 2 warm-up updates (which absorb the compilation), "
+               "full rank and ReLoRA in the same invocation; the variants' invocations alternated. The same case moved by "
+               "up to 10-20% between repeats on this box (the ranges), more than the variants differ: the interleaved "
+               "tables are the cleaner comparison.")
     return "\n\n".join([
-        "## ReLoRA's unfused path against full rank (`relora-bench`, repeated)",
+        title,
         f"{_machine(any_run)} Preset {r0['preset']}, seq {r0['seq_len']}, {r0['dtype']}, {r0['world_size']} ranks x 1 thread, "
         f"micro-batch {r0['micro_batch_size']} x {r0['accumulation_steps']}, ReLoRA r={next(r['rank'] for r in any_run['rows'] if r['rank'])}, "
-        "LoRA dropout 0.1; per invocation the median of 5 updates after 2 warm-up updates (which absorb the compilation), "
-        "full rank and ReLoRA in the same invocation; the variants' invocations alternated. FLOP model: full rank's executed "
-        "FLOPs per token over ReLoRA's. The same case moved by up to 10-20% between repeats on this box (the ranges), more "
-        "than the variants differ: the interleaved single-process table below is the cleaner comparison. Variants:",
-        "\n".join(f"- `{k}`: {v}" for k, v in LORA_PATH_VARIANTS.items()),
+        f"LoRA dropout 0.1; {how} FLOP model: full rank's executed FLOPs per token over ReLoRA's. Variants:",
+        "\n".join(f"- `{k}`: {v}" for k, v in LORA_PATH_VARIANTS.items() if k in variants),
         _table(header, body),
     ])
 
@@ -190,35 +202,54 @@ def lora_path_ab_section(runs: list[dict]) -> str:
         f"fp32, r {c['rank']}, {c['threads']} thread; each round one forward + backward of every variant on the same batch, "
         f"the median over {', '.join(str(d['config']['rounds']) for d in runs)} rounds after {c['warmup_rounds']} warm-up rounds. "
         "Variants: `before` adds s·(x A^T) B^T out of place (the path of commit 17953e8), `per_module` is the default now "
-        "(scale on the small factors, added in place), `shared` adds --shared-lora-input.",
+        "(scale on the small factors, added in place), `shared` adds --shared-lora-input, `shared_bits16` adds "
+        "--lora-dropout-mask bits16 to that (at LoRA dropout 0 it is `shared`: no mask is drawn).",
         _table(header, body),
     ])
 
 
-def shared_input_quality_section(seeds: dict[str, dict]) -> str:
-    """benchmarks/quality.py rows relora and relora_shared, one quality.json per seed."""
-    body, losses = [], {"relora": [], "relora_shared": []}
-    for seed, data in sorted(seeds.items()):
-        by = {r["row"]: r for r in data["runs"]}
+LORA_INPUT_QUALITY_ROWS = {  # quality.py row: (column, what it changes against the default relora row)
+    "relora_shared": ("shared per group", "one mask per q/k/v and gate/up group"),
+    "relora_bits16": ("bits16 mask", "the mask cut from 16 random bits an element"),
+}
+
+
+def lora_input_quality_section(seeds: dict[str, list[dict]]) -> str:
+    """benchmarks/quality.py's relora row against its LoRA-input variants (LORA_INPUT_QUALITY_ROWS), same seed and
+    data; per seed the quality.json files of results/quality_shared (a variant's rows may come from its own run)."""
+    by_seed = {seed: {r["row"]: r for data in files for r in data["runs"]} for seed, files in sorted(seeds.items())}
+    variants = [row for row in LORA_INPUT_QUALITY_ROWS if all(row in rows for rows in by_seed.values())]
+    body, losses = [], {row: [] for row in ["relora", *variants]}
+    for seed, rows in by_seed.items():
         for row in losses:
-            losses[row].append(by[row]["val_loss"])
-        body.append([seed, f"{by['relora']['val_loss']:.4f} ({by['relora']['val_ppl']:.2f})",
-                     f"{by['relora_shared']['val_loss']:.4f} ({by['relora_shared']['val_ppl']:.2f})",
-                     f"{by['relora_shared']['val_loss'] - by['relora']['val_loss']:+.4f}"])
+            losses[row].append(rows[row]["val_loss"])
+        cells = [f"{rows['relora']['val_loss']:.4f} ({rows['relora']['val_ppl']:.2f})"]
+        for row in variants:
+            cells += [f"{rows[row]['val_loss']:.4f} ({rows[row]['val_ppl']:.2f})", f"{rows[row]['val_loss'] - rows['relora']['val_loss']:+.4f}"]
+        body.append([seed, *cells])
     mean = {row: sum(v) / len(v) for row, v in losses.items()}
+    body.append(["mean", f"{mean['relora']:.4f}", *[c for row in variants for c in (f"{mean[row]:.4f}", f"{mean[row] - mean['relora']:+.4f}")]])
     spread = max(losses["relora"]) - min(losses["relora"])
-    body.append(["mean", f"{mean['relora']:.4f}", f"{mean['relora_shared']:.4f}", f"{mean['relora_shared'] - mean['relora']:+.4f}"])
-    any_run = next(iter(seeds.values()))
+    any_run = next(iter(seeds.values()))[0]
     s = any_run["settings"]
+    labels = {row: LORA_INPUT_QUALITY_ROWS[row][0] for row in variants}
+    header = ["seed", "per-module ATen masks (default)", *[c for row in variants for c in (labels[row], f"{labels[row]} - default")]]
     return "\n\n".join([
-        "## One LoRA dropout mask per q/k/v and gate/up group (`--shared-lora-input`), quality",
-        f"{_machine(any_run)} `benchmarks/quality.py --preset {any_run['preset']} --rows relora,relora_shared --lrs "
+        "## The LoRA input variants (`--shared-lora-input`, `--lora-dropout-mask bits16`), quality",
+        f"{_machine(any_run)} `benchmarks/quality.py --preset {any_run['preset']} --rows relora,{','.join(variants)} --lrs "
         f"{','.join(f'{lr:g}' for lr in sorted({r['lr'] for r in any_run['runs']}))} --seed N`: the `relora` row of the "
-        f"table below (model {s.get('model', '?')}, LoRA dropout 0.1), one mask per module against one per group, "
-        f"same seed, same data. Final validation loss (perplexity); the per-module row's spread over seeds is "
-        f"{spread:.4f}.",
-        _table(["seed", "per-module masks (default)", "shared per group", "shared - per-module"], body),
+        f"table below (model {s.get('model', '?')}, LoRA dropout 0.1) against "
+        f"{' and against '.join(LORA_INPUT_QUALITY_ROWS[row][1] for row in variants)}; same seed, same data. Final validation loss "
+        f"(perplexity); the default row's spread over seeds is {spread:.4f}.{_other_boxes(seeds, any_run)}",
+        _table(header, body),
     ])
+
+
+def _other_boxes(seeds: dict[str, list[dict]], shown: dict) -> str:
+    """Where a table's runs came from more than one session's box: which rows ran elsewhere."""
+    elsewhere = sorted({r["row"] for files in seeds.values() for data in files
+                        if data["machine"]["platform"] != shown["machine"]["platform"] for r in data["runs"]})
+    return f" The rows {', '.join(elsewhere)} ran in another session, on a box of the same kind." if elsewhere else ""
 
 
 def loop_overhead_section(data: dict) -> str:
@@ -270,13 +301,17 @@ def main(argv=None) -> int:
     lora_path = sorted((results / "lora_path").glob("*.json"))
     if lora_path:
         sections.append(lora_path_section({f.stem: json.loads(f.read_text()) for f in lora_path}))
+    interleaved = sorted((results / "lora_path_interleaved").glob("*.json"))
+    if interleaved:
+        sections.append(lora_path_section({f.stem: json.loads(f.read_text()) for f in interleaved}, interleaved=True))
     ab = [json.loads(f.read_text()) for f in sorted(results.glob("lora_path_ab*.json"), reverse=True)]
     if ab:
         sections.append(lora_path_ab_section(ab))
-    shared_quality = sorted((results / "quality_shared").glob("seed*.json"))
-    if shared_quality:
-        sections.append(shared_input_quality_section({f.stem.removeprefix("seed"): json.loads(f.read_text())
-                                                      for f in shared_quality}))
+    input_quality: dict[str, list[dict]] = {}
+    for f in sorted((results / "quality_shared").glob("*seed*.json")):  # seedN.json, VARIANT_seedN.json
+        input_quality.setdefault(f.stem.rpartition("seed")[2], []).append(json.loads(f.read_text()))
+    if input_quality:
+        sections.append(lora_input_quality_section(input_quality))
     if (results / "loop_overhead.json").exists():
         sections.append(loop_overhead_section(json.loads((results / "loop_overhead.json").read_text())))
     quality = results / "quality" / "quality.md"

@@ -60,8 +60,12 @@ def parse_args(argv=None, *, prog="relora-bench", doc=__doc__, extend=None, modu
     p.add_argument("--fused-kernels", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--shared-lora-input", action="store_true",
                    help="q/k/v and gate/up share one LoRA dropout mask and down-projection GEMM (relora-train --shared-lora-input)")
+    p.add_argument("--lora-dropout-mask", default="aten", choices=("aten", "bits16"),
+                   help="how the LoRA dropout draws its mask (relora-train --lora-dropout-mask)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (Inductor), as relora-train --compile;"
                    " the warm-up updates absorb the compilation")
+    p.add_argument("--interleave", action="store_true",
+                   help="per engine, keep every method's case alive and alternate their updates (ratios robust to a drifting box)")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--accumulation-steps", type=int, default=2)
     p.add_argument("--warmup-updates", type=int, default=1)
@@ -111,7 +115,8 @@ def _batches(seed: int, count: int, args) -> list[torch.Tensor]:
 def bench_method(args, name: str):
     """Registered method `name` with the harness's settings (rank, LoRA dropout, fused kernels, merge period)."""
     return standalone_method(name, rank=args.rank, alpha=32.0, dropout=args.lora_dropout, fused_kernels=args.fused_kernels,
-                             shared_lora_input=args.shared_lora_input, merge_every=args.merge_every, restart_warmup_steps=0)
+                             shared_lora_input=args.shared_lora_input, dropout_mask=args.lora_dropout_mask,
+                             merge_every=args.merge_every, restart_warmup_steps=0)
 
 
 class Case:
@@ -119,7 +124,7 @@ class Case:
 
     def __init__(self, args, info, method: str, engine: str, busbw_gbs: float):
         self.args, self.info, self.engine, self.busbw_gbs = args, info, engine, busbw_gbs
-        self.method = bench_method(args, method)
+        self.method_name, self.method = method, bench_method(args, method)
         self.config = self.method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len))
         torch.manual_seed(0)
         model = self.method.prepare_model(self.method.build_model(self.config), self.method.phases()[-1][0])
@@ -196,7 +201,25 @@ def run_case(args, info, method: str, engine: str, busbw_gbs: float, peak: tuple
     case = Case(args, info, method, engine, busbw_gbs)
     for _ in range(args.warmup_updates):
         case.update()
-    measured = [case.update() for _ in range(args.updates)]
+    return summarize(args, info, case, [case.update() for _ in range(args.updates)], busbw_gbs, peak)
+
+
+def run_interleaved(args, info, methods: list[str], engine: str, busbw_gbs: float, peak: tuple[float, str]) -> list[dict]:
+    """--interleave: every method's case alive at once, their updates alternated (A B A B ...), so the drift of a
+    shared box hits them alike and their ratio is taken update against update."""
+    cases = [Case(args, info, method, engine, busbw_gbs) for method in methods]
+    measured: list[list[dict]] = [[] for _ in cases]
+    for i in range(args.warmup_updates + args.updates):
+        for case, samples in zip(cases, measured):
+            result = case.update()
+            if i >= args.warmup_updates:
+                samples.append(result)
+    return [summarize(args, info, case, samples, busbw_gbs, peak) for case, samples in zip(cases, measured)]
+
+
+def summarize(args, info, case: Case, measured: list[dict], busbw_gbs: float, peak: tuple[float, str]) -> dict:
+    """The row of a measured case (then closed): medians, exposed comm, its periodic events, FLOP counts."""
+    method, engine = case.method_name, case.engine
     median = {key: statistics.median(m.get(key, 0.0) for m in measured)
               for key in ("update_s", "forward", "backward", "optimizer", "bytes")}
     exposed = None
@@ -218,6 +241,7 @@ def run_case(args, info, method: str, engine: str, busbw_gbs: float, peak: tuple
         "global_batch_size": global_batch, "seq_len": args.seq_len, "rank": args.rank if low_rank else None,
         "lora_dropout": args.lora_dropout if low_rank else None, "compile": args.compile,
         "shared_lora_input": args.shared_lora_input if low_rank else None,
+        "lora_dropout_mask": args.lora_dropout_mask if low_rank else None, "interleaved": args.interleave,
         "allreduce_every_microbatch": args.allreduce_every_microbatch, "emulated_busbw_gbs": busbw_gbs or None,
         "update_s": update_s, "update_s_all": [m["update_s"] for m in measured],
         "examples_per_s": global_batch / update_s, "examples_per_s_per_gpu": global_batch / update_s / n,
@@ -295,11 +319,16 @@ def main(argv=None) -> int:
     peak = (args.peak_tflops * 1e12, "--peak-tflops") if args.peak_tflops else device_peak_flops(info.device, args.dtype)
     rows = []
     links = [float(x) for x in args.emulate_busbw.split(",")] if args.emulate_busbw else [0.0]
-    for engine, busbw, method in itertools.product(args.engines.split(","), links, args.methods.split(",")):
-        row = run_case(args, info, method, engine, busbw, peak)
-        rows.append(row)
+    methods = args.methods.split(",")
+    for engine, busbw in itertools.product(args.engines.split(","), links):
+        if args.interleave:
+            measured = run_interleaved(args, info, methods, engine, busbw, peak)
+        else:
+            measured = [run_case(args, info, method, engine, busbw, peak) for method in methods]
+        rows.extend(measured)
         if info.rank == 0:
-            print(describe(row), flush=True)
+            for row in measured:
+                print(describe(row), flush=True)
     if info.rank == 0:
         ratios = speedups(rows)
         for s in ratios:

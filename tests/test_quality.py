@@ -25,3 +25,18 @@ def test_quality_pipeline_and_update_ranks(tmp_path):
     for name in ("quality.md", "val_loss.png", "spectrum.png"):
         assert (out / name).stat().st_size > 0
     assert "| relora | relora |" in (out / "quality.md").read_text()
+
+
+def test_every_row_is_a_valid_relora_train_command(tmp_path):
+    """Each row's arguments parse and configure what the row names (a switch spelled as its field name, not its
+    flag, once made a row fail only when the benchmark ran)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    from relora_dist.train.arguments import parse_run_config
+
+    for name, (method, overrides) in quality.ROWS.items():
+        config, _ = parse_run_config(quality.run_arguments(name, 1e-3, quality.PRESETS["cpu"], tmp_path))
+        assert config.train.method == method, name
+        for switch, value in overrides.items():
+            assert getattr(config.relora, switch) == value, (name, switch)
