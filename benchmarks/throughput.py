@@ -34,6 +34,7 @@ import torch
 from relora_dist.benchmarks.common import (ENGINES, Stopwatch, build_engine, device_peak_flops, synchronize, torchrun_command,
                                            write_results)
 from relora_dist.comm import CollectiveCounter
+from relora_dist.config import DROPOUT_MASKS
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.methods import method_names
 from relora_dist.train.compile import compile_decoder_layers
@@ -60,7 +61,7 @@ def parse_args(argv=None, *, prog="relora-bench", doc=__doc__, extend=None, modu
     p.add_argument("--fused-kernels", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--shared-lora-input", action="store_true",
                    help="q/k/v and gate/up share one LoRA dropout mask and down-projection GEMM (relora-train --shared-lora-input)")
-    p.add_argument("--lora-dropout-mask", default="aten", choices=("aten", "bits16"),
+    p.add_argument("--lora-dropout-mask", default="aten", choices=DROPOUT_MASKS,
                    help="how the LoRA dropout draws its mask (relora-train --lora-dropout-mask)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (Inductor), as relora-train --compile;"
                    " the warm-up updates absorb the compilation")
@@ -197,16 +198,9 @@ class Case:
         gc.collect()
 
 
-def run_case(args, info, method: str, engine: str, busbw_gbs: float, peak: tuple[float, str]) -> dict:
-    case = Case(args, info, method, engine, busbw_gbs)
-    for _ in range(args.warmup_updates):
-        case.update()
-    return summarize(args, info, case, [case.update() for _ in range(args.updates)], busbw_gbs, peak)
-
-
-def run_interleaved(args, info, methods: list[str], engine: str, busbw_gbs: float, peak: tuple[float, str]) -> list[dict]:
-    """--interleave: every method's case alive at once, their updates alternated (A B A B ...), so the drift of a
-    shared box hits them alike and their ratio is taken update against update."""
+def run_cases(args, info, methods: list[str], engine: str, busbw_gbs: float, peak: tuple[float, str]) -> list[dict]:
+    """The methods' cases alive at once, their updates alternated (A B A B ...): with several (--interleave) the drift
+    of a shared box hits them alike and their ratio is taken update against update; with one, a plain run."""
     cases = [Case(args, info, method, engine, busbw_gbs) for method in methods]
     measured: list[list[dict]] = [[] for _ in cases]
     for i in range(args.warmup_updates + args.updates):
@@ -321,10 +315,8 @@ def main(argv=None) -> int:
     links = [float(x) for x in args.emulate_busbw.split(",")] if args.emulate_busbw else [0.0]
     methods = args.methods.split(",")
     for engine, busbw in itertools.product(args.engines.split(","), links):
-        if args.interleave:
-            measured = run_interleaved(args, info, methods, engine, busbw, peak)
-        else:
-            measured = [run_case(args, info, method, engine, busbw, peak) for method in methods]
+        groups = [methods] if args.interleave else [[method] for method in methods]
+        measured = [row for group in groups for row in run_cases(args, info, group, engine, busbw, peak)]
         rows.extend(measured)
         if info.rank == 0:
             for row in measured:

@@ -49,8 +49,7 @@ class _Bits16Dropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return _bits16_apply(grad, mask, ctx.p), None
+        return _bits16_backward(ctx, grad, None)
 
 
 def bits16_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device) -> torch.Tensor:
