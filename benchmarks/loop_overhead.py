@@ -12,7 +12,9 @@ Both sides run under torchrun with one CPU thread per rank, alternately (ours, b
   and global batches (`GlobalBatchPlan`), DDP, forward, backward, clip, AdamW step, zero_grad; nothing else.
 
 Intervals that hold a merge, a warm-start switch or an evaluation, and the first `--skip` of each phase, are left
-out; the figure is the median per-update time of each phase. Ratio = bare time / ours time (>= 1: we are as fast).
+out; the figure is the median per-update time of each phase. Ratio = bare time / ours time (>= 1: we are as fast),
+twice: of the medians over repeats, and the median of each repeat's own ratio (its two runs are neighbours in time,
+so a box that drifts between repeats moves both alike).
 """
 
 from __future__ import annotations
@@ -150,11 +152,14 @@ def main(argv=None) -> int:
     examples = int(TRAIN_ARGS[TRAIN_ARGS.index("--global-batch-size") + 1])
     for ph in phases:
         ours, bare = statistics.median(samples["ours"][ph]), statistics.median(samples["bare"][ph])
+        paired = [b / o for o, b in zip(samples["ours"][ph], samples["bare"][ph], strict=True)]
         rows.append({"phase": ph, "ours_ms": ours * 1e3, "bare_ms": bare * 1e3, "ratio_bare_over_ours": bare / ours,
+                     "paired_ratios": paired, "paired_ratio_median": statistics.median(paired),
                      "ours_examples_per_s": examples / ours, "bare_examples_per_s": examples / bare,
                      "ours_samples_ms": [s * 1e3 for s in samples["ours"][ph]],
                      "bare_samples_ms": [s * 1e3 for s in samples["bare"][ph]]})
-        print(f"{ph:>10}: ours {ours * 1e3:7.1f} ms  bare {bare * 1e3:7.1f} ms  ratio {bare / ours:.3f}x")
+        print(f"{ph:>10}: ours {ours * 1e3:7.1f} ms  bare {bare * 1e3:7.1f} ms  ratio {bare / ours:.3f}x"
+              f"  paired {statistics.median(paired):.3f}x")
     write_results(rows, args.json, extra={"config": {"train_args": _run_args(args), "nproc": args.nproc,
                                                       "threads": args.threads, "repeats": args.repeats, "skip": args.skip}})
     return 0

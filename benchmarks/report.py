@@ -253,16 +253,20 @@ def _other_boxes(seeds: dict[str, list[dict]], shown: dict) -> str:
 
 
 def loop_overhead_section(data: dict) -> str:
-    header = ["phase", "ours ms/update", "bare DDP loop ms/update", "bare / ours", "ours per repeat", "bare per repeat"]
+    header = ["phase", "ours ms/update", "bare DDP loop ms/update", "bare / ours", "median paired ratio",
+              "ours per repeat", "bare per repeat", "ratio per repeat"]
     body = [[r["phase"], f"{r['ours_ms']:.1f}", f"{r['bare_ms']:.1f}", f"{r['ratio_bare_over_ours']:.3f}x",
-             ", ".join(f"{x:.0f}" for x in r["ours_samples_ms"]), ", ".join(f"{x:.0f}" for x in r["bare_samples_ms"])]
+             f"{r['paired_ratio_median']:.3f}x" if "paired_ratios" in r else "-",
+             ", ".join(f"{x:.0f}" for x in r["ours_samples_ms"]), ", ".join(f"{x:.0f}" for x in r["bare_samples_ms"]),
+             ", ".join(f"{x:.3f}" for x in r.get("paired_ratios", []))]
             for r in data["rows"]]
     c = data["config"]
     return "\n\n".join([
         "## Training-loop overhead (`benchmarks/loop_overhead.py`)",
         f"{_machine(data)} `launch/train.py` against a hand-written DDP loop on the same model and global batches "
         f"({' '.join(c['train_args'])}), {c['nproc']} gloo ranks x {c['threads']} thread, {c['repeats']} alternating "
-        "repeats; per phase the median per-update interval (merges and the switch left out), then the median over repeats.",
+        "repeats; per phase the median per-update interval (merges and the switch left out), then the median over repeats; "
+        "the paired ratio is each repeat's bare / ours (its two runs back to back), robust to a box that drifts between repeats.",
         _table(header, body),
     ])
 

@@ -17,12 +17,21 @@ from relora_dist.data import (
     pack_documents,
     val_batches,
 )
+from relora_dist.data import corpus as corpus_module
 from relora_dist.data import tokenizer as tokenizer_mod
 
 
 @pytest.fixture(scope="module")
 def corpus() -> list[str]:
     return embedded_corpus_documents()
+
+
+@pytest.fixture(scope="module")
+def corpus_cache(corpus, tmp_path_factory):
+    """A corpus cache written by a second, independent extraction."""
+    cache = tmp_path_factory.mktemp("corpus")
+    assert embedded_corpus_documents(cache) == corpus
+    return cache
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +47,38 @@ def small_tokenizer(small_docs, tmp_path_factory):
 # ---- embedded corpus -------------------------------------------------------------------------
 
 
-def test_embedded_corpus_is_large_deterministic_and_stdlib_docs(corpus):
+def test_embedded_corpus_is_large_deterministic_and_stdlib_docs(corpus, corpus_cache):
     assert len(corpus) > 300
     assert sum(map(len, corpus)) > 1_000_000
     assert all(doc.strip() for doc in corpus)
-    assert embedded_corpus_documents() == corpus
     text = "\n".join(corpus)
     assert 'The "assert" statement' in text  # pydoc topic
     assert "JSON (JavaScript Object Notation)" in text  # json package docstring
 
 
-def test_embedded_split_is_document_level_holdout(corpus):
-    splits = load_text_splits(None)
+def test_cached_corpus_is_read_not_extracted(corpus, corpus_cache, monkeypatch):
+    def no_parsing(source):
+        raise AssertionError("a cache hit parsed a source file")
+
+    monkeypatch.setattr(corpus_module, "_source_docstrings", no_parsing)
+    assert embedded_corpus_documents(corpus_cache) == corpus
+    assert len(list(corpus_cache.iterdir())) == 1  # no temporary file left behind
+
+
+def test_changed_source_file_invalidates_the_cached_corpus(tmp_path):
+    stdlib, cache = tmp_path / "lib", tmp_path / "cache"
+    (stdlib / "tests").mkdir(parents=True)
+    (stdlib / "tests" / "t.py").write_text('"""a test module, left out"""\n')
+    (stdlib / "m.py").write_text('"""first docstring"""\n')
+    first = embedded_corpus_documents(cache, stdlib=str(stdlib))
+    assert first[-1] == "first docstring" and "a test module, left out" not in first
+    (stdlib / "m.py").write_text('"""second, longer docstring"""\n')
+    assert embedded_corpus_documents(cache, stdlib=str(stdlib))[-1] == "second, longer docstring"
+    assert embedded_corpus_documents(None, stdlib=str(stdlib)) == embedded_corpus_documents(cache, stdlib=str(stdlib))
+
+
+def test_embedded_split_is_document_level_holdout(corpus, corpus_cache):
+    splits = load_text_splits(None, corpus_cache_dir=corpus_cache)
     assert "embedded" in splits.source
     assert len(splits.train) + len(splits.val) == len(corpus)
     assert splits.val == corpus[19::20]  # val_fraction 0.05 -> every 20th document

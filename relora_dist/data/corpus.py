@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import logging
 import os
+import sys
 import sysconfig
 import warnings
 from dataclasses import dataclass
@@ -44,29 +47,70 @@ def _source_docstrings(source: bytes) -> str:
     return "\n\n".join(docs)
 
 
-def embedded_corpus_documents() -> list[str]:
+# Bump when the extraction below changes what it returns: cached corpora of older versions are then ignored.
+_EXTRACTION_VERSION = 1
+
+
+def _stdlib_sources(stdlib: str) -> list[Path]:
+    """The stdlib's .py files in corpus order (sorted directory walk, tests and vendored code left out)."""
+    sources = []
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        sources.extend(Path(dirpath, name) for name in sorted(filenames) if name.endswith(".py"))
+    return sources
+
+
+def _extract_documents(topics: dict, sources: list[Path]) -> list[str]:
+    documents = [topics[key] for key in sorted(topics) if topics[key].strip()]
+    for path in sources:
+        try:
+            source = path.read_bytes()
+        except OSError:
+            continue
+        text = _source_docstrings(source)
+        if text:
+            documents.append(text)
+    return documents
+
+
+def _corpus_key(stdlib: str, sources: list[Path]) -> str:
+    """What the corpus is a function of: the extraction, the interpreter and every source file's path, size
+    and mtime (a stat per file: ~1000x cheaper than parsing them)."""
+    digest = hashlib.sha256(f"{_EXTRACTION_VERSION}\0{sys.version}\0{stdlib}".encode())
+    for path in sources:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        digest.update(f"\0{path}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
+
+
+def embedded_corpus_documents(cache_dir: str | Path | None = None, *, stdlib: str | None = None) -> list[str]:
     """The standard library's own documentation: pydoc topics, then stdlib source docstrings.
 
     Nothing is imported or downloaded besides `pydoc_data.topics`, so this works offline and
     is deterministic for a given Python installation (sorted keys, sorted directory walk).
+    Parsing every stdlib file takes seconds, on every rank of every launch: with `cache_dir` the
+    documents are kept there as JSON, keyed by `_corpus_key` (a changed file means a new key).
+    `stdlib`: another source tree (tests).
     """
-    from pydoc_data.topics import topics
+    from pydoc_data import topics as topics_module
 
-    documents = [topics[key] for key in sorted(topics) if topics[key].strip()]
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for dirpath, dirnames, filenames in os.walk(stdlib):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            try:
-                source = Path(dirpath, name).read_bytes()
-            except OSError:
-                continue
-            text = _source_docstrings(source)
-            if text:
-                documents.append(text)
+    stdlib = stdlib or sysconfig.get_paths()["stdlib"]
+    sources = _stdlib_sources(stdlib)
+    cached = None
+    if cache_dir is not None:
+        cached = Path(cache_dir) / f"embedded-{_corpus_key(stdlib, [*sources, Path(topics_module.__file__)])}.json"
+        if cached.is_file():
+            return json.loads(cached.read_text(encoding="utf-8"))
+    documents = _extract_documents(topics_module.topics, sources)
     logger.debug("embedded corpus: %d documents, %d chars", len(documents), sum(map(len, documents)))
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # ranks may write at once: each its own file
+        tmp.write_text(json.dumps(documents), encoding="utf-8")
+        tmp.replace(cached)
     return documents
 
 
@@ -166,15 +210,17 @@ def load_text_splits(
     val_fraction: float = 0.05,
     text_field: str = "text",
     cache_dir: str | Path | None = None,
+    corpus_cache_dir: str | Path | None = None,
 ) -> TextSplits:
     """Load documents and split them into a deterministic document-level train/val hold-out.
 
     `dataset=None` uses the embedded stdlib corpus; otherwise a local file/directory
     (.txt, .jsonl/.json, .parquet) or a hub dataset name. `cache_dir` is handed to
-    `datasets.load_dataset` (None: the datasets library default).
+    `datasets.load_dataset` (None: the datasets library default); `corpus_cache_dir` keeps the embedded
+    corpus's documents (None: extracted every call).
     """
     if dataset is None:
-        documents = embedded_corpus_documents()
+        documents = embedded_corpus_documents(corpus_cache_dir)
         source = f"embedded Python stdlib documentation ({len(documents)} documents)"
     else:
         documents, source = _load_texts(dataset, text_field, cache_dir)

@@ -40,11 +40,12 @@ def build_data(
     """Load texts, build (or train) the tokenizer on the train split, pack both splits.
 
     The tokenizer is trained on train documents only, so validation text stays unseen.
-    Tokenizer and packed tensors are cached under `cache_dir`.
+    The embedded corpus's documents, the tokenizer and the packed tensors are cached under `cache_dir`.
     """
     cache = Path(cache_dir)
     splits = load_text_splits(
-        dataset, val_fraction=val_fraction, text_field=text_field, cache_dir=cache / "datasets"
+        dataset, val_fraction=val_fraction, text_field=text_field, cache_dir=cache / "datasets",
+        corpus_cache_dir=cache / "corpus",
     )
     tok = build_tokenizer(tokenizer, splits.train, vocab_size=vocab_size, cache_dir=cache / "tokenizers")
     train = pack_documents(splits.train, tok, seq_len, cache_dir=cache / "packed")
