@@ -45,7 +45,7 @@ class DataConfig:
     text_field: str = "text"
     """Column holding the text in jsonl/parquet/hub datasets."""
     cache_dir: str | None = None
-    """Where tokenizers and packed data are cached (default $RELORA_CACHE or ~/.cache/relora_dist)."""
+    """Where the embedded corpus, tokenizers and packed data are cached (default $RELORA_CACHE or ~/.cache/relora_dist)."""
 
 
 @dataclass
