@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RELORA_EXTRAS="[dev]" source launch/setup_env.sh
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
+# --durations: the slowest tests in every log (CI keeps the whole run under 35 min)
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
