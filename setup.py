@@ -9,11 +9,12 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The kernels' source lives in the top-level kernels/ folder (the project layout) and installs as
-    # relora_dist.kernels: no top-level module named `kernels` (an unrelated PyPI package has that name).
+    # The kernels' source lives in kernels/fused/ (the project layout's kernels/ folder) and installs as
+    # relora_dist.kernels. kernels/ itself has no __init__.py: from the repository root a package named `kernels`
+    # would shadow the PyPI package of that name, which transformers imports (5.25 requires it).
     # benchmarks/ likewise installs as relora_dist.benchmarks (relora-bench, relora-memprof).
     packages=find_packages(include=["relora_dist", "relora_dist.*"]) + ["relora_dist.kernels", "relora_dist.benchmarks"],
-    package_dir={"relora_dist.kernels": "kernels", "relora_dist.benchmarks": "benchmarks"},
+    package_dir={"relora_dist.kernels": "kernels/fused", "relora_dist.benchmarks": "benchmarks"},
     install_requires=[
         # Install torch first on CPU-only machines (a plain requirement pulls a multi-GB CUDA build).
         "torch>=2.6",  # FSDP2 fully_shard

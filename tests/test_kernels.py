@@ -229,3 +229,14 @@ def test_main_configs_compile_for_sm80_and_sm90_without_spills():
                          text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="0"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("(main)") == 8 and " 0 B spilled" in out.stdout
+
+
+def test_checkout_root_does_not_shadow_the_pypi_kernels_package():
+    """`python -c` / `python -m` from the repository root put it first on sys.path: the layout's kernels/ folder
+    must not be the package `kernels` there, because transformers imports the PyPI package of that name."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import importlib.util, relora_dist.kernels, transformers.models.llama;"
+            "spec = importlib.util.find_spec('kernels'); print(spec and spec.origin)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() != os.path.join(root, "kernels", "__init__.py")
