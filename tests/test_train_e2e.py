@@ -107,13 +107,13 @@ def test_warm_start_switch_optimizer_policy(tmp_path, keep):
     assert {int(optimizer["state"][i]["step"]) for i in lora["params"]} == {2}
 
 
-def test_local_datasets_hf_tokenizer_and_model_config_json(tmp_path):
+def test_local_datasets_hf_tokenizer_and_model_config_json(tmp_path, shared_cache):
     """--dataset jsonl/parquet, --tokenizer an HF tokenizer directory, --model-config an HF config JSON."""
     import datasets
 
     from relora_dist.data import embedded_corpus_documents
 
-    docs = embedded_corpus_documents()[:120]
+    docs = embedded_corpus_documents(shared_cache / "corpus")[:120]  # where the runs' trainer keeps it
     datasets.Dataset.from_dict({"body": docs}).to_json(tmp_path / "corpus.jsonl")
     first = SMALL + ["--method", "full", "--steps", "4", "--out", tmp_path / "a", "--dataset", tmp_path / "corpus.jsonl",
                      "--text-field", "body", "--vocab-size", "512"]
