@@ -1,7 +1,7 @@
 """What a CPU cannot check, on one GPU in at most 8 minutes: `bash launch/gpu_check.sh [--out DIR]`.
 
 1. `tests/test_kernels.py` compiled (no interpreter), fp32 and bf16 (RELORA_KERNEL_DEVICE=cuda);
-2. `benchmarks/kernels.py --quick`: fused kernels against cuBLAS, the PEFT-style unfused path and torch.compile
+2. `benchmarks/fused_kernels.py --quick`: fused kernels against cuBLAS, the PEFT-style unfused path and torch.compile
    at d 2048 / 4096, r 64 / 128 / 256, bf16; targets: fused forward <= 1.10x the dense GEMM at d 4096 / r 64
    (the roofline is 1.03x), fused forward+backward <= 0.8x the unfused one;
 3. 30-update ReLoRA runs (warm start, two merges) at world size 1 under DDP, ZeRO-2, ZeRO-3 and FSDP2, eager and
@@ -90,7 +90,7 @@ def kernel_targets(kernels_json: dict) -> list[dict]:
     """Each target with its measured value at K = N = 4096, r = 64 (met / missed; missing data is an error)."""
     rows = [r for r in kernels_json.get("measured", []) if r["K"] == 4096 and r["N"] == 4096 and r["r"] == 64]
     if not rows:
-        raise ValueError("benchmarks/kernels.py measured no K = N = 4096, r = 64 row")
+        raise ValueError("benchmarks/fused_kernels.py measured no K = N = 4096, r = 64 row")
     row = rows[0]
     values = {"fused_fwd_vs_dense": row["fused_fwd_ms"] / row["dense_fwd_ms"],
               "fused_fwd_bwd_vs_unfused": row["fused_fwd_bwd_ms"] / row["peft_fwd_bwd_ms"]}
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     # 2. kernel benchmark and its targets
     kernels_path = out / "kernels.json"
     if left(1) > 0:
-        check, _ = run_step("kernel_bench", [sys.executable, "benchmarks/kernels.py", "--quick", "--out", str(kernels_path)],
+        check, _ = run_step("kernel_bench", [sys.executable, "benchmarks/fused_kernels.py", "--quick", "--out", str(kernels_path)],
                             timeout_s=left(STEP_TIMEOUT_S["kernel_bench"]), env=env)
         if check.ok:
             try:

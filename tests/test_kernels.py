@@ -231,12 +231,29 @@ def test_main_configs_compile_for_sm80_and_sm90_without_spills():
     assert out.stdout.count("(main)") == 8 and " 0 B spilled" in out.stdout
 
 
-def test_checkout_root_does_not_shadow_the_pypi_kernels_package():
-    """`python -c` / `python -m` from the repository root put it first on sys.path: the layout's kernels/ folder
-    must not be the package `kernels` there, because transformers imports the PyPI package of that name."""
+# Folders whose scripts run directly (python -m from the root, python benchmarks/x.py, python launch/x.py) put
+# themselves first on sys.path: none may hold a module an installed package or the stdlib already names.
+SCRIPT_FOLDERS = ("", "benchmarks", "launch")
+OURS_ON_PURPOSE = {"relora_dist": "the package itself (editable install)",
+                   "benchmarks": "fairscale 0.4.13 ships a stray top-level benchmarks package that nothing imports"}
+
+
+def test_script_folders_shadow_no_installed_module():
+    """transformers imports the PyPI package `kernels`: a kernels/__init__.py at the root or a benchmarks/kernels.py
+    shadowed it, and every import of relora_dist failed from there."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import importlib.util, relora_dist.kernels, transformers.models.llama;"
-            "spec = importlib.util.find_spec('kernels'); print(spec and spec.origin)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    names = set()
+    for folder in (os.path.join(root, f) for f in SCRIPT_FOLDERS):
+        for entry in os.listdir(folder):
+            if entry.endswith(".py"):
+                names.add(entry[:-3])
+            elif os.path.isfile(os.path.join(folder, entry, "__init__.py")):
+                names.add(entry)
+    code = f"import importlib.util; print(sorted(n for n in {sorted(names - set(OURS_ON_PURPOSE))!r} if importlib.util.find_spec(n)))"
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=root, capture_output=True, text=True, timeout=300)  # -I: no script folder on sys.path
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() != os.path.join(root, "kernels", "__init__.py")
+    assert out.stdout.strip() == "[]", f"these names are taken by installed modules: {out.stdout.strip()}"
+    # and the import that broke, from the root
+    out = subprocess.run([sys.executable, "-c", "import relora_dist.kernels, transformers.models.llama"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]

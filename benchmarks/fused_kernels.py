@@ -1,6 +1,6 @@
 """Fused ReLoRA linear vs its baselines at LLaMA shapes, next to the roofline floor of each.
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels.json] [--quick]
+    python benchmarks/fused_kernels.py [--out benchmarks/results/kernels.json] [--quick]
 
 On CUDA: `triton.testing.do_bench` medians (L2 flushed between reps) of forward and forward+backward for the
 fused kernels, cuBLAS dense x @ W^T (forward) and the frozen dx GEMM (backward), the addmm path
