@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from relora_dist import host_memory
 from relora_dist.backends import build_backend
 
 ENGINES = ("ddp", "zero0", "zero1", "zero2", "zero3", "fsdp2", "fairscale", "zero_redundancy")
@@ -40,7 +41,15 @@ def machine() -> dict:
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if cuda else None, "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "host_memory": host_memory.applied or "glibc defaults (not set by this process)",
     }
+
+
+def keep_host_memory(device: torch.device) -> None:
+    """On a CPU, the trainer's default allocator settings (relora_dist/host_memory.py), so a benchmark measures what a
+    run does; recorded in machine()."""
+    if device.type == "cpu":
+        host_memory.keep_freed_memory()
 
 
 def synchronize(device: torch.device) -> None:

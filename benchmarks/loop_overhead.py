@@ -3,23 +3,26 @@
     python benchmarks/loop_overhead.py                      # the issue's configuration: 9m, vocab 4096, 2 gloo ranks
     python benchmarks/loop_overhead.py --repeats 3 --updates 120 --warm-start-steps 40 --merge-every 40
 
-Both sides run under torchrun with one CPU thread per rank, alternately (ours, bare, ours, bare, ...):
+Both sides run under torchrun with one CPU thread per rank:
 
-- **ours**: `launch/train.py` as a user runs it (`--method relora`: a full-rank warm start, then ReLoRA), per-update
-  times from the `wall_s` of consecutive metrics.jsonl records, so logging, LR schedule, finiteness checks and the
-  method's hooks are inside the interval;
+- **ours**: our trainer as `launch/train.py` runs it (`--method relora`: a full-rank warm start, then ReLoRA), so
+  logging, LR schedule, finiteness checks and the method's hooks are inside every update's interval;
 - **bare**: the same model (built by the same method, so the ReLoRA phase has the same LoRA layers), the same data
   and global batches (`GlobalBatchPlan`), DDP, forward, backward, clip, AdamW step, zero_grad; nothing else.
 
+`--mode interleaved` (the default) runs both in one job: after each of our updates the bare loop takes the same
+update on its own copy of the model, so a box whose speed drifts slows both alike. `--mode separate` runs them as
+separate jobs, alternately (ours from the `wall_s` of consecutive metrics.jsonl records).
+
 Intervals that hold a merge, a warm-start switch or an evaluation, and the first `--skip` of each phase, are left
 out; the figure is the median per-update time of each phase. Ratio = bare time / ours time (>= 1: we are as fast),
-twice: of the medians over repeats, and the median of each repeat's own ratio (its two runs are neighbours in time,
-so a box that drifts between repeats moves both alike).
+twice: of the medians over repeats, and the median of each repeat's own ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN_ARGS = ("--model 9m --vocab-size 4096 --seq-len 128 --global-batch-size 16 --micro-batch-size 8 --dtype fp32 "
               "--rank 32 --lora-dropout 0.1 --lr 1e-3 --grad-clip 1.0 --eval-every 0 --eval-batches 1 --save-every 0 "
               "--progress false").split()
+MODES = ("interleaved", "separate")
 
 
 def _run_args(args) -> list[str]:
@@ -43,15 +47,59 @@ def _run_args(args) -> list[str]:
 
 
 # -- the bare loop (one rank) ---------------------------------------------------------------------------------------
-def bare_worker(argv: list[str], times_path: str) -> None:
+class BareLoop:
     """Full rank for the warm start, then the method's low-rank model for the rest, in the plainest DDP loop."""
-    import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
-    from relora_dist.backends.ddp import no_buffer_broadcast
-    from relora_dist.data import GlobalBatchPlan
-    from relora_dist.models import llama_config
+    def __init__(self, cfg, method, data, *, rank: int, world_size: int):
+        import torch
+
+        from relora_dist.data import GlobalBatchPlan
+        from relora_dist.models import llama_config
+
+        self.cfg, self.method, self.data, self.rank, self.world_size = cfg, method, data, rank, world_size
+        t = cfg.train
+        self.plan = GlobalBatchPlan(len(data.train), t.global_batch_size, t.seed)
+        config = method.model_config(llama_config(cfg.model.preset, vocab_size=len(data.tokenizer)))
+        with torch.random.fork_rng(devices=[]):  # beside our trainer: leave its dropout streams alone
+            torch.manual_seed(t.seed)
+            self.module = method.build_model(config)
+        self.phase_starts = {first for first, _ in method.phases()}  # the model structure of each phase, no events
+
+    def _setup(self, step: int) -> None:
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
+
+        from relora_dist.backends.ddp import no_buffer_broadcast
+
+        o = self.cfg.optim
+        self.module = self.method.prepare_model(self.module, step)
+        self.model = DistributedDataParallel(self.module, **no_buffer_broadcast())  # rotary buffers are equal everywhere, as ours
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+
+    def update(self, step: int) -> None:
+        """One optimizer update on the global batch of update `step` (0-based)."""
+        import torch
+
+        if step in self.phase_starts:
+            self._setup(step)
+        t = self.cfg.train
+        micro = self.plan.local_microbatches(step, rank=self.rank, world_size=self.world_size,
+                                             micro_batch_size=t.micro_batch_size)
+        for i, indices in enumerate(micro):
+            batch = self.data.train[indices]
+            with self.model.no_sync() if i < len(micro) - 1 else contextlib.nullcontext():
+                self.model(input_ids=batch, labels=batch, use_cache=False).loss.backward()  # as ours
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def separate_worker(argv: list[str], times_path: str) -> None:
+    """The bare loop alone; writes its per-update intervals."""
+    import torch.distributed as dist
+
     from relora_dist.train.arguments import parse_run_config
     from relora_dist.train.preflight import preflight
     from relora_dist.train.trainer import build_run_data
@@ -59,36 +107,43 @@ def bare_worker(argv: list[str], times_path: str) -> None:
     cfg, _ = parse_run_config(argv)
     method = preflight(cfg).method
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    t = cfg.train
-    data = build_run_data(cfg)
-    plan = GlobalBatchPlan(len(data.train), t.global_batch_size, t.seed)
-    config = method.model_config(llama_config(cfg.model.preset, vocab_size=len(data.tokenizer)))
-    torch.manual_seed(t.seed)
-    module = method.build_model(config)
-    stamps: list[float] = []
-
-    def train(module, first: int, last: int) -> None:
-        model = DistributedDataParallel(module, **no_buffer_broadcast())  # rotary buffers are equal everywhere, as ours
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                      weight_decay=cfg.optim.weight_decay)
-        for step in range(first, last):
-            for indices in plan.local_microbatches(step, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size):
-                batch = data.train[indices]
-                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()  # as ours
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            stamps.append(time.perf_counter())
-
-    start = time.perf_counter()
-    for first, last in method.phases():  # the method's model structure of each phase, no events inside
-        module = method.prepare_model(module, first)
-        train(module, first, last)
-    if rank == 0:
-        Path(times_path).write_text(json.dumps([s - start for s in stamps]))
+    bare = BareLoop(cfg, method, build_run_data(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
+    intervals, last = [], time.perf_counter()
+    for step in range(cfg.train.steps):
+        bare.update(step)
+        now = time.perf_counter()
+        intervals.append(now - last)
+        last = now
+    if dist.get_rank() == 0:
+        Path(times_path).write_text(json.dumps({"bare": intervals}))
     dist.destroy_process_group()
+
+
+def interleaved_worker(argv: list[str], times_path: str) -> None:
+    """Our trainer, with the bare loop taking the same update right after each of ours; writes both sides' intervals."""
+    from relora_dist.distributed import close_distributed
+    from relora_dist.train.arguments import parse_run_config
+    from relora_dist.train.preflight import preflight
+    from relora_dist.train.trainer import Trainer
+
+    cfg, _ = parse_run_config(argv)
+    trainer = Trainer(cfg)
+    bare = BareLoop(cfg, preflight(cfg).method, trainer.data, rank=trainer.dist.rank, world_size=trainer.dist.world_size)
+    times = {"ours": [], "bare": []}
+    last = [time.perf_counter()]
+
+    def bare_update(step: int) -> None:  # ours' interval: from the end of the previous bare update to here
+        entered = time.perf_counter()
+        bare.update(step - 1)
+        done = time.perf_counter()
+        times["ours"].append(entered - last[0])
+        times["bare"].append(done - entered)
+        last[0] = done
+
+    trainer.train(on_update=bare_update)
+    if trainer.is_main:
+        Path(times_path).write_text(json.dumps(times))
+    close_distributed()
 
 
 # -- the driver ---------------------------------------------------------------------------------------------------------
@@ -97,40 +152,55 @@ def _torchrun(nproc: int, threads: int, script: list[str]) -> None:
     subprocess.run(torchrun_command(nproc, *script), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
-def _ours(args, work: Path) -> list[float]:
-    out = work / "ours"
-    _torchrun(args.nproc, args.threads, ["launch/train.py", *_run_args(args), "--out", str(out), "--overwrite", "true"])
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["wall_s"] for r in records]
-
-
-def _bare(args, work: Path) -> list[float]:
-    path = work / "bare.json"
-    _torchrun(args.nproc, args.threads, [__file__, "--bare-worker", str(path), "--", *_run_args(args)])
+def _worker(args, work: Path, mode: str, extra: list[str] = ()) -> dict[str, list[float]]:
+    path = work / f"{mode}.json"
+    _torchrun(args.nproc, args.threads, [__file__, f"--{mode}-worker", str(path), "--", *_run_args(args), *extra])
     return json.loads(path.read_text())
 
 
-def phase_median(stamps: list[float], *, first: int, last: int, skip: int, excluded: set[int]) -> float:
-    """Median seconds of updates first+skip..last-1 (1-based update k runs from stamp k-1 to stamp k)."""
-    intervals = [stamps[k - 1] - stamps[k - 2] for k in range(first + 1 + skip, last + 1) if k >= 2 and k not in excluded]
-    return statistics.median(intervals)
+def _ours_alone(args, work: Path) -> dict[str, list[float]]:
+    out = work / "ours"
+    _torchrun(args.nproc, args.threads, ["launch/train.py", *_run_args(args), "--out", str(out), "--overwrite", "true"])
+    stamps = [json.loads(line)["wall_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"ours": [b - a for a, b in zip([0.0, *stamps], stamps)]}
+
+
+def runs_of_one_repeat(args, work: Path):
+    """(side, its per-update intervals) for one repeat, in the order they were measured."""
+    if args.mode == "interleaved":
+        yield from _worker(args, work, "interleaved", ["--out", str(work / "ours"), "--overwrite", "true"]).items()
+    else:
+        yield from _ours_alone(args, work).items()
+        yield from _worker(args, work, "separate").items()
+
+
+def phase_median(intervals: list[float], *, first: int, last: int, skip: int, excluded: set[int]) -> float:
+    """Median seconds of updates first+skip..last-1 (intervals[k - 1] is 1-based update k's)."""
+    return statistics.median(intervals[k - 1] for k in range(first + 1 + skip, last + 1) if k not in excluded)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=MODES, default="interleaved",
+                   help="interleaved: both loops in one job, update by update; separate: alternate whole jobs")
     p.add_argument("--updates", type=int, default=200)
     p.add_argument("--warm-start-steps", type=int, default=50)
     p.add_argument("--merge-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each side; medians pooled over them")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each side; medians pooled over them")
     p.add_argument("--skip", type=int, default=3, help="updates left out at the start of each phase (allocator warm-up)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
     p.add_argument("--json", default=str(ROOT / "benchmarks/results/loop_overhead.json"))
-    p.add_argument("--bare-worker", metavar="TIMES_JSON", help=argparse.SUPPRESS)
+    p.add_argument("--separate-worker", metavar="TIMES_JSON", help=argparse.SUPPRESS)
+    p.add_argument("--interleaved-worker", metavar="TIMES_JSON", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args(argv)
-    if args.bare_worker:
-        bare_worker([a for a in rest if a != "--"], args.bare_worker)
+    worker_args = [a for a in rest if a != "--"]
+    if args.separate_worker:
+        separate_worker(worker_args, args.separate_worker)
+        return 0
+    if args.interleaved_worker:
+        interleaved_worker(worker_args, args.interleaved_worker)
         return 0
     # Ours logs update k after k's events (the warm-start switch, merges); the bare loop sets up the next phase
     # before its first update: leave out both intervals around every event.
@@ -140,14 +210,13 @@ def main(argv=None) -> int:
     samples: dict[str, dict[str, list[float]]] = {side: {ph: [] for ph in phases} for side in ("ours", "bare")}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for side, run in (("ours", _ours), ("bare", _bare)):
-                started = time.perf_counter()
-                stamps = run(args, Path(tmp))
+            started = time.perf_counter()
+            for side, intervals in runs_of_one_repeat(args, Path(tmp)):
                 for ph, (first, last) in phases.items():
-                    samples[side][ph].append(phase_median(stamps, first=first, last=last, skip=args.skip, excluded=excluded))
+                    samples[side][ph].append(phase_median(intervals, first=first, last=last, skip=args.skip, excluded=excluded))
                 print(f"repeat {repeat + 1}/{args.repeats} {side}: "
-                      + ", ".join(f"{ph} {samples[side][ph][-1] * 1e3:.1f} ms/update" for ph in phases)
-                      + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+                      + ", ".join(f"{ph} {samples[side][ph][-1] * 1e3:.1f} ms/update" for ph in phases), flush=True)
+            print(f"repeat {repeat + 1}/{args.repeats}: {time.perf_counter() - started:.0f} s", flush=True)
     rows = []
     examples = int(TRAIN_ARGS[TRAIN_ARGS.index("--global-batch-size") + 1])
     for ph in phases:
@@ -160,7 +229,7 @@ def main(argv=None) -> int:
                      "bare_samples_ms": [s * 1e3 for s in samples["bare"][ph]]})
         print(f"{ph:>10}: ours {ours * 1e3:7.1f} ms  bare {bare * 1e3:7.1f} ms  ratio {bare / ours:.3f}x"
               f"  paired {statistics.median(paired):.3f}x")
-    write_results(rows, args.json, extra={"config": {"train_args": _run_args(args), "nproc": args.nproc,
+    write_results(rows, args.json, extra={"config": {"mode": args.mode, "train_args": _run_args(args), "nproc": args.nproc,
                                                       "threads": args.threads, "repeats": args.repeats, "skip": args.skip}})
     return 0
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from relora_dist import ReLoRAConfig, ReLoRALinear, relora_layers, wrap
-from relora_dist.benchmarks.common import write_results
+from relora_dist.benchmarks.common import keep_host_memory, write_results
 from relora_dist.models import build_model, causal_lm_loss, llama_config
 
 
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/lora_path_ab.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_host_memory(torch.device("cpu"))
     variants = build_variants(args)
     tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_len), generator=torch.Generator().manual_seed(2))
     samples = {name: [] for name in variants}

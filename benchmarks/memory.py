@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from relora_dist.benchmarks.common import write_results
+from relora_dist.benchmarks.common import keep_host_memory, write_results
 from relora_dist.benchmarks.throughput import Case, bench_method, parse_args, spawn
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.models import llama_config
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     if args.nproc and "RANK" not in os.environ:
         return spawn(args, argv)
     info = init_distributed()
+    keep_host_memory(info.device)
     activations = {m: activation_bytes_per_token(args, m) for m in args.methods.split(",")}
     rows = []
     for engine in args.engines.split(","):

@@ -252,7 +252,15 @@ def _other_boxes(seeds: dict[str, list[dict]], shown: dict) -> str:
     return f" The rows {', '.join(elsewhere)} ran in another session, on a box of the same kind." if elsewhere else ""
 
 
-def loop_overhead_section(data: dict) -> str:
+def loop_overhead_section(runs: list[dict]) -> str:
+    """One table per measuring mode (interleaved first: the cleaner comparison)."""
+    parts = ["## Training-loop overhead (`benchmarks/loop_overhead.py`)"]
+    for data in runs:
+        parts += _loop_overhead_table(data)
+    return "\n\n".join(parts)
+
+
+def _loop_overhead_table(data: dict) -> list[str]:
     header = ["phase", "ours ms/update", "bare DDP loop ms/update", "bare / ours", "median paired ratio",
               "ours per repeat", "bare per repeat", "ratio per repeat"]
     body = [[r["phase"], f"{r['ours_ms']:.1f}", f"{r['bare_ms']:.1f}", f"{r['ratio_bare_over_ours']:.3f}x",
@@ -261,15 +269,18 @@ def loop_overhead_section(data: dict) -> str:
              ", ".join(f"{x:.3f}" for x in r.get("paired_ratios", []))]
             for r in data["rows"]]
     c = data["config"]
-    return "\n\n".join([
-        "## Training-loop overhead (`benchmarks/loop_overhead.py`)",
-        f"{_machine(data)} `launch/train.py` against a hand-written DDP loop on the same model and global batches "
-        f"({' '.join(c['train_args'])}), {c['nproc']} gloo ranks x {c['threads']} thread, {c['repeats']} alternating "
-        "repeats; per phase the median per-update interval (merges and the switch left out), then the median over repeats; "
-        "the paired ratio is each repeat's bare / ours (its two runs back to back), robust to a box that drifts between repeats.",
-        _table(header, body),
-        *_paired_spread(data["rows"]),
-    ])
+    if c.get("mode", "separate") == "interleaved":
+        how = (f"`--mode interleaved`, {c['repeats']} repeats, each one job in which the bare loop takes the same update "
+               "on its own copy of the model right after each of ours (a drifting box slows both alike); per phase the "
+               "median per-update interval (merges and the switch left out), then the median over repeats; the paired "
+               "ratio is each repeat's bare / ours.")
+    else:
+        how = (f"`--mode separate`, {c['repeats']} alternating repeats of separate jobs (`launch/train.py`, then the bare "
+               "loop); per phase the median per-update interval (merges and the switch left out), then the median over "
+               "repeats; the paired ratio is each repeat's bare / ours (its two runs back to back).")
+    return [f"{_machine(data)} Our trainer against a hand-written DDP loop on the same model and global batches "
+            f"({' '.join(c['train_args'])}), {c['nproc']} gloo ranks x {c['threads']} thread, {how}",
+            _table(header, body), *_paired_spread(data["rows"])]
 
 
 def _paired_spread(rows: list[dict]) -> list[str]:
@@ -326,8 +337,10 @@ def main(argv=None) -> int:
         input_quality.setdefault(f.stem.rpartition("seed")[2], []).append(json.loads(f.read_text()))
     if input_quality:
         sections.append(lora_input_quality_section(input_quality))
-    if (results / "loop_overhead.json").exists():
-        sections.append(loop_overhead_section(json.loads((results / "loop_overhead.json").read_text())))
+    overhead = [json.loads(f.read_text()) for f in (results / "loop_overhead.json", results / "loop_overhead_separate.json")
+                if f.exists()]
+    if overhead:
+        sections.append(loop_overhead_section(overhead))
     quality = results / "quality" / "quality.md"
     if quality.exists():
         sections.append(quality_section(quality))

@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from relora_dist.benchmarks.common import (ENGINES, Stopwatch, build_engine, device_peak_flops, synchronize, torchrun_command,
-                                           write_results)
+from relora_dist.benchmarks.common import (ENGINES, Stopwatch, build_engine, device_peak_flops, keep_host_memory, synchronize,
+                                           torchrun_command, write_results)
 from relora_dist.comm import CollectiveCounter
 from relora_dist.config import DROPOUT_MASKS
 from relora_dist.distributed import close_distributed, init_distributed
@@ -310,6 +310,7 @@ def main(argv=None) -> int:
     if args.nproc and "RANK" not in os.environ:
         return spawn(args, argv)
     info = init_distributed()
+    keep_host_memory(info.device)
     peak = (args.peak_tflops * 1e12, "--peak-tflops") if args.peak_tflops else device_peak_flops(info.device, args.dtype)
     rows = []
     links = [float(x) for x in args.emulate_busbw.split(",")] if args.emulate_busbw else [0.0]

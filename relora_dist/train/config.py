@@ -120,6 +120,8 @@ class TrainConfig:
     """Seconds a collective waits for a peer before this rank fails: a dead or hung rank ends the job instead of stalling it."""
     check_replicas: bool = False
     """After every merge/reset, verify that replicated tensors are bit-identical on all ranks (one small all-reduce)."""
+    keep_host_memory: bool = True
+    """On a CPU with glibc: keep freed activation memory in the process (fixed mmap and trim thresholds) instead of page-faulting it in again every update; 10-15% faster on a 2-core box (relora_dist/host_memory.py). false: glibc's defaults."""
 
 
 

@@ -15,12 +15,14 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..backends import build_backend
 from ..data import GlobalBatchPlan, build_data, val_batches
 from ..distributed import init_distributed, rank0_first
+from ..host_memory import keep_freed_memory
 from ..methods import Event
 from ..models import causal_lm_loss, llama_config, save_hf_model
 from .checkpoint import (check_model_fits, claim_run_directory, load_method_state, load_rng, read_trainer_state,
@@ -54,6 +56,10 @@ class Trainer:
         plan = preflight(cfg)  # every config error, before any data or collective
         self.method = plan.method
         self.dist = init_distributed(timeout_s=t.dist_timeout_s)
+        if t.keep_host_memory and self.dist.device.type == "cpu":  # before data and model allocate anything
+            allocator = keep_freed_memory()
+            if self.dist.rank == 0:
+                logger.info("host memory: %s", allocator)
         self.faults = FaultPlan.from_env(self.dist.rank)
         self.out = Path(t.out)
         if self.out.exists() and not self.out.is_dir():
@@ -249,7 +255,9 @@ class Trainer:
         self.backend.barrier()
 
     # -- the run ---------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self, on_update: Callable[[int], None] | None = None) -> dict:
+        """Run to --steps (or --stop-after). `on_update(step)` is called on every rank after each update is logged
+        (benchmarks interleave other work there; the loop itself needs nothing from it)."""
         t = self.cfg.train
         start_wall = time.perf_counter()
         metrics = MetricsWriter(self.out, enabled=self.is_main, total_steps=t.steps, initial_step=self.step,
@@ -286,6 +294,8 @@ class Trainer:
                 if t.compile:
                     record["compiled_graphs"] = compiled_graphs()  # flat after each phase's first update: no recompiles
                 metrics.log(record)
+                if on_update is not None:
+                    on_update(step)
                 if t.save_every and step % t.save_every == 0 and step < t.steps:
                     self.save(self.elapsed_before + time.perf_counter() - start_wall)
             finished = self.step >= t.steps
