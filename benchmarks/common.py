@@ -41,7 +41,7 @@ def machine() -> dict:
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if cuda else None, "gpu_count": torch.cuda.device_count() if cuda else 0,
-        "host_memory": host_memory.applied or "glibc defaults (not set by this process)",
+        **({"host_memory": host_memory.applied} if host_memory.applied else {}),  # what this process set, if anything
     }
 
 

@@ -16,7 +16,8 @@ MIB = 2**20
 def _machine(data: dict) -> str:
     m = data["machine"]
     device = f"{m['gpu_count']}x {m['gpu']}" if m.get("gpu") else f"CPU only ({m['cpu_count']} cores, {m['processor']})"
-    return f"Measured on {device}, torch {m.get('torch', '?')}, {m['platform']}."
+    memory = f" Host allocator: {m['host_memory']}." if m.get("host_memory") else ""
+    return f"Measured on {device}, torch {m.get('torch', '?')}, {m['platform']}.{memory}"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -271,12 +272,13 @@ def _loop_overhead_table(data: dict) -> list[str]:
     c = data["config"]
     if c.get("mode", "separate") == "interleaved":
         how = (f"`--mode interleaved`, {c['repeats']} repeats, each one job in which the bare loop takes the same update "
-               "on its own copy of the model right after each of ours (a drifting box slows both alike); per phase the "
+               "on its own copy of the model right after each of ours (a drifting box slows both alike, and both share "
+               "the trainer's allocator setting); per phase the "
                "median per-update interval (merges and the switch left out), then the median over repeats; the paired "
                "ratio is each repeat's bare / ours.")
     else:
-        how = (f"`--mode separate`, {c['repeats']} alternating repeats of separate jobs (`launch/train.py`, then the bare "
-               "loop); per phase the median per-update interval (merges and the switch left out), then the median over "
+        how = (f"`--mode separate`, {c['repeats']} alternating repeats of separate jobs (`launch/train.py` with its default "
+               "`--keep-host-memory`, then the bare loop under glibc's defaults); per phase the median per-update interval (merges and the switch left out), then the median over "
                "repeats; the paired ratio is each repeat's bare / ours (its two runs back to back).")
     return [f"{_machine(data)} Our trainer against a hand-written DDP loop on the same model and global batches "
             f"({' '.join(c['train_args'])}), {c['nproc']} gloo ranks x {c['threads']} thread, {how}",
