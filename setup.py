@@ -28,10 +28,12 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "tensorboard>=2.15",  # --report-to tensorboard (torch.utils.tensorboard writes, its reader parses)
     ],
     extras_require={
         "triton": ["triton>=3.1"],
-        "dev": ["pytest>=8.0", "triton>=3.1"],
+        "wandb": ["wandb>=0.19"],  # --report-to wandb
+        "dev": ["pytest>=8.0", "triton>=3.1", "wandb>=0.19"],
     },
     entry_points={
         "console_scripts": [
@@ -41,6 +43,7 @@ setup(
             "relora-bench=relora_dist.benchmarks.throughput:main",
             "relora-memprof=relora_dist.benchmarks.memory:main",
             "relora-spectrum=relora_dist.analysis.cli:main",
+            "relora-plot=relora_dist.metrics.plot:main",
         ]
     },
 )

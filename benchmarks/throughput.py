@@ -40,7 +40,7 @@ from relora_dist.methods import method_names
 from relora_dist.train.compile import compile_decoder_layers
 from relora_dist.train.config import standalone_method
 from relora_dist.models import causal_lm_loss, llama_config
-from relora_dist.perf import ModelCounts
+from relora_dist.metrics import Utilization, memory_fields, throughput_fields
 
 DDP_LOOP_ENGINES = ("ddp", "zero_redundancy")  # engines whose gradient all-reduce the harness can count and pad
 
@@ -221,13 +221,14 @@ def summarize(args, info, case: Case, measured: list[dict], busbw_gbs: float, pe
         baseline = statistics.median(case.compute_only_seconds() for _ in range(max(1, args.updates // 2)))
         exposed = max(0.0, median["forward"] + median["backward"] - baseline)
     merge_s, merge_amortised_s, merge_bytes = case.periodic_events()
-    counts = ModelCounts.from_config(case.config, rank=args.rank, seq_len=args.seq_len)
     structure = case.method.cost_structure
     low_rank = structure == "relora"
     global_batch = args.micro_batch_size * args.accumulation_steps * info.world_size
     update_s, n = median["update_s"], info.world_size
-    tokens_per_s = global_batch * args.seq_len / update_s
+    speed = throughput_fields(tokens=global_batch * args.seq_len, examples=global_batch, seconds=update_s, world_size=n)
     peak_flops, peak_source = peak
+    utilization = Utilization(case.config, seq_len=args.seq_len, rank=args.rank, cost_structure=structure,
+                              peak_flops=peak_flops)
     amortised_s = update_s + merge_amortised_s
     row = {
         "preset": args.preset, "method": method, "engine": engine, "dtype": args.dtype, "world_size": n,
@@ -238,22 +239,18 @@ def summarize(args, info, case: Case, measured: list[dict], busbw_gbs: float, pe
         "lora_dropout_mask": args.lora_dropout_mask if low_rank else None, "interleaved": args.interleave,
         "allreduce_every_microbatch": args.allreduce_every_microbatch, "emulated_busbw_gbs": busbw_gbs or None,
         "update_s": update_s, "update_s_all": [m["update_s"] for m in measured],
-        "examples_per_s": global_batch / update_s, "examples_per_s_per_gpu": global_batch / update_s / n,
-        "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / n,
+        "examples_per_s": speed["examples_per_s"], "examples_per_s_per_gpu": speed["examples_per_s"] / n,
+        "tokens_per_s": speed["tokens_per_s"], "tokens_per_s_per_gpu": speed["tokens_per_s_per_rank"],
         "forward_s": median["forward"], "backward_s": median["backward"], "optimizer_s": median["optimizer"],
         "exposed_comm_s": exposed, "bytes_per_update": int(median["bytes"]), "collectives": measured[-1]["by_op"],
-        "trainable_parameters": case.trainable, "model_flops_per_token": counts.model_flops_per_token(),
-        "executed_flops_per_token": counts.executed_flops_per_token(structure),
+        "trainable_parameters": case.trainable, "model_flops_per_token": utilization.counts.model_flops_per_token(),
+        "executed_flops_per_token": utilization.counts.executed_flops_per_token(structure),
         "peak_flops_per_gpu": peak_flops, "peak_source": peak_source,
-        "mfu": tokens_per_s / n * counts.model_flops_per_token() / peak_flops,
-        "hfu": tokens_per_s / n * counts.executed_flops_per_token(structure) / peak_flops,
+        **utilization.fields(speed["tokens_per_s_per_rank"]),
         "merge_reset_s": merge_s, "merge_reset_bytes": merge_bytes, "merge_every": args.merge_every,
         "examples_per_s_amortised": global_batch / amortised_s,
     }
-    if info.device.type == "cuda":
-        row["max_memory_allocated"] = torch.cuda.max_memory_allocated(info.device)
-        row["max_memory_reserved"] = torch.cuda.max_memory_reserved(info.device)
-        torch.cuda.reset_peak_memory_stats(info.device)
+    row.update(memory_fields(info.device))
     case.close()
     return row
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..backends import BACKENDS, backend_class, option_sections
 from ..methods import method_class, method_names, method_sections
+from ..metrics.reporters import check_report_to, reporter_names
 
 DTYPES = ("fp32", "bf16")
 
@@ -120,6 +121,10 @@ class TrainConfig:
     """Seconds a collective waits for a peer before this rank fails: a dead or hung rank ends the job instead of stalling it."""
     check_replicas: bool = False
     """After every merge/reset, verify that replicated tensors are bit-identical on all ranks (one small all-reduce)."""
+    report_to: str = "none"
+    """Where metrics go besides OUT/metrics.jsonl: tensorboard (event files in OUT/tensorboard), wandb (WANDB_MODE=offline works without a network), both comma-separated, or none. Rank 0 only; a resumed run logs every step once."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per rank for the mfu/hfu columns (default: the GPU's dense bf16 peak; on a CPU a GEMM measured at start)."""
     keep_host_memory: bool = True
     """On a CPU with glibc: keep freed activation memory in the process (fixed mmap and trim thresholds) instead of page-faulting it in again every update; 10-15% faster on a 2-core box (relora_dist/host_memory.py). false: glibc's defaults."""
 
@@ -193,6 +198,9 @@ class RunConfig:
         for name in ("global_batch_size", "micro_batch_size", "steps"):
             if getattr(t, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(t, name)} (--{name.replace('_', '-')})")
+        check_report_to(reporter_names(t.report_to))
+        if t.peak_tflops is not None and t.peak_tflops <= 0:
+            raise ValueError(f"peak_tflops must be > 0, got {t.peak_tflops} (--peak-tflops)")
         if t.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {t.dist_timeout_s} (--dist-timeout-s)")
         if self.data.seq_len <= 1:

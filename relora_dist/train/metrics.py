@@ -1,4 +1,5 @@
-"""Rank-0 metrics: OUT/metrics.jsonl (one object per update), a progress bar, summary.json."""
+"""Rank-0 metrics: OUT/metrics.jsonl (one object per update), the --report-to reporters (TensorBoard, W&B), a
+progress bar, summary.json. The columns themselves come from relora_dist.metrics."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ logger = logging.getLogger("relora_dist")
 class MetricsWriter:
     """A progress bar on a terminal; in logs (no TTY) one line every ~5% of the run instead."""
 
-    def __init__(self, out: Path, *, enabled: bool, total_steps: int, initial_step: int, progress: bool):
+    def __init__(self, out: Path, *, enabled: bool, total_steps: int, initial_step: int, progress: bool,
+                 reporters: list = ()):
         self.enabled = enabled
+        self._reporters = list(reporters) if enabled else []
         if enabled:
             _truncate_after(out / "metrics.jsonl", initial_step)
         self._file = open(out / "metrics.jsonl", "a") if enabled else None
@@ -42,6 +45,8 @@ class MetricsWriter:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        for reporter in self._reporters:
+            reporter.log(record)
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         if self._log_every and (record["step"] % self._log_every == 0 or "val_loss" in record):
@@ -49,9 +54,13 @@ class MetricsWriter:
             logger.info("update %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  tokens/s %.0f%s", record["step"], self._total,
                         record["loss"], record["lr"], record["grad_norm"], record["tokens_per_s"], val)
 
-    def event(self, message: str) -> None:
+    def event(self, message: str, *, step: int | None = None) -> None:
+        """A method event or a notice, in the log (and, with the update it follows, to the reporters)."""
         if not self.enabled:
             return
+        if step is not None:
+            for reporter in self._reporters:
+                reporter.event(step, message)
         if self._bar.disable:
             logger.info(message)
         else:
@@ -60,6 +69,8 @@ class MetricsWriter:
     def close(self) -> None:
         if self._file:
             self._file.close()
+        for reporter in self._reporters:
+            reporter.close()
         self._bar.close()
 
 

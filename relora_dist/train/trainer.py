@@ -24,7 +24,9 @@ from ..data import GlobalBatchPlan, build_data, val_batches
 from ..distributed import init_distributed, rank0_first
 from ..host_memory import keep_freed_memory
 from ..methods import Event
+from ..metrics import Utilization, build_reporters, memory_fields, reporter_names, throughput_fields
 from ..models import causal_lm_loss, llama_config, save_hf_model
+from ..perf.hardware import gemm_rate, peak_flops_for
 from .checkpoint import (check_model_fits, claim_run_directory, load_method_state, load_rng, read_trainer_state,
                          resolve_checkpoint, save_checkpoint, save_method_state)
 from .compile import compile_decoder_layers, compiled_graphs
@@ -86,6 +88,8 @@ class Trainer:
         self.model_config = self.method.model_config(llama_config(cfg.model.preset, vocab_size=vocab,
                                                                   config_path=cfg.model.config_path,
                                                                   max_positions=cfg.model.max_positions))
+        self.utilization = Utilization(self.model_config, seq_len=cfg.data.seq_len, cost_structure=self.method.cost_structure,
+                                       rank=getattr(self.method.settings, "rank", 0), peak_flops=self._peak_flops())
         self.step = 0  # successful optimizer updates: the one counter the method's schedule and events follow
         self.batches_consumed = 0
         self.consecutive_skips = 0
@@ -115,6 +119,16 @@ class Trainer:
             self._resume(resume_dir, saved)
         if self.is_main:
             save_yaml(cfg, self.out / "config.yaml")
+
+    def _peak_flops(self) -> float | None:
+        """Per rank, for the mfu/hfu columns: --peak-tflops, the GPU's dense bf16 peak, or a GEMM measured now on a CPU."""
+        t = self.cfg.train
+        if t.peak_tflops:
+            return t.peak_tflops * 1e12
+        if self.dist.device.type == "cuda":
+            return peak_flops_for(self.dist.device)
+        with torch.random.fork_rng(devices=[]):  # the run's random streams stay as they are
+            return gemm_rate(1024, torch.bfloat16 if t.dtype == "bf16" else torch.float32)
 
     def _eval_set_size(self, available: int) -> int:
         """Whole global batches of validation sequences: independent of world size, and every rank runs the
@@ -194,7 +208,7 @@ class Trainer:
             else:
                 message = self.method.apply(event, self.backend.unwrapped_model, self.backend.shard_access())
             timing[f"{event.name}_s"] = time.perf_counter() - start
-            metrics.event(f"update {self.step}: {message}")
+            metrics.event(f"update {self.step}: {message}", step=self.step)
         if self.cfg.train.check_replicas and any(not e.rebuild for e in events):
             check_replicas(self.backend.replicated_named_tensors(), self.dist.device, f"update {self.step}")
         return timing
@@ -260,8 +274,10 @@ class Trainer:
         (benchmarks interleave other work there; the loop itself needs nothing from it)."""
         t = self.cfg.train
         start_wall = time.perf_counter()
+        reporters = build_reporters(reporter_names(t.report_to), self.out, initial_step=self.step,
+                                    config=self.cfg.to_dict()) if self.is_main else []
         metrics = MetricsWriter(self.out, enabled=self.is_main, total_steps=t.steps, initial_step=self.step,
-                                progress=t.progress)
+                                progress=t.progress, reporters=reporters)
         tokens_per_update = t.global_batch_size * self.cfg.data.seq_len
         first_batch = self.batches_consumed
         target = min(t.steps, t.stop_after) if t.stop_after else t.steps
@@ -281,13 +297,18 @@ class Trainer:
                     continue
                 self.consecutive_skips = 0
                 self.step += 1
-                timing = self._apply_events(self.method.after_update(self.step), metrics)
+                events = self.method.after_update(self.step)
+                timing = self._apply_events(events, metrics)
                 step = self.step
+                speed = throughput_fields(tokens=tokens_per_update, examples=t.global_batch_size, seconds=update_s,
+                                          world_size=self.dist.world_size)
                 record = {
-                    "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_update / update_s, "examples_per_s": t.global_batch_size / update_s,
+                    "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **speed,
+                    **self.utilization.fields(speed["tokens_per_s_per_rank"]), **memory_fields(self.dist.device),
                     **self.method.log_fields(step), "skipped": self.skipped_total, **timing,
                 }
+                if events:
+                    record["events"] = [e.name for e in events]  # what relora-plot marks
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     record["val_loss"] = self.evaluate()
                 record["wall_s"] = self.elapsed_before + time.perf_counter() - start_wall  # as summary.json counts it

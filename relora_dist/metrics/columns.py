@@ -1,0 +1,74 @@
+"""The columns every metrics record shares, computed one way for the trainer (metrics.jsonl, TensorBoard, W&B)
+and the benchmarks (relora-bench rows).
+
+MFU follows the PaLM / nanoGPT / torchtitan convention (6N + 12 L h s FLOPs per token, N the full-rank model's
+parameters); HFU counts the FLOPs the method executes (no dW for a frozen W): `relora_dist.perf.accounting`.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+from ..perf.accounting import ModelCounts
+
+# Record keys -> TensorBoard / W&B tags (grouped as the dashboards show them); other numeric keys go under "other/".
+TAGS = {
+    "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "skipped": "train/skipped_updates",
+    "val_loss": "val/loss", "val_ppl": "val/ppl",
+    "tokens_per_s": "throughput/tokens_per_s", "tokens_per_s_per_rank": "throughput/tokens_per_s_per_rank",
+    "examples_per_s": "throughput/examples_per_s", "mfu": "throughput/mfu", "hfu": "throughput/hfu",
+    "max_memory_allocated_gib": "memory/max_allocated_gib", "max_memory_reserved_gib": "memory/max_reserved_gib",
+    "rss_gib": "memory/rss_gib", "max_rss_gib": "memory/max_rss_gib",
+}
+NOT_SCALARS = ("step", "wall_s")  # the x axes, not curves
+
+
+def throughput_fields(*, tokens: int, examples: int, seconds: float, world_size: int) -> dict:
+    """Global tokens/s and examples/s of `tokens` and `examples` processed in `seconds`, and tokens/s per rank."""
+    return {"tokens_per_s": tokens / seconds, "tokens_per_s_per_rank": tokens / seconds / world_size,
+            "examples_per_s": examples / seconds}
+
+
+class Utilization:
+    """MFU and HFU of a run from its model config and the device's peak FLOP/s (None: the columns are left out)."""
+
+    def __init__(self, config, *, seq_len: int, rank: int, cost_structure: str, peak_flops: float | None):
+        self.counts = ModelCounts.from_config(config, rank=max(rank, 1), seq_len=seq_len)
+        self.cost_structure, self.peak_flops = cost_structure, peak_flops
+
+    def fields(self, tokens_per_s_per_rank: float) -> dict:
+        if not self.peak_flops:
+            return {}
+        return {"mfu": tokens_per_s_per_rank * self.counts.model_flops_per_token() / self.peak_flops,
+                "hfu": tokens_per_s_per_rank * self.counts.executed_flops_per_token(self.cost_structure) / self.peak_flops}
+
+
+def memory_fields(device: torch.device) -> dict:
+    """GPU: the allocator's peaks since the last call (then reset); CPU: the process RSS now and its peak so far."""
+    gib = 2**30
+    if device.type == "cuda":
+        fields = {"max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+                  "max_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}
+        torch.cuda.reset_peak_memory_stats(device)
+        return fields
+    return {"rss_gib": _rss_bytes() / gib, "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux: the peak is the best there is
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def scalar_tags(record: dict) -> dict[str, float]:
+    """The record's numeric fields under their dashboard tags (booleans as 0/1; the step and wall clock left out)."""
+    out = {}
+    for key, value in record.items():
+        if key in NOT_SCALARS or isinstance(value, (str, dict, list, tuple)) or value is None:
+            continue
+        out[TAGS.get(key, f"other/{key}")] = float(value)
+    return out
