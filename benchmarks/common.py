@@ -94,17 +94,3 @@ def write_results(rows: list[dict], json_path: str | Path, *, extra: dict | None
     if plot is not None:
         plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")
-
-
-def device_peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
-    """(peak FLOP/s per rank, where it came from): the GPU's dense bf16 peak from the table, or on a CPU the
-    GEMM rate measured now in the run's dtype on this rank's threads (the best a CPU rank does)."""
-    from relora_dist.perf.hardware import gemm_rate, peak_flops_for
-
-    if device.type == "cuda":
-        peak = peak_flops_for(device)
-        if peak is None:
-            raise ValueError(f"no peak FLOP/s known for {torch.cuda.get_device_name(device)}; pass --peak-tflops")
-        return peak, f"bf16 dense peak of {torch.cuda.get_device_name(device)}"
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    return gemm_rate(1024, torch_dtype, repeats=5), f"measured {dtype} GEMM on {torch.get_num_threads()} CPU thread(s)"

@@ -122,13 +122,13 @@ def separate_worker(argv: list[str], times_path: str) -> None:
 def interleaved_worker(argv: list[str], times_path: str) -> None:
     """Our trainer, with the bare loop taking the same update right after each of ours; writes both sides' intervals."""
     from relora_dist.distributed import close_distributed
+    from relora_dist.methods import build_method
     from relora_dist.train.arguments import parse_run_config
-    from relora_dist.train.preflight import preflight
     from relora_dist.train.trainer import Trainer
 
     cfg, _ = parse_run_config(argv)
-    trainer = Trainer(cfg)
-    bare = BareLoop(cfg, preflight(cfg).method, trainer.data, rank=trainer.dist.rank, world_size=trainer.dist.world_size)
+    trainer = Trainer(cfg)  # preflight checked cfg; the bare loop gets a method instance of its own
+    bare = BareLoop(cfg, build_method(cfg), trainer.data, rank=trainer.dist.rank, world_size=trainer.dist.world_size)
     times = {"ours": [], "bare": []}
     last = [time.perf_counter()]
 

@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from relora_dist.benchmarks.common import (ENGINES, Stopwatch, build_engine, device_peak_flops, keep_host_memory, synchronize,
-                                           torchrun_command, write_results)
+from relora_dist.benchmarks.common import (ENGINES, Stopwatch, build_engine, keep_host_memory, synchronize, torchrun_command,
+                                           write_results)
 from relora_dist.comm import CollectiveCounter
 from relora_dist.config import DROPOUT_MASKS
 from relora_dist.distributed import close_distributed, init_distributed
@@ -40,7 +40,7 @@ from relora_dist.methods import method_names
 from relora_dist.train.compile import compile_decoder_layers
 from relora_dist.train.config import standalone_method
 from relora_dist.models import causal_lm_loss, llama_config
-from relora_dist.metrics import Utilization, memory_fields, throughput_fields
+from relora_dist.metrics import Utilization, device_peak_flops, memory_fields, throughput_fields
 
 DDP_LOOP_ENGINES = ("ddp", "zero_redundancy")  # engines whose gradient all-reduce the harness can count and pad
 
@@ -309,6 +309,8 @@ def main(argv=None) -> int:
     info = init_distributed()
     keep_host_memory(info.device)
     peak = (args.peak_tflops * 1e12, "--peak-tflops") if args.peak_tflops else device_peak_flops(info.device, args.dtype)
+    if peak[0] is None:
+        raise ValueError(f"no peak FLOP/s known for {torch.cuda.get_device_name(info.device)}; pass --peak-tflops")
     rows = []
     links = [float(x) for x in args.emulate_busbw.split(",")] if args.emulate_busbw else [0.0]
     methods = args.methods.split(",")

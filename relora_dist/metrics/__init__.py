@@ -4,8 +4,8 @@
 TensorBoard and W&B (`--report-to`); `plot` draws runs' curves (`relora-plot`).
 """
 
-from .columns import Utilization, memory_fields, scalar_tags, throughput_fields
+from .columns import Utilization, device_peak_flops, memory_fields, scalar_tags, throughput_fields
 from .reporters import REPORTERS, build_reporters, check_report_to, reporter_names
 
-__all__ = ["Utilization", "memory_fields", "scalar_tags", "throughput_fields", "REPORTERS", "build_reporters",
+__all__ = ["Utilization", "device_peak_flops", "memory_fields", "scalar_tags", "throughput_fields", "REPORTERS", "build_reporters",
            "check_report_to", "reporter_names"]

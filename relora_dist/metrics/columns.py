@@ -16,7 +16,7 @@ from ..perf.accounting import ModelCounts
 # Record keys -> TensorBoard / W&B tags (grouped as the dashboards show them); other numeric keys go under "other/".
 TAGS = {
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "skipped": "train/skipped_updates",
-    "val_loss": "val/loss", "val_ppl": "val/ppl",
+    "val_loss": "val/loss",
     "tokens_per_s": "throughput/tokens_per_s", "tokens_per_s_per_rank": "throughput/tokens_per_s_per_rank",
     "examples_per_s": "throughput/examples_per_s", "mfu": "throughput/mfu", "hfu": "throughput/hfu",
     "max_memory_allocated_gib": "memory/max_allocated_gib", "max_memory_reserved_gib": "memory/max_reserved_gib",
@@ -31,11 +31,23 @@ def throughput_fields(*, tokens: int, examples: int, seconds: float, world_size:
             "examples_per_s": examples / seconds}
 
 
+def device_peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
+    """(peak FLOP/s per rank, where it came from): the GPU's dense bf16 peak from the table (None for a GPU it does not
+    know), or on a CPU the GEMM rate measured now in the run's dtype on this rank's threads (the best a CPU rank does)."""
+    from ..perf.hardware import gemm_rate, peak_flops_for
+
+    if device.type == "cuda":
+        return peak_flops_for(device), f"bf16 dense peak of {torch.cuda.get_device_name(device)}"
+    with torch.random.fork_rng(devices=[]):  # the caller's random streams stay as they are
+        rate = gemm_rate(1024, torch.bfloat16 if dtype == "bf16" else torch.float32, repeats=5)
+    return rate, f"measured {dtype} GEMM on {torch.get_num_threads()} CPU thread(s)"
+
+
 class Utilization:
     """MFU and HFU of a run from its model config and the device's peak FLOP/s (None: the columns are left out)."""
 
     def __init__(self, config, *, seq_len: int, rank: int, cost_structure: str, peak_flops: float | None):
-        self.counts = ModelCounts.from_config(config, rank=max(rank, 1), seq_len=seq_len)
+        self.counts = ModelCounts.from_config(config, rank=rank, seq_len=seq_len)
         self.cost_structure, self.peak_flops = cost_structure, peak_flops
 
     def fields(self, tokens_per_s_per_rank: float) -> dict:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from .columns import scalar_tags
 
-REPORTERS = ("tensorboard", "wandb")
-PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
+REPORTERS = ("tensorboard", "wandb")  # each one's package has its name
 
 
 def reporter_names(report_to: str) -> tuple[str, ...]:
@@ -28,8 +27,8 @@ def check_report_to(names: tuple[str, ...]) -> None:
     for name in names:
         if name not in REPORTERS:
             raise ValueError(f"unknown reporter {name!r}; choose from {', '.join(REPORTERS)} or none (--report-to)")
-        if importlib.util.find_spec(PACKAGE[name]) is None:
-            raise ValueError(f"--report-to {name} needs the {PACKAGE[name]} package (pip install {PACKAGE[name]})")
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"--report-to {name} needs the {name} package (pip install {name})")
 
 
 class TensorBoardReporter:

@@ -24,9 +24,8 @@ from ..data import GlobalBatchPlan, build_data, val_batches
 from ..distributed import init_distributed, rank0_first
 from ..host_memory import keep_freed_memory
 from ..methods import Event
-from ..metrics import Utilization, build_reporters, memory_fields, reporter_names, throughput_fields
+from ..metrics import Utilization, build_reporters, device_peak_flops, memory_fields, reporter_names, throughput_fields
 from ..models import causal_lm_loss, llama_config, save_hf_model
-from ..perf.hardware import gemm_rate, peak_flops_for
 from .checkpoint import (check_model_fits, claim_run_directory, load_method_state, load_rng, read_trainer_state,
                          resolve_checkpoint, save_checkpoint, save_method_state)
 from .compile import compile_decoder_layers, compiled_graphs
@@ -121,14 +120,9 @@ class Trainer:
             save_yaml(cfg, self.out / "config.yaml")
 
     def _peak_flops(self) -> float | None:
-        """Per rank, for the mfu/hfu columns: --peak-tflops, the GPU's dense bf16 peak, or a GEMM measured now on a CPU."""
+        """Per rank, for the mfu/hfu columns: --peak-tflops, else the device's (metrics.device_peak_flops)."""
         t = self.cfg.train
-        if t.peak_tflops:
-            return t.peak_tflops * 1e12
-        if self.dist.device.type == "cuda":
-            return peak_flops_for(self.dist.device)
-        with torch.random.fork_rng(devices=[]):  # the run's random streams stay as they are
-            return gemm_rate(1024, torch.bfloat16 if t.dtype == "bf16" else torch.float32)
+        return t.peak_tflops * 1e12 if t.peak_tflops else device_peak_flops(self.dist.device, t.dtype)[0]
 
     def _eval_set_size(self, available: int) -> int:
         """Whole global batches of validation sequences: independent of world size, and every rank runs the
@@ -304,9 +298,11 @@ class Trainer:
                                           world_size=self.dist.world_size)
                 record = {
                     "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **speed,
-                    **self.utilization.fields(speed["tokens_per_s_per_rank"]), **memory_fields(self.dist.device),
+                    **self.utilization.fields(speed["tokens_per_s_per_rank"]),
                     **self.method.log_fields(step), "skipped": self.skipped_total, **timing,
                 }
+                if self.is_main:  # only rank 0 logs the record: no /proc read elsewhere
+                    record.update(memory_fields(self.dist.device))
                 if events:
                     record["events"] = [e.name for e in events]  # what relora-plot marks
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
