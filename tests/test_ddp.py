@@ -16,7 +16,7 @@ RELORA = ["--method", "relora", "--steps", "12", "--warm-start-steps", "3", "--m
 @pytest.mark.parametrize("prune", ["magnitude", "random"])
 def test_two_ranks_equal_single_process_after_two_merges_and_resets(tmp_path, prune):
     common = SMALL + RELORA + ["--prune", prune, "--prune-ratio", "0.8"]
-    run_cli(common + ["--out", tmp_path / "ddp", "--check-replicas", "true"], nproc=2)
+    run_cli(common + ["--out", tmp_path / "ddp", "--check-replicas", "true", "--report-to", "tensorboard"], nproc=2)
     # Different micro-batch split on purpose: the global batches must not depend on it.
     run_cli(common + ["--out", tmp_path / "single", "--micro-batch-size", "4"])
     ddp_summary, ddp_metrics, ddp_state = load_run(tmp_path / "ddp")
@@ -30,6 +30,15 @@ def test_two_ranks_equal_single_process_after_two_merges_and_resets(tmp_path, pr
     assert ddp_summary["val_loss"] == pytest.approx(ref_summary["val_loss"], rel=1e-5)  # same held-out set
     for a, b in zip(ddp_metrics, ref_metrics):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    # --report-to from rank 0 alone: one event file, every update once, the logged losses and memory columns
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(tmp_path / "ddp" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(m["step"], pytest.approx(m["loss"], rel=1e-6))
+                                                                          for m in ddp_metrics]
+    assert all(m["rss_gib"] > 0 and m["mfu"] > 0 for m in ddp_metrics)
 
 
 def test_replica_check_detects_a_diverged_rank():
