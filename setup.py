@@ -41,6 +41,7 @@ setup(
             "relora-export=relora_dist.cli:export_main",
             "relora-perfmodel=relora_dist.perf.perfmodel_cli:main",
             "relora-bench=relora_dist.benchmarks.throughput:main",
+            "relora-compare=relora_dist.benchmarks.compare:main",
             "relora-memprof=relora_dist.benchmarks.memory:main",
             "relora-spectrum=relora_dist.analysis.cli:main",
             "relora-plot=relora_dist.metrics.plot:main",

@@ -18,6 +18,27 @@ from relora_dist.backends import build_backend
 ENGINES = ("ddp", "zero0", "zero1", "zero2", "zero3", "fsdp2", "fairscale", "zero_redundancy")
 
 
+def engine_backend(engine: str) -> str:
+    """The relora-train --backend a harness engine name runs (zeroN: deepspeed)."""
+    return "deepspeed" if engine.startswith("zero") and engine[4:].isdigit() else engine
+
+
+def cases(methods: list[str], engines: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(engine, method) pairs to measure, engine-major, and a note for each pair left out because the method does not
+    support that engine (`Method.engines`)."""
+    from relora_dist.methods import method_class
+
+    kept, skipped = [], []
+    for engine in engines:
+        for method in methods:
+            supported = method_class(method).engines
+            if supported is None or engine_backend(engine) in supported:
+                kept.append((engine, method))
+            else:
+                skipped.append(f"{method} on {engine}: not supported (the method runs on {', '.join(supported)})")
+    return kept, skipped
+
+
 def build_engine(engine: str, dtype: str, device, *, micro_batch_size: int = 1, accumulation_steps: int = 1,
                  max_norm: float = 1.0, **options):
     """`zeroN` is DeepSpeed at ZeRO stage N (a minimal engine config: the run's own settings fill the rest)."""

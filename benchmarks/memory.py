@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from relora_dist.benchmarks.common import keep_host_memory, write_results
+from relora_dist.benchmarks.common import cases, keep_host_memory, write_results
 from relora_dist.benchmarks.throughput import Case, bench_method, parse_args, spawn
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.models import llama_config
@@ -136,12 +136,15 @@ def main(argv=None) -> int:
     keep_host_memory(info.device)
     activations = {m: activation_bytes_per_token(args, m) for m in args.methods.split(",")}
     rows = []
-    for engine in args.engines.split(","):
-        for method in args.methods.split(","):
-            row = profile_case(args, info, method, engine, activations[method])
-            rows.append(row)
-            if info.rank == 0:
-                print(describe(row), flush=True)
+    pairs, skipped = cases(args.methods.split(","), args.engines.split(","))
+    if info.rank == 0:
+        for note in skipped:
+            print(f"skipped {note}", flush=True)
+    for engine, method in pairs:
+        row = profile_case(args, info, method, engine, activations[method])
+        rows.append(row)
+        if info.rank == 0:
+            print(describe(row), flush=True)
     if info.rank == 0:
         write_results(rows, args.out, extra={"argv": argv, "per_rank": True}, plot=plot if args.plot else None)
     close_distributed()

@@ -209,14 +209,14 @@ def lora_path_ab_section(runs: list[dict]) -> str:
     ])
 
 
-LORA_INPUT_QUALITY_ROWS = {  # quality.py row: (column, what it changes against the default relora row)
+LORA_INPUT_QUALITY_ROWS = {  # relora-compare row: (column, what it changes against the default relora row)
     "relora_shared": ("shared per group", "one mask per q/k/v and gate/up group"),
     "relora_bits16": ("bits16 mask", "the mask cut from 16 random bits an element"),
 }
 
 
 def lora_input_quality_section(seeds: dict[str, list[dict]]) -> str:
-    """benchmarks/quality.py's relora row against its LoRA-input variants (LORA_INPUT_QUALITY_ROWS), same seed and
+    """The relora row of relora-compare's tiny_docs preset (formerly benchmarks/quality.py) against its LoRA-input variants (LORA_INPUT_QUALITY_ROWS), same seed and
     data; per seed the quality.json files of results/quality_shared (a variant's rows may come from its own run)."""
     by_seed = {seed: {r["row"]: r for data in files for r in data["runs"]} for seed, files in sorted(seeds.items())}
     variants = [row for row in LORA_INPUT_QUALITY_ROWS if all(row in rows for rows in by_seed.values())]
@@ -237,9 +237,10 @@ def lora_input_quality_section(seeds: dict[str, list[dict]]) -> str:
     header = ["seed", "per-module ATen masks (default)", *[c for row in variants for c in (labels[row], f"{labels[row]} - default")]]
     return "\n\n".join([
         "## The LoRA input variants (`--shared-lora-input`, `--lora-dropout-mask bits16`), quality",
-        f"{_machine(any_run)} `benchmarks/quality.py --preset {any_run['preset']} --rows relora,{','.join(variants)} --lrs "
-        f"{','.join(f'{lr:g}' for lr in sorted({r['lr'] for r in any_run['runs']}))} --seed N`: the `relora` row of the "
-        f"table below (model {s.get('model', '?')}, LoRA dropout 0.1) against "
+        f"{_machine(any_run)} `relora-compare --preset tiny_docs --methods relora,{','.join(variants)} --lrs "
+        f"{','.join(f'{lr:g}' for lr in sorted({r['lr'] for r in any_run['runs']}))} --seeds N` (measured with its "
+        f"predecessor `benchmarks/quality.py --preset {any_run['preset']}`, the same runs): the `relora` row of the "
+        f"earlier quality table below (model {s.get('model', '?')}, LoRA dropout 0.1) against "
         f"{' and against '.join(LORA_INPUT_QUALITY_ROWS[row][1] for row in variants)}; same seed, same data. Final validation loss "
         f"(perplexity); the default row's spread over seeds is {spread:.4f}.{_other_boxes(seeds, any_run)}",
         _table(header, body),
@@ -294,10 +295,35 @@ def _paired_spread(rows: list[dict]) -> list[str]:
             "the bare loop smaller than that spread are not resolved by these repeats."]
 
 
+def compare_section(report: dict, folder: str) -> str:
+    """relora-compare's table (compare.md) with what it does and does not show, the reading of its orderings
+    (notes.md beside it, written by whoever ran it), and its plots."""
+    rows = report["rows"]
+    bracketed = sum(r["bracketed"] for r in rows.values())
+    repeated = sum(len(r["seeds"]) > 1 for r in rows.values())
+    reproduced = [c for c in report["orderings"] if c["reproduced"]]
+    return "\n\n".join([
+        f"## Every method at one token budget (`relora-compare --preset {report['preset']}`)",
+        f"{len(rows)} rows, {len(report['runs'])} runs, {report['tokens_per_run'] / 1e6:.2f}M tokens each. "
+        f"{bracketed} of {len(rows)} best LRs are bracketed by the sweep (a row marked `no` may do better at an LR not "
+        f"tried yet); {repeated} rows repeat their best LR on a second seed, the others are one seed. "
+        f"{len(reproduced)} of the paper's {len(report['orderings'])} orderings hold here. What this shows: the methods "
+        "against each other on the same data, batches, tokens and tuning budget, at a scale where the projections "
+        "hold most of the parameters. What it does not: the paper's scale (its 60M / 130M C4 perplexities stand beside "
+        "ours for their orderings, not their values: another corpus, tokenizer and 700-1600x more tokens), nor speed on "
+        "a GPU (tokens/s here are one CPU thread per run; bytes per update are exact and do not depend on the device).",
+        (Path(folder) / "compare.md").read_text().strip(),
+        *([(Path(folder) / "notes.md").read_text().strip()] if (Path(folder) / "notes.md").exists() else []),
+        f"![validation loss]({folder}/val_loss.png) ![LR sweeps]({folder}/lr_sweep.png) ![perplexity]({folder}/ppl.png)"
+        + (f" ![update spectra]({folder}/spectrum.png)" if report.get("spectrum") else ""),
+    ])
+
+
 def quality_section(table: Path) -> str:
     folder = table.parent.as_posix()
     return "\n\n".join([
-        "## Training quality at small scale (`benchmarks/quality.py`)",
+        "## Training quality at small scale, the earlier preset (`relora-compare --preset tiny_docs`, measured with "
+        "its predecessor `benchmarks/quality.py --preset cpu`)",
         "The paper's method comparison and Table 1 ablation on the embedded corpus, one token budget for every row, "
         "the best of a small learning-rate sweep per row; the paper's C4 perplexities beside ours (different data, "
         "tokenizer and scale: compare orderings, not values). Then the update spectra (paper Figure 5).",
@@ -343,6 +369,9 @@ def main(argv=None) -> int:
                 if f.exists()]
     if overhead:
         sections.append(loop_overhead_section(overhead))
+    for compared in sorted(results.glob("compare_*/compare.json")):
+        if "smoke" not in compared.parent.name:
+            sections.append(compare_section(json.loads(compared.read_text()), compared.parent.as_posix()))
     quality = results / "quality" / "quality.md"
     if quality.exists():
         sections.append(quality_section(quality))

@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from relora_dist.benchmarks.common import (ENGINES, Stopwatch, build_engine, keep_host_memory, synchronize, torchrun_command,
-                                           write_results)
+from relora_dist.benchmarks.common import (ENGINES, Stopwatch, build_engine, cases, keep_host_memory, synchronize,
+                                           torchrun_command, write_results)
 from relora_dist.comm import CollectiveCounter
 from relora_dist.config import DROPOUT_MASKS
 from relora_dist.distributed import close_distributed, init_distributed
@@ -53,8 +53,9 @@ def parse_args(argv=None, *, prog="relora-bench", doc=__doc__, extend=None, modu
     p.add_argument("--preset", default="20m", help="model size (SPEC section 5)")
     p.add_argument("--vocab-size", type=int, default=32100, help="the paper's T5 vocabulary by default")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--methods", default="full,relora", help=f"comma list of {', '.join(method_names())}")
-    p.add_argument("--engines", default="ddp", help=f"comma list of {', '.join(ENGINES)} (zeroN: DeepSpeed stage N)")
+    p.add_argument("--methods", default="full,relora", help=f"comma list of {', '.join(method_names())}, or all; a method is"
+                   " measured on the engines it supports")
+    p.add_argument("--engines", default="ddp", help=f"comma list of {', '.join(ENGINES)} (zeroN: DeepSpeed stage N), or all")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--rank", type=int, default=128, help="rank of the low-rank methods (every projection is wrapped)")
     p.add_argument("--lora-dropout", type=float, default=0.1)
@@ -86,6 +87,10 @@ def parse_args(argv=None, *, prog="relora-bench", doc=__doc__, extend=None, modu
         extend(p)
     args = p.parse_args(argv)
     args.module = module
+    if args.methods == "all":  # every registered method, on the engines each supports
+        args.methods = ",".join(method_names())
+    if args.engines == "all":
+        args.engines = ",".join(ENGINES)
     for method in args.methods.split(","):
         if method not in method_names():
             p.error(f"--methods: unknown method {method!r} ({', '.join(method_names())})")
@@ -313,8 +318,12 @@ def main(argv=None) -> int:
         raise ValueError(f"no peak FLOP/s known for {torch.cuda.get_device_name(info.device)}; pass --peak-tflops")
     rows = []
     links = [float(x) for x in args.emulate_busbw.split(",")] if args.emulate_busbw else [0.0]
-    methods = args.methods.split(",")
-    for engine, busbw in itertools.product(args.engines.split(","), links):
+    pairs, skipped = cases(args.methods.split(","), args.engines.split(","))
+    if info.rank == 0:
+        for note in skipped:
+            print(f"skipped {note}", flush=True)
+    for engine, busbw in itertools.product(dict.fromkeys(e for e, _ in pairs), links):
+        methods = [m for e, m in pairs if e == engine]
         groups = [methods] if args.interleave else [[method] for method in methods]
         measured = [row for group in groups for row in run_cases(args, info, group, engine, busbw, peak)]
         rows.extend(measured)

@@ -33,8 +33,10 @@ SMALL = [
 ]
 
 # Warm start, then two merges/resets (updates 7 and 10), for the engine-vs-single-process CLI runs.
+# Low-rank factors at twice --lr, the rest at --lr (--lora-lr-scope factors): every engine keeps the param groups
+# apart by name, so its 2-rank run equals the single-process reference only if each group gets its own rate.
 RELORA_RUN = ["--method", "relora", "--steps", "12", "--warm-start-steps", "3", "--merge-every", "3",
-              "--restart-warmup-steps", "1", "--prune-ratio", "0.8"]
+              "--restart-warmup-steps", "1", "--prune-ratio", "0.8", "--lora-lr", "0.006", "--lora-lr-scope", "factors"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -77,6 +77,29 @@ def test_changed_source_file_invalidates_the_cached_corpus(tmp_path):
     assert embedded_corpus_documents(None, stdlib=str(stdlib)) == embedded_corpus_documents(cache, stdlib=str(stdlib))
 
 
+def test_builtin_stdlib_source_holds_whole_files_and_is_cached_apart(corpus, corpus_cache, tmp_path):
+    """builtin:stdlib-source: every non-test stdlib file whole (code and comments), after the same pydoc topics;
+    builtin:stdlib-docs is the default corpus; each has its own cache entry."""
+    stdlib, cache = tmp_path / "lib", tmp_path / "cache"
+    (stdlib / "test").mkdir(parents=True)
+    (stdlib / "test" / "t.py").write_text("x = 'a test module, left out'\n")
+    (stdlib / "m.py").write_text('"""the docstring"""\n# a comment\ndef f():\n    return 1\n')
+    docs = embedded_corpus_documents(cache, stdlib=str(stdlib))
+    source = embedded_corpus_documents(cache, stdlib=str(stdlib), corpus="stdlib-source")
+    assert docs[-1] == "the docstring" and source[-1] == '"""the docstring"""\n# a comment\ndef f():\n    return 1'
+    assert docs[:-1] == source[:-1] and not any("left out" in d for d in source)  # the same topics; tests left out
+    assert len(list(cache.iterdir())) == 2
+    assert embedded_corpus_documents(cache, stdlib=str(stdlib), corpus="stdlib-source") == source  # from its cache
+
+    whole = load_text_splits("builtin:stdlib-source", corpus_cache_dir=corpus_cache)
+    assert "builtin corpus stdlib-source" in whole.source
+    assert sum(map(len, whole.train + whole.val)) > 4 * sum(map(len, corpus))
+    assert load_text_splits("builtin:stdlib-docs", corpus_cache_dir=corpus_cache).train == load_text_splits(
+        None, corpus_cache_dir=corpus_cache).train
+    with pytest.raises(ValueError, match="unknown builtin corpus 'nope'"):
+        load_text_splits("builtin:nope")
+
+
 def test_embedded_split_is_document_level_holdout(corpus, corpus_cache):
     splits = load_text_splits(None, corpus_cache_dir=corpus_cache)
     assert "embedded" in splits.source

@@ -25,6 +25,12 @@ def harness(module: str, args, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
+def registered_methods() -> set[str]:
+    """The registry as a fresh process sees it (other test modules register test-only methods in this one)."""
+    code = "from relora_dist.methods import method_names; print(','.join(method_names()))"
+    return set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().split(","))
+
+
 def by_case(rows, *keys):
     return {tuple(r[k] for k in keys): r for r in rows}
 
@@ -32,7 +38,8 @@ def by_case(rows, *keys):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
-    sync_once = harness("throughput", ["--engines", "ddp,fsdp2", "--interleave"], tmp)  # both methods alive, alternated
+    # every registered method alive at once, their updates alternated
+    sync_once = harness("throughput", ["--engines", "ddp,fsdp2", "--methods", "all", "--interleave"], tmp)
     paper_loop = harness("throughput", ["--engines", "ddp", "--allreduce-every-microbatch", "--emulate-busbw", "0,0.02"], tmp)
     return sync_once, paper_loop
 
@@ -52,6 +59,25 @@ def test_gradient_bytes_are_counted_exactly(bench):
         reduce_scatter = rows["fsdp2", method]["collectives"]["reduce_scatter_single"]
         assert reduce_scatter["calls"] >= 1 and 4 * trainable <= reduce_scatter["bytes"] <= 1.05 * 4 * trainable
         assert "all_gather_single" in rows["fsdp2", method]["collectives"]  # FSDP2 gathers the sharded params
+    assert {m for _, m in rows} == registered_methods()  # --methods all: the registry
+    for method in registered_methods() - {"full", "relora"}:  # the others: what they train, once per update
+        assert rows["ddp", method]["bytes_per_update"] == 4 * rows["ddp", method]["trainable_parameters"] > 0
+
+
+def test_a_method_is_measured_only_on_the_engines_it_supports(monkeypatch):
+    from relora_dist.benchmarks.common import cases
+    from relora_dist.methods import Method, base
+
+    class FsdpOnly(Method):
+        name, engines = "fsdp_only", ("fsdp2",)
+
+    monkeypatch.setitem(base._REGISTRY, "fsdp_only", FsdpOnly)
+    kept, skipped = cases(["full", "fsdp_only"], ["ddp", "zero2", "fsdp2"])
+    assert kept == [("ddp", "full"), ("zero2", "full"), ("fsdp2", "full"), ("fsdp2", "fsdp_only")]
+    assert skipped == ["fsdp_only on ddp: not supported (the method runs on fsdp2)",
+                       "fsdp_only on zero2: not supported (the method runs on fsdp2)"]
+    FsdpOnly.engines = ("deepspeed",)  # zeroN engines are DeepSpeed
+    assert ("zero2", "fsdp_only") in cases(["fsdp_only"], ["zero2"])[0]
 
 
 def test_throughput_fields_are_consistent(bench):

@@ -107,6 +107,20 @@ def test_warm_start_switch_optimizer_policy(tmp_path, keep):
     assert {int(optimizer["state"][i]["step"]) for i in lora["params"]} == {2}
 
 
+@pytest.mark.parametrize("scope", ["all", "factors"])
+def test_lora_lr_scope_sets_each_param_groups_rate(tmp_path, scope):
+    """The paper's recipe (all) runs every group at --lora-lr once low-rank; factors only A and B, the embeddings,
+    head and norms keep --lr on the same restarts. Read back from the optimizer the engine stepped."""
+    run_cli(SMALL + ["--method", "relora", "--steps", "10", "--warm-start-steps", "3", "--merge-every", "4",
+                     "--restart-warmup-steps", "1", "--lora-lr", "0.006", "--lora-lr-scope", scope, "--out", tmp_path,
+                     "--stop-after", "6"])
+    checkpoint = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    full_rank, lora = torch.load(checkpoint / "optimizer.pt", weights_only=True)["param_groups"]
+    last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert lora["lr"] == last["lr"] > 0  # the logged headline rate is the factors' one
+    assert full_rank["lr"] == pytest.approx(lora["lr"] * (1.0 if scope == "all" else 0.5), rel=1e-12)
+
+
 def test_local_datasets_hf_tokenizer_and_model_config_json(tmp_path, shared_cache):
     """--dataset jsonl/parquet, --tokenizer an HF tokenizer directory, --model-config an HF config JSON."""
     import datasets

@@ -13,7 +13,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -135,9 +135,9 @@ class Backend(ABC):
         is > 0 (a non-finite norm skips the step, and the gradients are zeroed next)."""
         raise NotImplementedError
 
-    def step(self, *, lr: float, max_norm: float, loss_is_finite: bool = True) -> tuple[float, bool]:
+    def step(self, *, lr: float | Mapping[str, float], max_norm: float, loss_is_finite: bool = True) -> tuple[float, bool]:
         """End of an accumulation window: clip the gradients to `max_norm` (0: no clipping) and take the
-        optimizer step at `lr`, unless the loss or the global gradient norm is non-finite (the same decision
+        optimizer step at `lr` (one rate, or one per param group name), unless the loss or the global gradient norm is non-finite (the same decision
         on every rank). Returns (global gradient norm, whether the step was taken). Engines that clip and
         check inside their own step (DeepSpeed) override this."""
         grad_norm = self.clip_gradients(max_norm)
@@ -150,9 +150,8 @@ class Backend(ABC):
     @abstractmethod
     def zero_grad(self) -> None: ...
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def set_lr(self, lr: float | Mapping[str, float]) -> None:
+        set_group_lrs(self.optimizer.param_groups, lr)
 
     @abstractmethod
     def shard_access(self) -> TensorAccess: ...
@@ -243,3 +242,10 @@ def clip_replicated_gradients(params: list[nn.Parameter], max_norm: float) -> fl
     """Global norm of gradients every rank holds whole (DDP has already averaged them), clipped in place. Clips
     with max_norm = inf when clipping is off: a multiplication by exactly 1."""
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+
+
+def set_group_lrs(param_groups: list[dict], lr: float | Mapping[str, float]) -> None:
+    """Set every group's rate: one for all, or each group's by its `name` (a group the mapping misses is an error,
+    not a silent old rate)."""
+    for group in param_groups:
+        group["lr"] = lr[group["name"]] if isinstance(lr, Mapping) else lr

@@ -26,7 +26,7 @@ import torch
 
 from ..access import external_parameters, write_pieces
 from ..distributed import rank0_first
-from .base import Backend, checkpoint_must_fit, clip_replicated_gradients
+from .base import Backend, checkpoint_must_fit, clip_replicated_gradients, set_group_lrs
 from .deepspeed_layout import full_parameters, shard_access_for
 
 logger = logging.getLogger("relora_dist")
@@ -183,8 +183,7 @@ class DeepSpeedBackend(Backend):
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divided by the micro-batch count
 
     def set_lr(self, lr):
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        set_group_lrs(self.engine.optimizer.param_groups, lr)
 
     def step(self, *, lr, max_norm, loss_is_finite=True):
         self.set_lr(lr)

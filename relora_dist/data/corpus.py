@@ -60,23 +60,54 @@ def _stdlib_sources(stdlib: str) -> list[Path]:
     return sources
 
 
-def _extract_documents(topics: dict, sources: list[Path]) -> list[str]:
+def _whole_source(source: bytes) -> str:
+    """A source file as text (stdlib files are UTF-8; a stray byte becomes U+FFFD rather than dropping the file)."""
+    return source.decode("utf-8", errors="replace").strip()
+
+
+# --dataset builtin:NAME: corpora this Python installation holds, offline and deterministic. name: (what a source
+# file contributes, description). Both start with the pydoc topics (the language reference's prose).
+BUILTIN_PREFIX = "builtin:"
+DEFAULT_CORPUS = "stdlib-docs"
+BUILTIN_CORPORA = {
+    "stdlib-docs": (_source_docstrings, "Python stdlib documentation: pydoc topics and the docstrings of its modules,"
+                    " classes and functions (the default; about 2.1 MB)"),
+    "stdlib-source": (_whole_source, "Python stdlib source: pydoc topics and every stdlib .py file outside its tests,"
+                      " code and comments included (about 11.5 MB; about 5x the default's tokens)"),
+}
+
+
+def builtin_corpus_name(dataset: str | None) -> str | None:
+    """The builtin corpus `dataset` selects (None: the default one), or None for a path or hub name."""
+    if dataset is None:
+        return DEFAULT_CORPUS
+    if not dataset.startswith(BUILTIN_PREFIX):
+        return None
+    name = dataset[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_CORPORA:
+        raise ValueError(f"unknown builtin corpus {name!r}; choose one of "
+                         f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA)} (--dataset)")
+    return name
+
+
+def _extract_documents(topics: dict, sources: list[Path], extract=_source_docstrings) -> list[str]:
     documents = [topics[key] for key in sorted(topics) if topics[key].strip()]
     for path in sources:
         try:
             source = path.read_bytes()
         except OSError:
             continue
-        text = _source_docstrings(source)
+        text = extract(source)
         if text:
             documents.append(text)
     return documents
 
 
-def _corpus_key(stdlib: str, sources: list[Path]) -> str:
-    """What the corpus is a function of: the extraction, the interpreter and every source file's path, size
-    and mtime (a stat per file: ~1000x cheaper than parsing them)."""
-    digest = hashlib.sha256(f"{_EXTRACTION_VERSION}\0{sys.version}\0{stdlib}".encode())
+def _corpus_key(stdlib: str, sources: list[Path], corpus: str = DEFAULT_CORPUS) -> str:
+    """What the corpus is a function of: which corpus, the extraction, the interpreter and every source file's
+    path, size and mtime (a stat per file: ~1000x cheaper than parsing them)."""
+    tag = "" if corpus == DEFAULT_CORPUS else f"\0{corpus}"  # the default's key (and cache) as before
+    digest = hashlib.sha256(f"{_EXTRACTION_VERSION}\0{sys.version}\0{stdlib}{tag}".encode())
     for path in sources:
         try:
             st = path.stat()
@@ -86,8 +117,10 @@ def _corpus_key(stdlib: str, sources: list[Path]) -> str:
     return digest.hexdigest()[:24]
 
 
-def embedded_corpus_documents(cache_dir: str | Path | None = None, *, stdlib: str | None = None) -> list[str]:
-    """The standard library's own documentation: pydoc topics, then stdlib source docstrings.
+def embedded_corpus_documents(cache_dir: str | Path | None = None, *, stdlib: str | None = None,
+                               corpus: str = DEFAULT_CORPUS) -> list[str]:
+    """A builtin corpus (`BUILTIN_CORPORA`); by default the standard library's own documentation: pydoc topics,
+    then stdlib source docstrings.
 
     Nothing is imported or downloaded besides `pydoc_data.topics`, so this works offline and
     is deterministic for a given Python installation (sorted keys, sorted directory walk).
@@ -101,10 +134,11 @@ def embedded_corpus_documents(cache_dir: str | Path | None = None, *, stdlib: st
     sources = _stdlib_sources(stdlib)
     cached = None
     if cache_dir is not None:
-        cached = Path(cache_dir) / f"embedded-{_corpus_key(stdlib, [*sources, Path(topics_module.__file__)])}.json"
+        key = _corpus_key(stdlib, [*sources, Path(topics_module.__file__)], corpus)
+        cached = Path(cache_dir) / f"embedded-{key}.json"
         if cached.is_file():
             return json.loads(cached.read_text(encoding="utf-8"))
-    documents = _extract_documents(topics_module.topics, sources)
+    documents = _extract_documents(topics_module.topics, sources, BUILTIN_CORPORA[corpus][0])
     logger.debug("embedded corpus: %d documents, %d chars", len(documents), sum(map(len, documents)))
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -214,14 +248,16 @@ def load_text_splits(
 ) -> TextSplits:
     """Load documents and split them into a deterministic document-level train/val hold-out.
 
-    `dataset=None` uses the embedded stdlib corpus; otherwise a local file/directory
+    `dataset=None` uses the embedded stdlib corpus, `builtin:NAME` another of `BUILTIN_CORPORA`; otherwise a local file/directory
     (.txt, .jsonl/.json, .parquet) or a hub dataset name. `cache_dir` is handed to
     `datasets.load_dataset` (None: the datasets library default); `corpus_cache_dir` keeps the embedded
     corpus's documents (None: extracted every call).
     """
-    if dataset is None:
-        documents = embedded_corpus_documents(corpus_cache_dir)
-        source = f"embedded Python stdlib documentation ({len(documents)} documents)"
+    builtin = builtin_corpus_name(dataset)
+    if builtin is not None:
+        documents = embedded_corpus_documents(corpus_cache_dir, corpus=builtin)
+        source = (f"embedded Python stdlib documentation ({len(documents)} documents)" if builtin == DEFAULT_CORPUS
+                  else f"builtin corpus {builtin} ({len(documents)} documents)")
     else:
         documents, source = _load_texts(dataset, text_field, cache_dir)
         if not documents:

@@ -106,10 +106,15 @@ class Method:
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
     def lr(self, step: int) -> float:
-        """Learning rate of update `step` (0-based)."""
+        """Learning rate of update `step` (0-based): the headline one, logged as `lr`."""
         o = self.cfg.optim
         return o.lr * jagged_cosine(step, total_steps=self.total_steps, first_warmup=o.warmup_steps,
                                     min_lr_ratio=o.min_lr_ratio)
+
+    def group_lr(self, step: int, group: str) -> float:
+        """Learning rate of update `step` for the param group named `group` (see `param_groups`); every group
+        takes `lr(step)` unless a method gives its groups different rates."""
+        return self.lr(step)
 
     # -- events ---------------------------------------------------------------------------------------
     def after_update(self, step: int) -> list[Event]:

@@ -59,6 +59,13 @@ class LowRankAdapters(Method):
         base = (o.lora_lr or o.lr) if step >= self.phase2_start else o.lr
         return base * self.controller.lr_factor(step)
 
+    def group_lr(self, step, group):
+        """--lora-lr-scope factors: only the `lora` group (A and B) takes --lora-lr; the full-rank group keeps --lr
+        on the same restarts (the paper's recipe, `all`, runs every group at `lr(step)`)."""
+        if group == "lora" or self.cfg.optim.lora_lr_scope == "all":
+            return self.lr(step)
+        return self.cfg.optim.lr * self.controller.lr_factor(step)
+
     def after_update(self, step):
         return [Event("wrap", rebuild=True)] if self.controller.actions_after(step - 1).wrap else []
 

@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..backends import BACKENDS, backend_class, option_sections
+from ..data.corpus import builtin_corpus_name
 from ..methods import method_class, method_names, method_sections
 from ..metrics.reporters import check_report_to, reporter_names
 
 DTYPES = ("fp32", "bf16")
+LORA_LR_SCOPES = ("all", "factors")  # --lora-lr-scope: the paper's recipe, or the low-rank factors only
 
 
 @dataclass
@@ -34,7 +36,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str | None = None
-    """Local text/jsonl/parquet file or directory, or a hub name (online only). Default: embedded stdlib docs corpus."""
+    """Local text/jsonl/parquet file or directory, a hub name (online only), or builtin:NAME, a corpus this Python holds: builtin:stdlib-docs (the default: stdlib docs, 2.1 MB) or builtin:stdlib-source (stdlib source outside its tests, 11.5 MB)."""
     tokenizer: str | None = None
     """HF tokenizer path or hub name. Default: byte-level BPE trained locally on the training text (cached)."""
     vocab_size: int = 4096
@@ -55,6 +57,8 @@ class OptimConfig:
     """Peak learning rate (full-rank phase and full-rank methods)."""
     lora_lr: float | None = None
     """Peak learning rate once low-rank (ReLoRA/LoRA phase); default: --lr. The paper uses about 2x."""
+    lora_lr_scope: str = "all"
+    """What trains at --lora-lr once low-rank: all (the paper's recipe: every trainable parameter, embeddings, head and norms included) or factors (only the low-rank factors; the rest keeps --lr)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.999
@@ -203,12 +207,16 @@ class RunConfig:
             raise ValueError(f"peak_tflops must be > 0, got {t.peak_tflops} (--peak-tflops)")
         if t.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {t.dist_timeout_s} (--dist-timeout-s)")
+        builtin_corpus_name(self.data.dataset)  # an unknown builtin:NAME, before any rank loads data
         if self.data.seq_len <= 1:
             raise ValueError(f"seq_len must be > 1, got {self.data.seq_len} (--seq-len)")
         if not 0 < self.data.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.data.val_fraction} (--val-fraction)")
         if self.optim.lr <= 0 or (self.optim.lora_lr is not None and self.optim.lora_lr <= 0):
             raise ValueError("learning rates must be > 0 (--lr, --lora-lr)")
+        if self.optim.lora_lr_scope not in LORA_LR_SCOPES:
+            raise ValueError(f"lora_lr_scope must be one of {', '.join(LORA_LR_SCOPES)}, got {self.optim.lora_lr_scope!r}"
+                             " (--lora-lr-scope)")
 
     def engine_options(self):
         """The options of the engine this run uses (its section), or None."""

@@ -149,7 +149,9 @@ class Trainer:
         t = self.cfg.train
         if t.compile:
             compile_decoder_layers(model, t.compile_backend)
-        self.backend.setup(model, self.method.make_optimizer, self.method.param_groups(model))
+        groups = self.method.param_groups(model)
+        self.group_names = [g["name"] for g in groups]
+        self.backend.setup(model, self.method.make_optimizer, groups)
 
     def _resume(self, path: Path, state: dict) -> None:
         self.backend.load(path)
@@ -165,6 +167,9 @@ class Trainer:
     # -- one update ------------------------------------------------------------------------------
     def _lr(self) -> float:
         return self.method.lr(self.step)
+
+    def _group_lrs(self) -> dict[str, float]:
+        return {name: self.method.group_lr(self.step, name) for name in self.group_names}
 
     def _train_update(self) -> tuple[float, float, bool]:
         """Forward/backward over this rank's micro-batches, clip, step if finite. Returns (loss, grad_norm, stepped)."""
@@ -186,7 +191,7 @@ class Trainer:
                 backend.backward(loss)
             loss_sum += loss.detach().float()
         loss_mean = backend.all_reduce_sum(loss_sum) / self.dist.world_size
-        grad_norm, stepped = backend.step(lr=self._lr(), max_norm=self.cfg.optim.grad_clip,
+        grad_norm, stepped = backend.step(lr=self._group_lrs(), max_norm=self.cfg.optim.grad_clip,
                                           loss_is_finite=bool(torch.isfinite(loss_mean)))
         backend.zero_grad()
         self.batches_consumed += 1
