@@ -287,12 +287,10 @@ def probe(runner: Runner, name: str, lr: float, preset: Preset) -> tuple[float, 
     """Seconds one run of the preset takes here, from 10 of its updates (timed whole, start-up included)."""
     directory = runner.out / "runs" / "probe"  # beside the runs (not in git), removed once read
     args = run_arguments(name, lr, 0, preset, directory)
-    args[args.index("--steps") + 1] = "10"
-    args[args.index("--eval-every") + 1] = "0"
-    args[args.index("--save-every") + 1] = "0"
-    args[args.index("--warmup-steps") + 1] = "2"
-    for flag in ("--warm-start-steps", "--merge-every", "--restart-warmup-steps"):
-        args[args.index(flag) + 1] = {"--warm-start-steps": "0", "--merge-every": "5", "--restart-warmup-steps": "1"}[flag]
+    short = {"--steps": 10, "--eval-every": 0, "--save-every": 0, "--warmup-steps": 2, "--warm-start-steps": 0,
+             "--merge-every": 5, "--restart-warmup-steps": 1}
+    for flag, value in short.items():
+        args[args.index(flag) + 1] = str(value)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "relora_dist.cli", *args, *runner.extra, "--eval-batches", "1"], check=True,
                    capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -311,8 +309,8 @@ def bench_methods(out: Path, preset: Preset, methods: list[str], extra: list[str
     known = {r["method"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
     missing = [m for m in methods if m not in known]
     if missing:
-        vocab = (preset.data + preset.extra)[(preset.data + preset.extra).index("--vocab-size") + 1] \
-            if "--vocab-size" in preset.data + preset.extra else "4096"
+        flags = preset.data + preset.extra
+        vocab = flags[flags.index("--vocab-size") + 1] if "--vocab-size" in flags else "4096"
         fresh = out / "bench_new.json"
         command = [sys.executable, "-m", "relora_dist.benchmarks.throughput", "--nproc", "2", "--preset", preset.model,
                    "--vocab-size", vocab, "--seq-len", str(preset.seq_len), "--rank", str(preset.rank),
@@ -425,9 +423,9 @@ def main(argv=None) -> int:
     from relora_dist.train.trainer import build_run_data
 
     # Every row's command is a valid config, and the data is packed once here (parallel runs only read the cache).
-    for name in names:
-        parse_run_config(run_arguments(name, preset.lrs[0], preset.seeds[0], preset, out / "runs" / "cache") + extra)
-    build_run_data(parse_run_config(run_arguments(names[0], preset.lrs[0], preset.seeds[0], preset, out / "runs" / "cache") + extra)[0])
+    configs = [parse_run_config(run_arguments(name, preset.lrs[0], preset.seeds[0], preset, out / "runs" / "cache") + extra)[0]
+               for name in names]
+    build_run_data(configs[0])
     print(f"preset {args.preset}: {preset.model}, {preset.steps} updates x {preset.global_batch} x {preset.seq_len} = "
           f"{preset.tokens / 1e6:.2f}M tokens a run; rows {', '.join(names)}", flush=True)
     if not args.report_only:
