@@ -51,7 +51,9 @@ def throughput_section(data: dict) -> str:
         f"{_machine(data)} Preset {r0['preset']}, vocab {_arg(data, '--vocab-size', 32100)}, seq {r0['seq_len']}, {r0['dtype']}, "
         f"{r0['world_size']} ranks, micro-batch {r0['micro_batch_size']} x {r0['accumulation_steps']} accumulation; "
         f"ReLoRA r={r0['rank'] if r0['rank'] else next((r['rank'] for r in rows if r['rank']), '-')}. MFU/HFU against "
-        f"{r0['peak_source']} ({r0['peak_flops_per_gpu'] / 1e9:.0f} GFLOP/s). Exposed comm: fwd+bwd above a compute-only "
+        f"{r0['peak_source']} ({r0['peak_flops_per_gpu'] / 1e9:.0f} GFLOP/s). {_timing(r0)} Every method in its last "
+        "phase (the low-rank one for LoRA+WS and ReLoRA: a warm start runs at full rank's speed); Control is the "
+        "smaller full-rank model. Exposed comm: fwd+bwd above a compute-only "
         "pass (n/a for DeepSpeed, which reduces inside its own backward/step). Bytes include every collective "
         "(FSDP2/ZeRO-3 parameter gathers too: they move the frozen W as well, so ReLoRA barely shrinks them).",
         _table(header, body),
@@ -59,6 +61,14 @@ def throughput_section(data: dict) -> str:
         "dropout cost more than the saved dW GEMMs and gradient bytes: see the slow-link sweep for where it wins.",
         "![throughput](benchmarks/results/throughput.png)",
     ])
+
+
+def _timing(row: dict) -> str:
+    updates = len(row["update_s_all"])
+    if row.get("interleaved"):
+        return (f"Per engine every method's case stays alive and their updates alternate (`--interleave`, so the box's "
+                f"drift hits all alike); the median of {updates} updates after the warm-up ones.")
+    return f"One method after another; the median of {updates} updates after the warm-up ones."
 
 
 def memory_section(data: dict) -> str:
@@ -80,7 +90,10 @@ def memory_section(data: dict) -> str:
         _table(header, body),
         "Where the census and the expectation differ, the engine keeps the category where the census cannot name it: "
         "ZeRO-2's reduced gradient partitions and ZeRO-3's fp32 partitions land in 'other'; ZeRO-3 also keeps "
-        "small parameters whole (persistence threshold); fairscale OSS assigns whole parameters to owners unevenly.",
+        "small parameters whole (persistence threshold); fairscale OSS assigns whole parameters to owners unevenly. "
+        "On a CPU the peak column is the process's RSS, and every case runs after the ones above it in the same "
+        "process, whose freed memory stays with it: the column is a running maximum down the table, not a per-method "
+        "figure. The census, activation and micro-batch columns are per case.",
         "![memory breakdown](benchmarks/results/memory.png)",
     ])
 
