@@ -27,7 +27,7 @@ from relora_dist.benchmarks.throughput import Case, bench_method, parse_args, sp
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.models import llama_config
 from relora_dist.perf import ModelCounts
-from relora_dist.perf.activations import saved_bytes_per_token
+from relora_dist.perf.activations import layer_bytes_per_token, saved_bytes_per_token
 from relora_dist.perf.memory import CATEGORIES, PeakSampler, expected_static_bytes, tensor_census
 
 GIB = 2**30
@@ -52,6 +52,14 @@ def activation_bytes_per_token(args, name: str) -> float:
     return saved_bytes_per_token(model.to(device), tokens, autocast_dtype=autocast)
 
 
+def layer_activation_bytes(args, config, structure: str, rank: int | None) -> int:
+    """The decoder layers' part of the measured figure, by the exact per-layer accounting (CPU eager path)."""
+    per_layer = layer_bytes_per_token(config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                                      method=structure, element_size=2 if args.dtype == "bf16" else 4, rank=rank or 0,
+                                      dropout=args.lora_dropout > 0, only_lr_act=getattr(config, "only_lr_act", False))
+    return config.num_hidden_layers * per_layer
+
+
 def largest_micro_batch(static_bytes: float, per_example: float, memory_bytes: float) -> int:
     free = memory_bytes * (1 - FRAGMENTATION) - CONTEXT_BYTES - static_bytes
     return max(0, math.floor(free / per_example))
@@ -70,16 +78,18 @@ def profile_case(args, info, method: str, engine: str, act_per_token: float) -> 
         case.update(before_step=lambda: census.update(tensor_census(case.backend.unwrapped_model, case.backend.optimizer)))
     counts = ModelCounts.from_config(case.config, rank=args.rank, seq_len=args.seq_len)
     structure = case.method.cost_structure
+    rank = getattr(case.config, "rank", None) or (args.rank if structure == "relora" else None)
     expected = expected_static_bytes(counts, structure, engine, args.dtype, info.world_size)
     static_measured = sum(v for k, v in census.items() if k != "other")
     per_example = act_per_token * args.seq_len
     row = {
         "preset": args.preset, "method": method, "engine": engine, "dtype": args.dtype, "world_size": info.world_size,
-        "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "rank": args.rank if structure == "relora" else None,
+        "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "rank": rank,
         **{f"census_{k}": census[k] for k in CATEGORIES},
         **{f"expected_{k}": expected[k] for k in expected},
         "static_census": static_measured, "static_expected": sum(expected.values()),
         "activation_bytes_per_token": act_per_token, "activation_bytes_per_example": per_example,
+        "layer_activation_bytes_per_token": layer_activation_bytes(args, case.config, structure, rank),
         "peak_sampled": sampler.peak, "peak_source": sampler.source,
         "gpu_memory_gb": args.gpu_memory_gb,
         "largest_micro_batch": largest_micro_batch(static_measured, per_example, args.gpu_memory_gb * 1e9),

@@ -71,15 +71,21 @@ def _timing(row: dict) -> str:
     return f"One method after another; the median of {updates} updates after the warm-up ones."
 
 
+def _activations(row: dict) -> str:
+    measured = f"{row['activation_bytes_per_token'] / 1024:.1f}"
+    layers = row.get("layer_activation_bytes_per_token")
+    return measured if layers is None else f"{measured} ({layers / 1024:.1f})"
+
+
 def memory_section(data: dict) -> str:
     rows = data["rows"]
     r0 = rows[0]
     cats = ("parameters", "gradients", "optimizer", "master", "other")
     header = ["engine", "method", *[f"{c} MiB" for c in cats], "static census / expected MiB", "peak MiB",
-              "activations KiB/token", f"largest micro-batch in {r0['gpu_memory_gb']:g} GB"]
+              "activations KiB/token (layers by formula)", f"largest micro-batch in {r0['gpu_memory_gb']:g} GB"]
     body = [[r["engine"], r["method"], *[f"{r[f'census_{c}'] / MIB:.1f}" for c in cats],
              f"{r['static_census'] / MIB:.1f} / {r['static_expected'] / MIB:.1f}", f"{r['peak_sampled'] / MIB:.0f}",
-             f"{r['activation_bytes_per_token'] / 1024:.1f}", r["largest_micro_batch"]] for r in rows]
+             _activations(r), r["largest_micro_batch"]] for r in rows]
     return "\n\n".join([
         "## Memory per rank (`relora-memprof`)",
         f"{_machine(data)} Preset {r0['preset']}, vocab {_arg(data, '--vocab-size', 32100)}, seq {r0['seq_len']}, "
@@ -93,7 +99,10 @@ def memory_section(data: dict) -> str:
         "small parameters whole (persistence threshold); fairscale OSS assigns whole parameters to owners unevenly. "
         "On a CPU the peak column is the process's RSS, and every case runs after the ones above it in the same "
         "process, whose freed memory stays with it: the column is a running maximum down the table, not a per-method "
-        "figure. The census, activation and micro-batch columns are per case.",
+        "figure. The census, activation and micro-batch columns are per case. Activations: saved-for-backward bytes "
+        "measured with saved_tensors_hooks on one sequence; in brackets the decoder layers' share by the exact per-layer "
+        "accounting (`relora_dist.perf.activations.layer_bytes_per_token`; the rest is the embeddings, final norm and "
+        "loss).",
         "![memory breakdown](benchmarks/results/memory.png)",
     ])
 

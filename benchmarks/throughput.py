@@ -248,7 +248,7 @@ def summarize(args, info, case: Case, measured: list[dict], busbw_gbs: float, pe
         "tokens_per_s": speed["tokens_per_s"], "tokens_per_s_per_gpu": speed["tokens_per_s_per_rank"],
         "forward_s": median["forward"], "backward_s": median["backward"], "optimizer_s": median["optimizer"],
         "exposed_comm_s": exposed, "bytes_per_update": int(median["bytes"]), "collectives": measured[-1]["by_op"],
-        "trainable_parameters": case.trainable, "model_flops_per_token": utilization.counts.model_flops_per_token(),
+        "trainable_parameters": case.trainable, "model_flops_per_token": utilization.counts.model_flops_per_token(structure),
         "executed_flops_per_token": utilization.counts.executed_flops_per_token(structure),
         "peak_flops_per_gpu": peak_flops, "peak_source": peak_source,
         **utilization.fields(speed["tokens_per_s_per_rank"]),

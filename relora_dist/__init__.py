@@ -5,6 +5,7 @@ The library surface below is ReLoRA's building blocks for a loop of your own (se
 example); `relora-train` runs every registered method on every engine.
 """
 
+from . import architectures  # noqa: F401  (CoLA, CoLA-M: registered with transformers' Auto classes)
 from .config import LLAMA_PROJECTIONS, ReLoRAConfig
 from .layer import ReLoRALinear, lora_parameters, relora_layers, wrap
 from .merge import merge_and_reinit, merge_and_reinit_layers

@@ -1,4 +1,5 @@
-"""relora-export: a merged HF LLaMA model (safetensors + tokenizer) from a relora-train checkpoint.
+"""relora-export: a merged HF model (safetensors + tokenizer) from a relora-train checkpoint (LLaMA, or the
+architecture the method built: CoLA, CoLA-M).
 
 An un-merged ReLoRA checkpoint loaded by plain HF code silently drops the last cycle (the lora_* keys
 are ignored): exports always go through the method's `dense_state` (ReLoRA folds s*B@A into W first).
@@ -12,12 +13,12 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer
 
 from .backends import backend_class
 from .backends.base import error_reason
 from .methods import build_method
-from .models import save_hf_model
+from .models import config_from_dict, save_hf_model
 from .train.arguments import load_yaml
 from .train.checkpoint import STATE_FILE, read_trainer_state
 from .train.config import RunConfig
@@ -52,7 +53,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if not path.is_dir():
         raise ValueError(f"checkpoint not found: {checkpoint}")
     state = _dense_state(path)
-    config = LlamaConfig(**json.loads((path / "model_config.json").read_text()))
+    config = config_from_dict(json.loads((path / "model_config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer") if (path / "tokenizer").is_dir() else None
     return save_hf_model(state, config, tokenizer, out_dir)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 # name: (hidden, ffn, layers, heads). "tiny" and "debug" are CPU-sized flavours for tests and the demo.
 PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -87,12 +87,19 @@ def causal_lm_loss(model, tokens):
     return model(input_ids=tokens, labels=tokens, use_cache=False).loss
 
 
+def config_from_dict(values: dict):
+    """A model config saved with `to_dict()` (model_config.json), as its own class: LLaMA, or an architecture a method
+    builds (`relora_dist.architectures`, registered with transformers' AutoConfig)."""
+    values = dict(values)
+    return AutoConfig.for_model(values.pop("model_type", "llama"), **values)
+
+
 def save_hf_model(state: dict, config: LlamaConfig, tokenizer, out_dir: str | Path) -> Path:
-    """A model directory plain `from_pretrained` loads: `state` (the plain model's keys, all of them) as
-    safetensors, the config and the tokenizer."""
+    """A model directory `AutoModelForCausalLM.from_pretrained` loads: `state` (the plain model's keys, all of them)
+    as safetensors, the config and the tokenizer. Another architecture than LLaMA needs `import relora_dist` first."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:

@@ -53,6 +53,25 @@ def test_executed_flops_per_token_are_exact(method, targets):
     assert method == "full" or saved > 0  # the tiny model still saves the dW GEMMs of frozen W
 
 
+@pytest.mark.parametrize("structure", ["cola", "cola_m"])
+def test_cola_flops_per_token_are_exact(structure):
+    """CoLA: 6 N_lora + 6 N_head forward + backward; CoLA-M recomputes every layer's forward once more (8 N_lora).
+    Attention products are not counted on the CPU (as above)."""
+    from transformers import AutoModelForCausalLM
+
+    from relora_dist.architectures.cola import cola_config
+
+    config = cola_config(tiny(), rank=RANK, only_lr_act=False, memory_efficient=structure == "cola_m")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    counts = ModelCounts.from_config(config, rank=None, seq_len=SEQ)
+    assert counts.held(structure) == sum(p.numel() for p in model.parameters())
+    tokens = torch.randint(0, 97, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    assert counter.get_total_flops() == counts.executed_flops_per_token(structure, attention=False) * BATCH * SEQ
+
+
 def test_static_bytes_match_a_real_optimizer():
     """fp32 params, grads and AdamW states after one step, full and ReLoRA, against the formula."""
     config = tiny()

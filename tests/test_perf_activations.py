@@ -3,17 +3,25 @@ per-layer formula the memory profiler and the performance model use. Shapes here
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import relora_dist as rd
-from relora_dist.models import build_model, llama_config_from_shape
+from relora_dist.architectures.cola import cola_config
+from relora_dist.architectures.crnet import crnet_config
+from relora_dist.models import llama_config_from_shape
 from relora_dist.perf.activations import SavedActivations, head_bytes_per_token, layer_bytes_per_token
 
 HIDDEN, FFN, HEADS, RANK, BATCH, SEQ = 48, 136, 6, 6, 3, 24
 
 
-def saved_bytes(layers, *, method, dtype, dropout=0.0, vocab=113):
+def saved_bytes(layers, *, method, dtype, dropout=0.0, vocab=113, only_lr_act=False):
     torch.manual_seed(0)
-    model = build_model(llama_config_from_shape(HIDDEN, FFN, layers, HEADS, vocab_size=vocab, max_positions=64))
+    config = llama_config_from_shape(HIDDEN, FFN, layers, HEADS, vocab_size=vocab, max_positions=64)
+    if method in ("cola", "cola_m"):
+        config = cola_config(config, rank=RANK, only_lr_act=only_lr_act, memory_efficient=method == "cola_m")
+    if method == "crnet":
+        config = crnet_config(config, rank=RANK, epsilon=1e-3, beta_init=1.0)
+    model = AutoModelForCausalLM.from_config(config)
     if method == "relora":
         rd.wrap(model, rd.ReLoRAConfig(rank=RANK, alpha=8, dropout=dropout, fused_kernels="off"))
     model = model.to(dtype).train()
@@ -31,6 +39,35 @@ def test_layer_bytes_per_token_are_exact(method, dropout, dtype):
     e = torch.finfo(dtype).bits // 8
     assert per_layer == layer_bytes_per_token(HIDDEN, FFN, HEADS, method=method, element_size=e, rank=RANK,
                                               dropout=dropout > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method, only_lr_act", [("cola", False), ("cola", True), ("cola_m", False), ("cola_m", True)])
+def test_cola_layer_bytes_per_token_are_exact(method, only_lr_act, dtype):
+    per_layer = (saved_bytes(3, method=method, dtype=dtype, only_lr_act=only_lr_act)
+                 - saved_bytes(1, method=method, dtype=dtype, only_lr_act=only_lr_act)) / 2 / (BATCH * SEQ)
+    e = torch.finfo(dtype).bits // 8
+    assert per_layer == layer_bytes_per_token(HIDDEN, FFN, HEADS, method=method, element_size=e, rank=RANK,
+                                              only_lr_act=only_lr_act)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_crnet_layer_bytes_are_exact(dtype):
+    """Layers >= 1 (layers 2 and 3 of 4); their 7 β scalars add 14 e bytes a layer whatever the tokens."""
+    e = torch.finfo(dtype).bits // 8
+    per_layer = (saved_bytes(4, method="crnet", dtype=dtype) - saved_bytes(2, method="crnet", dtype=dtype)) / 2
+    expected = layer_bytes_per_token(HIDDEN, FFN, HEADS, method="crnet", element_size=e, rank=RANK)
+    assert per_layer == expected * BATCH * SEQ + 14 * e
+    first = saved_bytes(2, method="crnet", dtype=dtype) - saved_bytes(1, method="crnet", dtype=dtype)
+    assert first == per_layer  # the second layer of 2 is a CR-Net layer too; layer 0 is a full-rank layer
+
+
+def test_cola_m_saves_less_than_cola_by_the_segment_accounting_and_the_same_outside_the_layers():
+    """Whole models: CoLA-M's recomputation saves L (cola - cola_m) layer bytes per token, nothing else changes."""
+    for layers in (1, 3):
+        cola, cola_m = (saved_bytes(layers, method=m, dtype=torch.float32) / (BATCH * SEQ) for m in ("cola", "cola_m"))
+        per_layer = [layer_bytes_per_token(HIDDEN, FFN, HEADS, method=m, element_size=4, rank=RANK) for m in ("cola", "cola_m")]
+        assert cola - cola_m == pytest.approx(layers * (per_layer[0] - per_layer[1]), abs=1e-9)
 
 
 def test_head_bytes_grow_with_the_vocabulary():

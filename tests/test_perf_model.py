@@ -166,3 +166,28 @@ def test_measure_cpu_profile_is_positive():
                                                                         allreduce_bytes=2**20, repeats=3))
     assert hw.peak_flops > 0 and hw.fp32_flops > 0 and hw.mem_bw > 0 and hw.memory_bytes > 0
     assert 0 < hw.busbw < math.inf and hw.latency_s > 0
+
+
+def test_cola_costs_its_bottlenecks_and_cola_m_trades_a_forward_for_activations():
+    """CoLA runs no dense projection (its bottleneck GEMMs are costed as LoRA's), CoLA-M adds one forward of the
+    layers to backward and keeps e(2h + 7r) bytes a token and layer, so a larger micro-batch fits."""
+    from relora_dist.architectures.cola import cola_config
+    from relora_dist.models import llama_config
+    from relora_dist.perf.model import Workload
+
+    config = cola_config(llama_config("1b", vocab_size=32100, max_positions=1024), rank=None, only_lr_act=None)
+    cola = Workload.from_config(config, rank=None, seq_len=512, method="cola", world_size=8)
+    cola_m = replace(cola, method="cola_m")
+    c, h, layers, r = cola.counts, config.hidden_size, config.num_hidden_layers, config.rank
+    assert (cola.rank, cola.only_lr_act) == (512, True)
+    one, many = predict(cola, A100, EFF), predict(cola_m, A100, EFF)
+    attention_f = 2 * 512 * h * layers
+    assert one.terms["gemm_f"] == 2 * c.n_head + attention_f and one.terms["lora_f"] == 2 * c.n_lora
+    assert many.terms["lora_b"] == 6 * c.n_lora and many.terms["gemm_b"] == one.terms["gemm_b"] + attention_f
+    per_layer = (activation_bytes_per_token(c, "cola_m", ffn=cola.ffn, rank=r, coefficients=cola_m.coefficients())
+                 - activation_bytes_per_token(replace(c, layers=0), "cola_m", ffn=cola.ffn, rank=r,
+                                              coefficients=cola_m.coefficients())) / layers
+    assert per_layer == 2 * (2 * h + 7 * r)  # bf16
+    assert many.micro_batch > one.micro_batch and many.t_bwd > one.t_bwd
+    for p, structure in ((one, "cola"), (many, "cola_m")):
+        assert p.hfu / p.mfu == pytest.approx(c.executed_flops_per_token(structure) / c.model_flops_per_token(structure))

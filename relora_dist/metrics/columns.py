@@ -2,7 +2,8 @@
 and the benchmarks (relora-bench rows).
 
 MFU follows the PaLM / nanoGPT / torchtitan convention (6N + 12 L h s FLOPs per token, N the full-rank model's
-parameters); HFU counts the FLOPs the method executes (no dW for a frozen W): `relora_dist.perf.accounting`.
+parameters, CoLA's own for CoLA); HFU counts the FLOPs the method executes (no dW for a frozen W):
+`relora_dist.perf.accounting`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Utilization:
     def fields(self, tokens_per_s_per_rank: float) -> dict:
         if not self.peak_flops:
             return {}
-        return {"mfu": tokens_per_s_per_rank * self.counts.model_flops_per_token() / self.peak_flops,
+        return {"mfu": tokens_per_s_per_rank * self.counts.model_flops_per_token(self.cost_structure) / self.peak_flops,
                 "hfu": tokens_per_s_per_rank * self.counts.executed_flops_per_token(self.cost_structure) / self.peak_flops}
 
 

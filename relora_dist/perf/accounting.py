@@ -1,4 +1,5 @@
-"""Exact per-token FLOPs, static bytes and gradient traffic of full-rank vs ReLoRA training of a LLaMA config.
+"""Exact per-token FLOPs, static bytes and gradient traffic of a LLaMA config trained full rank, with ReLoRA, or
+as CoLA / CoLA-M (a method's `cost_structure`).
 
 These are the identities the throughput harness reports and the performance model builds on
 (SPEC section 4, research/perf_model.md section 2). They are tested against FlopCounterMode and
@@ -8,8 +9,14 @@ real optimizer state (tests/test_perf_accounting.py).
 - Executed FLOPs per token: full 6(N_lin + N_other + N_head); ReLoRA 4 N_lin + 6 N_lora + 6(N_other + N_head)
   (no dW for a frozen W). Attention comes on top as causal flash attention executes it: 2 s h per layer
   forward, 5 s h backward (recompute included); FlopCounterMode does not see the CPU SDPA kernel.
+- CoLA: every projection is the bottleneck sigma(x A) B and nothing is frozen: N_lora (= sum r(in + out)) replaces
+  N_lin, executed 6 N_lora + 6(N_other + N_head); CoLA-M recomputes every layer's forward in backward: 8 N_lora
+  (less the last layer's final B, 2 r h, which needs no recompute), and the attention products' forward once more
+  (9 s h per layer).
+- CR-Net: layer 0 dense (N_other), the later layers' low-rank differences (N_lora) and one β per projection (counted
+  with the norms); executed as CoLA. N_lin is then the dense projections CR-Net replaced, for reference only.
 - MFU convention (PaLM / nanoGPT / torchtitan): 6 N + 12 L h s FLOPs per token, N = the full-rank model's
-  parameters. HFU uses the executed FLOPs.
+  parameters (CoLA's: its own, smaller model). HFU uses the executed FLOPs.
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ from dataclasses import dataclass
 from transformers import LlamaConfig
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# How a method's parameters, FLOPs and bytes are counted (relora_dist.methods.Method.cost_structure): every weight
+# trains; frozen projections plus trainable low-rank factors; every projection a trainable bottleneck (CoLA), and
+# that with every layer's forward recomputed in backward (CoLA-M).
+COST_STRUCTURES = ("full", "relora", "cola", "cola_m", "crnet")
+BOTTLENECK = ("cola", "cola_m", "crnet")  # nothing frozen: every parameter held trains
 
 
 @dataclass(frozen=True)
@@ -32,14 +44,23 @@ class ModelCounts:
     n_head: int
     n_emb: int
     n_norm: int
+    rank: int = 0
 
     @classmethod
-    def from_config(cls, config: LlamaConfig, *, rank: int, seq_len: int, targets=PROJECTIONS) -> "ModelCounts":
+    def from_config(cls, config: LlamaConfig, *, rank: int | None, seq_len: int, targets=PROJECTIONS) -> "ModelCounts":
+        """`rank`: the low-rank factors' (a CoLA config's own `rank` wins)."""
+        rank = getattr(config, "rank", None) or rank or 0
         h, f, L, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
         kv = h * config.num_key_value_heads // config.num_attention_heads
         shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
                   "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}  # (in, out)
         wrapped = [shapes[name] for name in PROJECTIONS if any(t in name for t in targets)]
+        if getattr(config, "model_type", "llama") == "crnet":  # layer 0 dense, the others low rank with one β each
+            dense = sum(i * o for i, o in shapes.values())
+            return cls(layers=L, hidden=h, seq_len=seq_len, n_lin=(L - 1) * dense, n_other=dense,
+                       n_lora=(L - 1) * sum(rank * (i + o) for i, o in shapes.values()),
+                       n_head=0 if config.tie_word_embeddings else v * h, n_emb=v * h,
+                       n_norm=(2 * L + 1) * h + (L - 1) * len(shapes), rank=rank)
         return cls(
             layers=L, hidden=h, seq_len=seq_len,
             n_lin=L * sum(i * o for i, o in wrapped),
@@ -48,6 +69,7 @@ class ModelCounts:
             n_head=0 if config.tie_word_embeddings else v * h,
             n_emb=v * h,
             n_norm=(2 * L + 1) * h,
+            rank=rank,
         )
 
     @property
@@ -56,24 +78,43 @@ class ModelCounts:
         return self.n_lin + self.n_other + self.n_head + self.n_emb + self.n_norm
 
     def trainable(self, method: str) -> int:
+        _check(method)
         return self.n_full if method == "full" else self.n_lora + self.n_other + self.n_head + self.n_emb + self.n_norm
 
     def held(self, method: str) -> int:
         """Parameters resident on a replica (frozen W included)."""
+        if method in BOTTLENECK:
+            return self.trainable(method)
         return self.n_full if method == "full" else self.n_full + self.n_lora
 
     def executed_flops_per_token(self, method: str, *, attention: bool = True) -> int:
         """Forward + backward FLOPs actually run per token (dense GEMMs; attention products optional)."""
-        if method == "full":
-            dense = 6 * (self.n_lin + self.n_other + self.n_head)
-        else:
-            dense = 4 * self.n_lin + 6 * self.n_lora + 6 * (self.n_other + self.n_head)
+        _check(method)
+        rest = 6 * (self.n_other + self.n_head)
         # Causal flash attention: QK^T and PV over half the (s x s) scores, 2 s h forward, 5 s h backward.
-        return dense + (7 * self.seq_len * self.hidden * self.layers if attention else 0)
+        products = 7 * self.seq_len * self.hidden * self.layers
+        if method == "full":
+            dense = 6 * self.n_lin + rest
+        elif method == "relora":
+            dense = 4 * self.n_lin + 6 * self.n_lora + rest
+        elif method in ("cola", "crnet"):  # CR-Net's β Y_prev is elementwise: no GEMM
+            dense = 6 * self.n_lora + rest
+        else:  # cola_m: the layers' forward once more in backward, but for the last segment's B, whose inputs the
+            # checkpoint keeps anyway (nothing to recompute)
+            dense = 8 * self.n_lora - 2 * self.rank * self.hidden + rest
+            products = 9 * self.seq_len * self.hidden * self.layers
+        return dense + (products if attention else 0)
 
-    def model_flops_per_token(self) -> int:
-        """The MFU numerator: 6 N + 12 L h s with N the full-rank model's parameters (the same for both methods)."""
-        return 6 * self.n_full + 12 * self.layers * self.hidden * self.seq_len
+    def model_flops_per_token(self, method: str = "full") -> int:
+        """The MFU numerator: 6 N + 12 L h s with N the trained model's parameters (the full-rank model's for ReLoRA and
+        its baselines, CoLA's own for CoLA)."""
+        n = self.held(method) if method in BOTTLENECK else self.n_full
+        return 6 * n + 12 * self.layers * self.hidden * self.seq_len
+
+
+def _check(method: str) -> None:
+    if method not in COST_STRUCTURES:
+        raise ValueError(f"unknown cost structure {method!r}; choose one of {', '.join(COST_STRUCTURES)}")
 
 
 @dataclass(frozen=True)

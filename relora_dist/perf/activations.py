@@ -48,19 +48,31 @@ def saved_bytes_per_token(model: nn.Module, input_ids: torch.Tensor, *, autocast
 
 
 def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, method: str, element_size: int, rank: int = 0,
-                          dropout: bool = False) -> int:
-    """Saved bytes per token of one HF LLaMA decoder layer on torch's eager CPU path (measured exactly, see
-    tests/test_perf_activations.py), every projection wrapped for ReLoRA.
+                          dropout: bool = False, only_lr_act: bool = False) -> int:
+    """Saved bytes per token of one decoder layer on torch's eager CPU path (measured exactly, see
+    tests/test_perf_activations.py), by cost structure (`method`).
 
-    Full rank: e(8h + 4ff) for the tensors saved in the compute dtype, 8h for RMSNorm's fp32 upcasts, 4 per head
-    for the attention log-sum-exp and 8 more per token. ReLoRA keeps all of that (A needs the input a frozen W does
-    not), adds the r-wide intermediate of each of the 7 projections (7er), and with LoRA dropout the dropped
-    inputs and the dropout noise, which the CPU path stores in the compute dtype: e(10h + ff).
+    Full rank (HF LLaMA): e(8h + 4ff) for the tensors saved in the compute dtype, 8h for RMSNorm's fp32 upcasts,
+    4 per head for the attention log-sum-exp and 8 more per token. ReLoRA keeps all of that (A needs the input a
+    frozen W does not), adds the r-wide intermediate of each of the 7 projections (7er), and with LoRA dropout the
+    dropped inputs and the dropout noise, which the CPU path stores in the compute dtype: e(10h + ff).
+    CoLA: a bottleneck keeps the input a linear keeps, plus x A (for σ's backward) and σ(x A) (for B's): 14er more
+    than full rank, and e ff less with only_lr_act (no outer SiLU to differentiate). CoLA-M keeps only its segments'
+    inputs: the residual stream twice and seven r-wide activations, e(2h + 7r). CR-Net, layers >= 1: full rank's, the
+    r-wide x A of every projection, and the previous layer's outputs that β Y_prev needs for β's gradient where
+    nothing else keeps them (q, k, o, down: 4h; v, gate and up are kept already), e(4h + 7r) more (and 14e bytes a
+    layer for the β scalars, independent of the tokens). Layer 0 is a full-rank layer.
     """
     e, h, f = element_size, hidden, ffn
     full = e * (8 * h + 4 * f) + 8 * h + 4 * heads + 8
     if method == "full":
         return full
+    if method == "cola":
+        return full + 14 * e * rank - (e * f if only_lr_act else 0)
+    if method == "cola_m":
+        return e * (2 * h + 7 * rank)
+    if method == "crnet":
+        return full + e * (4 * h + 7 * rank)
     return full + 7 * e * rank + (e * (10 * h + f) if dropout else 0)
 
 

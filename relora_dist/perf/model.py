@@ -1,4 +1,6 @@
-"""Analytic throughput and memory model of full-rank vs ReLoRA data-parallel training (research/perf_model.md 2).
+"""Analytic throughput and memory model of data-parallel training, full rank vs ReLoRA (research/perf_model.md 2), and
+CoLA / CoLA-M / CR-Net (their low-rank GEMMs costed as the LoRA GEMMs are; CoLA-M runs every layer's forward again in
+backward).
 
 Per micro-step: t_fwd + t_bwd (GEMMs at eta_mm of peak, elementwise traffic at eta_bw of DRAM bandwidth, the
 LoRA GEMMs whichever of the two binds) + gradient bookkeeping + the exposed part of the ring all-reduce.
@@ -13,12 +15,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from .accounting import ModelCounts, Precision, static_bytes
+from .accounting import BOTTLENECK, COST_STRUCTURES, ModelCounts, Precision, static_bytes
 from .hardware import GiB, Hardware
 
-# What the model counts: every weight trains ("full"), or frozen projections plus low-rank factors ("relora").
-# A training method names its own (relora_dist.methods.Method.cost_structure).
-COST_STRUCTURES = ("full", "relora")
+# The paper's table compares these two (a method names its own structure: relora_dist.methods.Method.cost_structure).
+PAPER_STRUCTURES = ("full", "relora")
 CONTEXT_BYTES = GiB  # CUDA context + NCCL + allocator slack outside the tensors
 DDP_BUCKET_BYTES = 25 * 2**20
 
@@ -37,10 +38,19 @@ class ActivationCoefficients:
     transient_v: float = 6.0  # assumed, not measured
 
     @classmethod
-    def measured(cls, method: str, *, dropout: float = 0.1, dropout_path: str = "cuda") -> ActivationCoefficients:
-        """The coefficients measured exactly on CPU with saved_tensors_hooks (note 2.2)."""
+    def measured(cls, method: str, *, dropout: float = 0.1, dropout_path: str = "cuda",
+                 only_lr_act: bool = False) -> ActivationCoefficients:
+        """The coefficients measured exactly on CPU with saved_tensors_hooks (note 2.2), bf16. CoLA keeps full rank's
+        plus x A and σ(x A) of every bottleneck (14 e r), less the outer SiLU's input with only_lr_act; CoLA-M only its
+        segments' inputs, e(2h + 7r); CR-Net full rank's plus e(4h + 7r) (perf.activations.layer_bytes_per_token)."""
         if method == "full":
             return cls(28, 8)
+        if method == "cola":
+            return cls(28, 6 if only_lr_act else 8, 28)
+        if method == "cola_m":
+            return cls(4, 0, 14, layer=0)
+        if method == "crnet":  # full rank's plus e(4h + 7r) (layer 0, a full-rank layer, counted alike)
+            return cls(36, 8, 14)
         if dropout == 0:
             return cls(28, 8, 14)
         if dropout_path == "cuda":  # fused native_dropout: a bool mask and the bf16 output
@@ -63,6 +73,7 @@ class Workload:
     allreduce_every_microbatch: bool = True  # the paper's loop has no no_sync
     lora_dropout: float = 0.1
     dropout_path: str = "cuda"
+    only_lr_act: bool = False  # CoLA without the MLP's outer SiLU
     activations: ActivationCoefficients | None = None  # None: the measured ones for method/dropout
     bucket_bytes: int = DDP_BUCKET_BYTES
     gradient_as_bucket_view: bool = False  # the paper's DDP keeps a separate bucket copy of the grads
@@ -71,7 +82,7 @@ class Workload:
 
     def __post_init__(self):
         if self.method not in COST_STRUCTURES:
-            raise ValueError(f"unknown cost structure {self.method!r}; choose full or relora")
+            raise ValueError(f"unknown cost structure {self.method!r}; choose one of {', '.join(COST_STRUCTURES)}")
         if self.world_size < 1:
             raise ValueError(f"world size must be >= 1, got {self.world_size} (--world-size)")
         if self.global_batch < 1:
@@ -83,7 +94,9 @@ class Workload:
     @classmethod
     def from_config(cls, config, *, rank: int, seq_len: int, **kwargs) -> Workload:
         counts = ModelCounts.from_config(config, rank=rank, seq_len=seq_len)
-        return cls(counts=counts, ffn=config.intermediate_size, rank=rank, **kwargs)
+        rank = getattr(config, "rank", None) or rank or 0  # a CoLA config carries its own
+        return cls(counts=counts, ffn=config.intermediate_size, rank=rank,
+                   only_lr_act=getattr(config, "only_lr_act", False), **kwargs)
 
     @property
     def seq_len(self) -> int:
@@ -96,7 +109,8 @@ class Workload:
     def coefficients(self) -> ActivationCoefficients:
         if self.activations is not None:
             return self.activations
-        return ActivationCoefficients.measured(self.method, dropout=self.lora_dropout, dropout_path=self.dropout_path)
+        return ActivationCoefficients.measured(self.method, dropout=self.lora_dropout, dropout_path=self.dropout_path,
+                                               only_lr_act=self.only_lr_act)
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,7 @@ def activation_bytes_per_token(counts: ModelCounts, method: str, *, ffn: int, ra
     """Saved activations per token (plus the loss transients with transient=True)."""
     c = coefficients or ActivationCoefficients.measured(method)
     h, v = counts.hidden, counts.n_emb // counts.hidden
-    per_layer = c.h * h + c.ff * ffn + (c.r * rank if method == "relora" else 0) + c.layer
+    per_layer = c.h * h + c.ff * ffn + c.r * rank + c.layer
     saved = counts.layers * per_layer + c.top_h * h + c.head_v * v
     return saved + (c.transient_v * v if transient else 0)
 
@@ -196,7 +210,7 @@ def _ring_allreduce(nbytes: float, n: int, bucket_bytes: int, hardware: Hardware
 def _per_token(w: Workload) -> dict[str, float]:
     """FLOPs and memory-bound bytes per token, forward and backward (note 2.3-2.4; bytes hand-counted, pure bf16)."""
     c, L, h, ff, r, v = w.counts, w.counts.layers, w.counts.hidden, w.ffn, w.rank, w.vocab
-    gemm = c.n_lin + c.n_other + c.n_head
+    gemm = c.n_other + c.n_head + (0 if w.method in BOTTLENECK else c.n_lin)  # CoLA runs no dense projection
     attention_f, attention_b = 2 * w.seq_len * h * L, 5 * w.seq_len * h * L  # causal flash, recompute in backward
     t = {"gemm_f": 2 * gemm + attention_f, "gemm_b": 4 * gemm + attention_b, "lora_f": 0.0, "lora_b": 0.0,
          "bytes_f": L * (130 * h + 10 * ff) + 12 * v, "bytes_b": L * (260 * h + 20 * ff) + 14 * v,
@@ -212,6 +226,14 @@ def _per_token(w: Workload) -> dict[str, float]:
         t["lora_bytes_f"], t["lora_bytes_b"] = 2 * io + 28 * r * L, 4 * io + 56 * r * L
         if w.lora_dropout > 0:  # every wrapped input: q, k, v, o, gate, up take h, down takes ff
             t["dropout_elements_f"] = L * (6 * h + ff)
+    if w.method in BOTTLENECK:  # the bottleneck GEMMs have LoRA's shapes (intensity ~r) and σ on r-wide activations
+        io = c.n_lora / r
+        t["lora_f"], t["lora_b"] = 2 * c.n_lora, 4 * c.n_lora
+        t["lora_bytes_f"], t["lora_bytes_b"] = 2 * io + 28 * r * L, 4 * io + 56 * r * L
+    if w.method == "cola_m":  # backward runs every layer's forward again first
+        for key in ("lora", "lora_bytes", "bytes"):
+            t[f"{key}_b"] += t[f"{key}_f"]
+        t["gemm_b"] += attention_f
     return t
 
 
@@ -260,7 +282,7 @@ def predict(workload: Workload, hardware: Hardware, efficiency: Efficiency, *, f
         t_exposed=t_exposed, t_optimizer=t_optimizer, t_micro=t_micro, t_update=t_update,
         examples_per_s=examples, examples_per_s_per_gpu=examples / n, tokens_per_s=tokens_per_s,
         tokens_per_s_per_gpu=tokens_per_s / n,
-        mfu=tokens_per_s * w.counts.model_flops_per_token() / denominator,
+        mfu=tokens_per_s * w.counts.model_flops_per_token(w.method) / denominator,
         hfu=tokens_per_s * w.counts.executed_flops_per_token(w.method) / denominator,
         exposed_comm_fraction=allreduces * t_exposed / t_update,
         memory_bytes=memory_bytes(w, b)["total"], memory_capacity=hw.memory_bytes,
@@ -409,7 +431,7 @@ def paper_table4(setups=PAPER_SETUPS, *, eta_bw: float = 0.75, phi: float = 0.0)
         fits[s.setup] = {"eta_mm": eff.eta_mm, "eta_bw": eff.eta_bw, "phi": eff.phi, "hardware": s.hardware,
                          "fitted_on": f"{s.setup} full-rank ({s.full:g} ex/s)",
                          "fixed": "eta_bw, phi and busbw a priori"}
-        pred = {m: predict(paper_workload(m, s.world_size), hw, eff) for m in COST_STRUCTURES}
+        pred = {m: predict(paper_workload(m, s.world_size), hw, eff) for m in PAPER_STRUCTURES}
         paper = {"full": s.full, "relora": s.relora}
         common = {
             "setup": s.setup, "hardware": s.hardware, "world_size": s.world_size, "busbw_gbs": hw.busbw / 1e9,
@@ -418,12 +440,12 @@ def paper_table4(setups=PAPER_SETUPS, *, eta_bw: float = 0.75, phi: float = 0.0)
             "speedup_paper": s.relora / s.full - 1,
             "warm_start_paper": s.warm_start,
             "warm_start_harmonic_paper": warm_start_adjusted(s.full, s.relora),
-            "warm_start_harmonic_predicted": warm_start_adjusted(*(pred[k].examples_per_s for k in COST_STRUCTURES)),
+            "warm_start_harmonic_predicted": warm_start_adjusted(*(pred[k].examples_per_s for k in PAPER_STRUCTURES)),
             "micro_batch_full": pred["full"].micro_batch, "micro_batch_relora": pred["relora"].micro_batch,
         }
-        misses = [m for m in COST_STRUCTURES if abs(pred[m].examples_per_s / paper[m] - 1) > GOAL]
+        misses = [m for m in PAPER_STRUCTURES if abs(pred[m].examples_per_s / paper[m] - 1) > GOAL]
         needed = busbw_for_paper_speedup(s, eta_bw=eta_bw, phi=phi) if misses else None
-        for m in COST_STRUCTURES:
+        for m in PAPER_STRUCTURES:
             p = pred[m]
             error = p.examples_per_s / paper[m] - 1
             rows.append({

@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import asdict, replace
 
-from ..methods import method_names
+from ..methods import method_class, method_names
 from ..train.config import standalone_method
 
 PROG = "relora-perfmodel"
@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--micro-batch", type=int, default=None, help="default: the largest that fits")
     pred.add_argument("--global-batch", type=int, default=1152)
     pred.add_argument("--seq-len", type=int, default=512)
-    pred.add_argument("--rank", type=int, default=128)
+    pred.add_argument("--rank", type=int, default=None,
+                      help="rank of the low-rank methods (default: their config's: 128 for the ReLoRA family, the "
+                           "official config's for CoLA)")
     pred.add_argument("--vocab-size", type=int, default=32100)
     pred.add_argument("--precision", default="pure_bf16", help="pure_bf16, bf16_master or fp32")
     pred.add_argument("--lora-dropout", type=float, default=0.1)
@@ -116,15 +118,17 @@ def _predict(args) -> str:
     if args.hardware != "cpu" and args.hardware not in PROFILES:
         raise ValueError(f"unknown hardware {args.hardware!r}; choose cpu or one of {', '.join(PROFILES)} (--hardware)")
     for flag, value in (("--seq-len", args.seq_len), ("--rank", args.rank), ("--vocab-size", args.vocab_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"lora dropout must be in [0, 1), got {args.lora_dropout} (--lora-dropout)")
     hardware = measure_cpu_profile(world_size=args.world_size) if args.hardware == "cpu" else PROFILES[args.hardware]
-    method = standalone_method(args.method, rank=args.rank)
+    section = method_class(args.method).config_class
+    rank = args.rank if args.rank is not None else getattr(section, "rank", None)  # the dataclass default
+    method = standalone_method(args.method, rank=rank)
     config = method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=max(1024, args.seq_len)))
     workload = Workload.from_config(
-        config, rank=args.rank, seq_len=args.seq_len, method=method.cost_structure, world_size=args.world_size,
+        config, rank=rank, seq_len=args.seq_len, method=method.cost_structure, world_size=args.world_size,
         global_batch=args.global_batch, micro_batch=args.micro_batch, precision=args.precision,
         allreduce_every_microbatch=not args.no_sync, lora_dropout=args.lora_dropout)
     eff, source = _default_efficiency(args.hardware)

@@ -1,0 +1,54 @@
+"""CR-Net (Kong et al., arXiv 2509.18993): layer 0 dense, every projection of the later layers the previous layer's
+output of that projection times a learned β plus a low-rank difference (`relora_dist.architectures.crnet`). Plain
+AdamW, no events: every engine runs it as it runs any model.
+
+The knobs live in the `crnet:` config section (--rank, --crnet-epsilon, --crnet-beta-init). The official code could
+not be fetched; docs/METHODS.md lists what follows the paper and what is our choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..architectures.crnet import CRNetForCausalLM, crnet_config
+from .base import Method, register_method
+
+
+@dataclass
+class CRNetSettings:
+    """CR-Net's low-rank differences and carried outputs."""
+
+    rank: int | None = None
+    """Rank r of every layer's low-rank differences (--rank; default hidden // 4, about half the dense parameters)."""
+    epsilon: float = 1e-3
+    """ε in β̃ = sign(β)(|β| + ε): how close to zero a carried output's weight may get."""
+    beta_init: float = 1.0
+    """Initial β of every projection of layers >= 1 (1: each layer starts by carrying the previous one's outputs)."""
+
+    def __post_init__(self):
+        if self.rank is not None and self.rank <= 0:
+            raise ValueError(f"crnet rank must be > 0, got {self.rank} (--rank)")
+        if self.epsilon < 0:
+            raise ValueError(f"crnet epsilon must be >= 0, got {self.epsilon} (--crnet-epsilon)")
+
+
+@register_method
+class CRNet(Method):
+    name = "crnet"
+    description = "CR-Net: later layers carry the previous layer's projection outputs plus a low-rank difference"
+    config_section = "crnet"
+    config_class = CRNetSettings
+    cost_structure = "crnet"
+
+    def validate(self):
+        super().validate()
+        if self.cfg.train.activation_checkpointing:
+            raise ValueError("--activation-checkpointing does not reach CR-Net's layers (they pass 7 projection outputs"
+                             " between them, which HF's per-layer checkpointing does not carry): drop it for --method crnet")
+
+    def model_config(self, config):
+        s = self.settings
+        return crnet_config(config, rank=s.rank, epsilon=s.epsilon, beta_init=s.beta_init)
+
+    def build_model(self, config):
+        return CRNetForCausalLM(config)
