@@ -39,6 +39,9 @@ METHOD_ARGS = {
     "lora": [],
     "lora_ws": ["--warm-start-steps", "3"],
     "relora": ["--warm-start-steps", "3", "--merge-every", "3", "--restart-warmup-steps", "1", "--prune-ratio", "0.8"],
+    "cola": [],
+    "cola_m": [],
+    "crnet": ["--crnet-recompute-every", "2"],  # the inverse recomputation is the path worth fingerprinting
 }
 ENGINES = {
     "single": (1, "python", []),

@@ -41,6 +41,11 @@ class CRNetConfig(LlamaConfig):
     """ε in β̃ = sign(β)(|β| + ε): keeps every carried term away from zero (the inverse reconstruction divides by it)."""
     beta_init: float = 1.0
     """Initial β of every projection of layers >= 1."""
+    recompute_every: int = 0
+    """0: plain autograd. k > 0: every layer is recomputed in backward from its input; every k-th layer (and the last)
+    also keeps the 7 projection outputs it was given, the others keep their attention output and rebuild them
+    backwards with the inverse Y_{l-1} = (Y_l - X_l A_l B_l) / β̃_l from their own outputs, which the next layer's
+    backward hands down. 1: every layer keeps them (exact, no inverse)."""
 
     def __post_init__(self, **kwargs):
         if self.rank is None:
@@ -48,9 +53,11 @@ class CRNetConfig(LlamaConfig):
         super().__post_init__(**kwargs)
 
 
-def crnet_config(base: LlamaConfig, *, rank: int | None, epsilon: float, beta_init: float) -> CRNetConfig:
+def crnet_config(base: LlamaConfig, *, rank: int | None, epsilon: float, beta_init: float,
+                 recompute_every: int = 0) -> CRNetConfig:
     values = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
-    return CRNetConfig(**(values | {"rank": rank, "epsilon": epsilon, "beta_init": beta_init}))
+    return CRNetConfig(**(values | {"rank": rank, "epsilon": epsilon, "beta_init": beta_init,
+                                    "recompute_every": recompute_every}))
 
 
 def effective_beta(beta: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -94,7 +101,16 @@ class CRNetDecoderLayer(nn.Module):
 
     def __init__(self, config: CRNetConfig, layer_idx: int, dense=None):
         super().__init__()
+        self.index = layer_idx
         self.first, self.last = layer_idx == 0, layer_idx == config.num_hidden_layers - 1
+        every = config.recompute_every
+        self.recompute = every > 0
+        keeps = lambda i: i > 0 and (i == config.num_hidden_layers - 1 or (every > 0 and i % every == 0))  # noqa: E731
+        # A layer that keeps the outputs it was given recomputes exactly; one that does not rebuilds them from its own
+        # outputs, which the next layer hands down (layer 0 takes no outputs and needs none).
+        self.keeps_previous = keeps(layer_idx)
+        self.hands_down = layer_idx > 1 and not keeps(layer_idx - 1)
+        self.rebuilt: dict[int, list[torch.Tensor]] = {}  # shared by the model's layers (CRNetForCausalLM)
         self.self_attn = CRNetAttention(config, layer_idx)
         if self.first:  # HF LLaMA's own layer 0: its modules, its init, its key names
             self.mlp = dense.mlp
@@ -117,26 +133,83 @@ class CRNetDecoderLayer(nn.Module):
         """The 7 projections in PROJECTIONS order."""
         return [getattr(self.self_attn, n) for n in PROJECTIONS[:4]] + [getattr(self.mlp, n) for n in PROJECTIONS[4:]]
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
-        if self.first:
-            hidden, previous = hidden_states, (None,) * len(PROJECTIONS)
-        else:
-            hidden, previous = hidden_states
+    def compute(self, hidden, previous, position_embeddings, attention_mask):
+        """(hidden out, the 7 projection outputs, the attention output) from the layer's input and the previous
+        layer's outputs (None in layer 0)."""
         modules = self.projections()
 
         def project(i: int, x: torch.Tensor) -> torch.Tensor:
-            return modules[i](x) if previous[i] is None else modules[i](x, previous[i])
+            return modules[i](x) if previous is None else modules[i](x, previous[i])
 
         x = self.input_layernorm(hidden)
         q, k, v = project(0, x), project(1, x), project(2, x)
-        o = project(3, self.self_attn.attend(q, k, v, *position_embeddings, attention_mask))
+        attended = self.self_attn.attend(q, k, v, *position_embeddings, attention_mask)
+        o = project(3, attended)
         hidden = hidden + o
         x = self.post_attention_layernorm(hidden)
         gate, up = project(4, x), project(5, x)
         down = project(6, self.mlp.act_fn(gate) * up)
-        hidden = hidden + down
+        return hidden + down, (q, k, v, o, gate, up, down), attended
+
+    def projection_inputs(self, hidden, attended, outputs) -> list[torch.Tensor]:
+        """X of each projection, from the layer's input, its attention output and its own projection outputs (what
+        the inverse needs; no attention is recomputed)."""
+        x = self.input_layernorm(hidden)
+        mid = self.post_attention_layernorm(hidden + outputs[3])
+        return [x, x, x, attended, mid, mid, self.mlp.act_fn(outputs[4]) * outputs[5]]
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        hidden, previous = (hidden_states, None) if self.first else hidden_states
+        if self.recompute and torch.is_grad_enabled():
+            result = InverseRecompute.apply(self, position_embeddings, attention_mask, hidden, *(previous or ()))
+            out, outputs = (result, None) if self.last else (result[0], tuple(result[1:]))
+        else:
+            out, outputs, _ = self.compute(hidden, previous, position_embeddings, attention_mask)
         # HF LlamaModel hands each layer's output to the next layer as is: the pair flows between layers.
-        return hidden if self.last else (hidden, (q, k, v, o, gate, up, down))
+        return out if self.last else (out, outputs)
+
+
+class InverseRecompute(torch.autograd.Function):
+    """One CR-Net layer that keeps for backward its input and either the previous layer's outputs it was given (every
+    k-th layer, the last) or its attention output. Backward gets the previous outputs back (kept, or rebuilt with the
+    inverse from this layer's own outputs, which the next layer's backward handed down), hands them down in turn,
+    runs the layer's forward again and backpropagates through it. The recompute calls the layer's own modules, so an
+    engine that gathers a layer's parameters for its backward (FSDP2, ZeRO-3) serves it; parameter gradients
+    accumulate through autograd as in any backward."""
+
+    @staticmethod
+    def forward(ctx, layer, position_embeddings, attention_mask, hidden, *previous):
+        out, outputs, attended = layer.compute(hidden, previous or None, position_embeddings, attention_mask)
+        ctx.layer, ctx.position_embeddings, ctx.attention_mask = layer, position_embeddings, attention_mask
+        if layer.first:
+            ctx.save_for_backward(hidden)
+        elif layer.keeps_previous:
+            ctx.save_for_backward(hidden, *previous)
+        else:
+            ctx.save_for_backward(hidden, attended)
+        return out if layer.last else (out, *outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        layer = ctx.layer
+        hidden, *saved = ctx.saved_tensors
+        previous = None
+        if layer.keeps_previous:
+            previous = saved
+        elif not layer.first:
+            outputs = layer.rebuilt.pop(layer.index)
+            with torch.no_grad():
+                inputs = layer.projection_inputs(hidden, saved[0], outputs)
+                previous = [m.previous_output(y, x) for m, y, x in zip(layer.projections(), outputs, inputs)]
+        if layer.hands_down:
+            layer.rebuilt[layer.index - 1] = previous
+        with torch.enable_grad():
+            hidden = hidden.detach().requires_grad_()
+            previous = [p.detach().requires_grad_() for p in previous] if previous is not None else None
+            out, outputs, _ = layer.compute(hidden, previous, ctx.position_embeddings, ctx.attention_mask)
+            pairs = [(t, g) for t, g in zip((out, *outputs), grads) if g is not None]
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        return None, None, None, hidden.grad, *(p.grad for p in previous or ())
 
 
 class CRNetForCausalLM(LlamaForCausalLM):
@@ -149,6 +222,9 @@ class CRNetForCausalLM(LlamaForCausalLM):
         dense = self.model.layers
         self.model.layers = nn.ModuleList(CRNetDecoderLayer(config, i, dense[0] if i == 0 else None)
                                           for i in range(config.num_hidden_layers))
+        rebuilt: dict[int, list[torch.Tensor]] = {}  # each layer's outputs, rebuilt by the next layer's backward
+        for layer in self.model.layers:
+            layer.rebuilt = rebuilt
 
 
 AutoConfig.register(CRNetConfig.model_type, CRNetConfig)

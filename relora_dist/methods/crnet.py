@@ -2,7 +2,7 @@
 output of that projection times a learned β plus a low-rank difference (`relora_dist.architectures.crnet`). Plain
 AdamW, no events: every engine runs it as it runs any model.
 
-The knobs live in the `crnet:` config section (--rank, --crnet-epsilon, --crnet-beta-init). The official code could
+The knobs live in the `crnet:` config section (--rank, --crnet-epsilon, --crnet-beta-init, --crnet-recompute-every). The official code could
 not be fetched; docs/METHODS.md lists what follows the paper and what is our choice.
 """
 
@@ -24,12 +24,18 @@ class CRNetSettings:
     """ε in β̃ = sign(β)(|β| + ε): how close to zero a carried output's weight may get."""
     beta_init: float = 1.0
     """Initial β of every projection of layers >= 1 (1: each layer starts by carrying the previous one's outputs)."""
+    recompute_every: int = 0
+    """The paper's inverse recomputation: 0 off (plain autograd); k > 0 recomputes every layer in backward, every k-th
+    layer and the last keep the previous layer's outputs, the others rebuild them with Y_{l-1} = (Y_l - X_l A_l B_l) /
+    β̃_l and keep 2 hidden-wide tensors a token (1: every layer keeps them, no inverse, exact)."""
 
     def __post_init__(self):
         if self.rank is not None and self.rank <= 0:
             raise ValueError(f"crnet rank must be > 0, got {self.rank} (--rank)")
         if self.epsilon < 0:
             raise ValueError(f"crnet epsilon must be >= 0, got {self.epsilon} (--crnet-epsilon)")
+        if self.recompute_every < 0:
+            raise ValueError(f"crnet recompute_every must be >= 0, got {self.recompute_every} (--crnet-recompute-every)")
 
 
 @register_method
@@ -40,15 +46,21 @@ class CRNet(Method):
     config_class = CRNetSettings
     cost_structure = "crnet"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if self.settings.recompute_every:
+            self.cost_structure = "crnet_recompute"  # every layer's forward runs again in backward
+
     def validate(self):
         super().validate()
         if self.cfg.train.activation_checkpointing:
             raise ValueError("--activation-checkpointing does not reach CR-Net's layers (they pass 7 projection outputs"
-                             " between them, which HF's per-layer checkpointing does not carry): drop it for --method crnet")
+                             " between them): use --crnet-recompute-every K for --method crnet")
 
     def model_config(self, config):
         s = self.settings
-        return crnet_config(config, rank=s.rank, epsilon=s.epsilon, beta_init=s.beta_init)
+        return crnet_config(config, rank=s.rank, epsilon=s.epsilon, beta_init=s.beta_init,
+                            recompute_every=s.recompute_every)
 
     def build_model(self, config):
         return CRNetForCausalLM(config)

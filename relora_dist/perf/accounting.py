@@ -14,7 +14,9 @@ real optimizer state (tests/test_perf_accounting.py).
   (less the last layer's final B, 2 r h, which needs no recompute), and the attention products' forward once more
   (9 s h per layer).
 - CR-Net: layer 0 dense (N_other), the later layers' low-rank differences (N_lora) and one β per projection (counted
-  with the norms); executed as CoLA. N_lin is then the dense projections CR-Net replaced, for reference only.
+  with the norms); executed as CoLA, or with its inverse recomputation every layer's forward once more:
+  8(N_lora + N_other) + 6 N_head and 9 s h per layer. N_lin is then the dense projections CR-Net replaced, for
+  reference only.
 - MFU convention (PaLM / nanoGPT / torchtitan): 6 N + 12 L h s FLOPs per token, N = the full-rank model's
   parameters (CoLA's: its own, smaller model). HFU uses the executed FLOPs.
 """
@@ -29,8 +31,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # How a method's parameters, FLOPs and bytes are counted (relora_dist.methods.Method.cost_structure): every weight
 # trains; frozen projections plus trainable low-rank factors; every projection a trainable bottleneck (CoLA), and
 # that with every layer's forward recomputed in backward (CoLA-M).
-COST_STRUCTURES = ("full", "relora", "cola", "cola_m", "crnet")
-BOTTLENECK = ("cola", "cola_m", "crnet")  # nothing frozen: every parameter held trains
+COST_STRUCTURES = ("full", "relora", "cola", "cola_m", "crnet", "crnet_recompute")
+BOTTLENECK = ("cola", "cola_m", "crnet", "crnet_recompute")  # nothing frozen: every parameter held trains
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,12 @@ class ModelCounts:
             dense = 4 * self.n_lin + 6 * self.n_lora + rest
         elif method in ("cola", "crnet"):  # CR-Net's β Y_prev is elementwise: no GEMM
             dense = 6 * self.n_lora + rest
-        else:  # cola_m: the layers' forward once more in backward, but for the last segment's B, whose inputs the
-            # checkpoint keeps anyway (nothing to recompute)
+        elif method == "cola_m":  # the layers' forward once more in backward, but for the last segment's B, whose
+            # inputs the checkpoint keeps anyway (nothing to recompute)
             dense = 8 * self.n_lora - 2 * self.rank * self.hidden + rest
+            products = 9 * self.seq_len * self.hidden * self.layers
+        else:  # crnet_recompute: every layer's forward (layer 0's dense projections too) once more in backward
+            dense = 8 * (self.n_lora + self.n_other) + 6 * self.n_head
             products = 9 * self.seq_len * self.hidden * self.layers
         return dense + (products if attention else 0)
 

@@ -79,3 +79,13 @@ def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, method: str, ele
 def head_bytes_per_token(vocab_size: int) -> int:
     """The loss upcasts the logits to fp32 and keeps them for backward, whatever the compute dtype: 4 V."""
     return 4 * vocab_size
+
+
+def crnet_recompute_layer_bytes(hidden: int, ffn: int, *, element_size: int, keeps_previous: bool,
+                                kv_width: int | None = None) -> int:
+    """Saved bytes per token of a CR-Net layer >= 1 under --crnet-recompute-every (measured exactly,
+    tests/test_crnet.py): its input and its attention output, e 2h; or, in a layer that keeps the previous layer's 7
+    outputs, its input and those (q h, k and v kv_width each, o h, gate and up ff each, down h)."""
+    kv = hidden if kv_width is None else kv_width
+    outputs = 3 * hidden + 2 * kv + 2 * ffn
+    return element_size * (hidden + (outputs if keeps_previous else hidden))

@@ -51,6 +51,8 @@ class ActivationCoefficients:
             return cls(4, 0, 14, layer=0)
         if method == "crnet":  # full rank's plus e(4h + 7r) (layer 0, a full-rank layer, counted alike)
             return cls(36, 8, 14)
+        if method == "crnet_recompute":  # the input and the attention output, e 2h (every layer rebuilding)
+            return cls(4, 0, 0, layer=0)
         if dropout == 0:
             return cls(28, 8, 14)
         if dropout_path == "cuda":  # fused native_dropout: a bool mask and the bf16 output
@@ -230,10 +232,10 @@ def _per_token(w: Workload) -> dict[str, float]:
         io = c.n_lora / r
         t["lora_f"], t["lora_b"] = 2 * c.n_lora, 4 * c.n_lora
         t["lora_bytes_f"], t["lora_bytes_b"] = 2 * io + 28 * r * L, 4 * io + 56 * r * L
-    if w.method == "cola_m":  # backward runs every layer's forward again first
+    if w.method in ("cola_m", "crnet_recompute"):  # backward runs every layer's forward again first
         for key in ("lora", "lora_bytes", "bytes"):
             t[f"{key}_b"] += t[f"{key}_f"]
-        t["gemm_b"] += attention_f
+        t["gemm_b"] += attention_f + (2 * c.n_other if w.method == "crnet_recompute" else 0)  # CR-Net's dense layer 0
     return t
 
 
