@@ -50,7 +50,7 @@ def throughput_section(data: dict) -> str:
         "## Throughput (`relora-bench`)",
         f"{_machine(data)} Preset {r0['preset']}, vocab {_arg(data, '--vocab-size', 32100)}, seq {r0['seq_len']}, {r0['dtype']}, "
         f"{r0['world_size']} ranks, micro-batch {r0['micro_batch_size']} x {r0['accumulation_steps']} accumulation; "
-        f"ReLoRA r={r0['rank'] if r0['rank'] else next((r['rank'] for r in rows if r['rank']), '-')}. MFU/HFU against "
+        f"every low-rank method (the LoRA family, CoLA, CR-Net) at r={r0['rank'] if r0['rank'] else next((r['rank'] for r in rows if r['rank']), '-')}. MFU/HFU against "
         f"{r0['peak_source']} ({r0['peak_flops_per_gpu'] / 1e9:.0f} GFLOP/s). {_timing(r0)} Every method in its last "
         "phase (the low-rank one for LoRA+WS and ReLoRA: a warm start runs at full rank's speed); Control is the "
         "smaller full-rank model. Exposed comm: fwd+bwd above a compute-only "
