@@ -53,33 +53,25 @@ def test_executed_flops_per_token_are_exact(method, targets):
     assert method == "full" or saved > 0  # the tiny model still saves the dW GEMMs of frozen W
 
 
-@pytest.mark.parametrize("structure", ["crnet", "crnet_recompute"])
-def test_crnet_flops_per_token_are_exact(structure):
-    """Layer 0 dense and the low-rank differences (β Y_prev is elementwise); the inverse recomputation runs every
-    layer's forward once more."""
-    from relora_dist.architectures.crnet import CRNetForCausalLM, crnet_config
+def architecture(structure: str):
+    """The tiny config built as the architecture a cost structure counts."""
+    from relora_dist.architectures.cola import cola_config
+    from relora_dist.architectures.crnet import crnet_config
 
-    config = crnet_config(tiny(), rank=RANK, epsilon=1e-3, beta_init=1.0,
-                          recompute_every=2 if structure == "crnet_recompute" else 0)
-    torch.manual_seed(0)
-    model = CRNetForCausalLM(config)
-    counts = ModelCounts.from_config(config, rank=None, seq_len=SEQ)
-    assert counts.held(structure) == sum(p.numel() for p in model.parameters())
-    tokens = torch.randint(0, 97, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=tokens, labels=tokens).loss.backward()
-    assert counter.get_total_flops() == counts.executed_flops_per_token(structure, attention=False) * BATCH * SEQ
+    if structure.startswith("crnet"):
+        return crnet_config(tiny(), rank=RANK, epsilon=1e-3, beta_init=1.0,
+                            recompute_every=2 if structure == "crnet_recompute" else 0)
+    return cola_config(tiny(), rank=RANK, only_lr_act=False, memory_efficient=structure == "cola_m")
 
 
-@pytest.mark.parametrize("structure", ["cola", "cola_m"])
-def test_cola_flops_per_token_are_exact(structure):
-    """CoLA: 6 N_lora + 6 N_head forward + backward; CoLA-M recomputes every layer's forward once more (8 N_lora).
-    Attention products are not counted on the CPU (as above)."""
+@pytest.mark.parametrize("structure", ["cola", "cola_m", "crnet", "crnet_recompute"])
+def test_architecture_flops_per_token_are_exact(structure):
+    """CoLA: 6 N_lora + 6 N_head forward + backward; CoLA-M recomputes every layer's forward once more (8 N_lora);
+    CR-Net: layer 0 dense plus the low-rank differences (β Y_prev is elementwise), its inverse recomputation every
+    layer's forward once more. Attention products are not counted on the CPU (as above)."""
     from transformers import AutoModelForCausalLM
 
-    from relora_dist.architectures.cola import cola_config
-
-    config = cola_config(tiny(), rank=RANK, only_lr_act=False, memory_efficient=structure == "cola_m")
+    config = architecture(structure)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     counts = ModelCounts.from_config(config, rank=None, seq_len=SEQ)

@@ -1,5 +1,6 @@
-"""HF LLaMA's attention between its projections, for decoder layers that compute the projections themselves
-(CoLA-M, CR-Net): the same rotary embedding and the attention kernel transformers is configured with (sdpa)."""
+"""What the architectures share with HF LLaMA: its shape (`llama_shape`), and its attention between the projections
+for decoder layers that compute the projections themselves (CoLA-M, CR-Net): the same rotary embedding and the
+attention kernel transformers is configured with (sdpa)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+
+def llama_shape(base) -> dict:
+    """A LLaMA config's values without its identity (model type, architectures, version), for another config class."""
+    return {k: v for k, v in base.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
 
 
 class AttentionCore(nn.Module):

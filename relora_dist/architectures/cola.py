@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from .attention import AttentionCore
+from .attention import AttentionCore, llama_shape
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -67,9 +67,7 @@ class ColaMConfig(ColaConfig):
 def cola_config(base: LlamaConfig, *, rank: int | None, only_lr_act: bool | None,
                 memory_efficient: bool = False) -> ColaConfig:
     """The CoLA (or CoLA-M) config of a LLaMA shape; unset knobs follow the official config of that size."""
-    values = base.to_dict()
-    for key in ("model_type", "architectures", "transformers_version"):
-        values.pop(key, None)
+    values = llama_shape(base)
     hidden = base.hidden_size
     values["rank"] = rank if rank is not None else OFFICIAL_RANKS.get(hidden, hidden // 4)
     values["only_lr_act"] = only_lr_act if only_lr_act is not None else hidden >= ONLY_LR_ACT_FROM_HIDDEN

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from .attention import AttentionCore
+from .attention import AttentionCore, llama_shape
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -55,8 +55,7 @@ class CRNetConfig(LlamaConfig):
 
 def crnet_config(base: LlamaConfig, *, rank: int | None, epsilon: float, beta_init: float,
                  recompute_every: int = 0) -> CRNetConfig:
-    values = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
-    return CRNetConfig(**(values | {"rank": rank, "epsilon": epsilon, "beta_init": beta_init,
+    return CRNetConfig(**(llama_shape(base) | {"rank": rank, "epsilon": epsilon, "beta_init": beta_init,
                                     "recompute_every": recompute_every}))
 
 

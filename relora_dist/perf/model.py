@@ -95,9 +95,8 @@ class Workload:
 
     @classmethod
     def from_config(cls, config, *, rank: int, seq_len: int, **kwargs) -> Workload:
-        counts = ModelCounts.from_config(config, rank=rank, seq_len=seq_len)
-        rank = getattr(config, "rank", None) or rank or 0  # a CoLA config carries its own
-        return cls(counts=counts, ffn=config.intermediate_size, rank=rank,
+        counts = ModelCounts.from_config(config, rank=rank, seq_len=seq_len)  # resolves a CoLA config's own rank
+        return cls(counts=counts, ffn=config.intermediate_size, rank=counts.rank,
                    only_lr_act=getattr(config, "only_lr_act", False), **kwargs)
 
     @property
