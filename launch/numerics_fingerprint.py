@@ -42,6 +42,8 @@ METHOD_ARGS = {
     "cola": [],
     "cola_m": [],
     "crnet": ["--crnet-recompute-every", "2"],  # the inverse recomputation is the path worth fingerprinting
+    "galore": ["--galore-update-gap", "5"],  # refreshes at 0, 5, 10 (ZeRO-2/3 entries record the refusal)
+    "fira": ["--galore-update-gap", "5"],
 }
 ENGINES = {
     "single": (1, "python", []),

@@ -21,6 +21,11 @@ from torch import nn
 # Flat elements [lo, hi) of a parameter's full flattened tensor.
 Range = tuple[nn.Parameter, int, int]
 
+# What the tensors an engine's optimizer steps are (`Backend.optimizer_layout`, `Method.check_optimizer_layout`):
+# whole parameters (single process, DDP, ZeRO-0, the owners of OSS / ZeroRedundancyOptimizer), DTensor row shards
+# of each parameter (FSDP2), or flat partitions that cut across parameters (DeepSpeed ZeRO-1/2/3, BF16_Optimizer).
+OPTIMIZER_LAYOUTS = ("whole", "rows", "flat")
+
 
 @dataclass
 class Piece:
@@ -258,5 +263,5 @@ class FlatRangeShards(PartitionedAccess):
         return out
 
 
-__all__ = ["Piece", "Range", "TensorAccess", "ReplicatedAccess", "PartitionedAccess", "FlatRangeShards",
+__all__ = ["OPTIMIZER_LAYOUTS", "Piece", "Range", "TensorAccess", "ReplicatedAccess", "PartitionedAccess", "FlatRangeShards",
            "write_pieces", "range_key"]

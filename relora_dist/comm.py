@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 # name -> index of the argument whose size is the payload (the output buffer for gathers).
 _PAYLOAD_ARG = {
-    "all_reduce": 0, "broadcast": 0, "reduce": 0, "all_gather": 0, "all_gather_into_tensor": 0,
+    "all_reduce": 0, "broadcast": 0, "reduce": 0, "gather": 0, "all_gather": 0, "all_gather_into_tensor": 0,
     "reduce_scatter": 0, "reduce_scatter_tensor": 0, "all_to_all_single": 0, "all_to_all": 0,
     "_all_gather_base": 0, "_reduce_scatter_base": 0, "all_gather_coalesced": 0, "all_reduce_coalesced": 0,
     "send": 0, "recv": 0, "isend": 0, "irecv": 0,

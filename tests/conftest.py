@@ -148,3 +148,55 @@ def killed_run(args, out: Path, *, nproc=2, launcher="torchrun") -> str:
     assert lag < KILL_DEADLINE_S, f"{fault}: the job took {lag:.0f} s to notice a dead rank"
     assert [m["step"] for m in read_metrics(out)] == list(range(1, attempt)), fault
     return fault
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Several relora-train runs in one launch (tests/dist/method_runs.py): the engine tests of the non-ReLoRA methods.
+METHOD_RUNS = REPO / "tests" / "dist" / "method_runs.py"
+ENGINE_FLAGS = {
+    "ddp": ["--backend", "ddp"],
+    "zero0": ["--deepspeed", REPO / "launch" / "configs" / "zero0.json"],
+    "zero1": ["--deepspeed", REPO / "launch" / "configs" / "zero1.json"],
+    "zero2": ["--deepspeed", REPO / "launch" / "configs" / "zero2.json"],
+    "zero3": ["--deepspeed", REPO / "launch" / "configs" / "zero3.json"],
+    "fsdp2": ["--backend", "fsdp2"],
+    "fairscale": ["--backend", "fairscale"],
+    "zero_redundancy": ["--backend", "zero_redundancy"],
+}
+
+
+def launch_runs(cases: list[dict], common: list, *, nproc: int, tmp_path) -> str:
+    spec = tmp_path / f"cases_{nproc}.json"
+    spec.write_text(json.dumps({"common": [str(a) for a in common],
+                                "cases": [{**c, "args": [str(a) for a in c["args"]]} for c in cases]}))
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(METHOD_RUNS), str(spec)]
+    else:
+        cmd = [sys.executable, str(METHOD_RUNS), str(spec)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=launch_env())
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
+    for case in cases:
+        assert f"RUN OK {case['name']}" in out.stdout, case["name"]
+    return out.stdout
+
+
+def distance(a: dict, b: dict) -> float:
+    return sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a).sqrt().item()
+
+
+def run_case(name, tmp_path, *args, env=None, export=True):
+    out = tmp_path / name
+    return {"name": name, "args": [*args, "--out", out, *(["--export-merged", out / "hf"] if export else [])],
+            "env": env or {}}
+
+
+def initial_weights(run) -> dict:
+    """The model every run starts from: relora-train seeds with --seed (0) and builds the method's architecture
+    (registered with the Auto classes when relora_dist is imported)."""
+    from transformers import AutoModelForCausalLM
+
+    from relora_dist.models import config_from_dict
+
+    config = config_from_dict(json.loads(next((run / "checkpoints").glob("step_*/model_config.json")).read_text()))
+    torch.manual_seed(0)
+    return {k: v.detach() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}

@@ -4,31 +4,18 @@ another world size, bf16, --compile, replica checks and a NaN skipped everywhere
 (tests/dist/method_runs.py)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, SMALL, exported, launch_env, max_relative_difference, read_metrics, run_cli
+from conftest import (ENGINE_FLAGS, SMALL, distance, exported, initial_weights, launch_runs, max_relative_difference, read_metrics, run_case,
+                      run_cli)
 import relora_dist  # noqa: F401  (registers the architectures with the Auto classes)
-from relora_dist.models import config_from_dict
 
 METHODS = ["cola", "cola_m", "crnet"]
-DRIVER = REPO / "tests" / "dist" / "method_runs.py"
-CONFIGS = REPO / "launch" / "configs"
 RUN = ["--steps", "10", "--lr", "0.01", "--grad-clip", "0.5", "--weight-decay", "0.01"]
-FP32_ENGINES = {
-    "ddp": ["--backend", "ddp"],
-    "zero0": ["--deepspeed", CONFIGS / "zero0.json"],
-    "zero1": ["--deepspeed", CONFIGS / "zero1.json"],
-    "zero2": ["--deepspeed", CONFIGS / "zero2.json"],
-    "zero3": ["--deepspeed", CONFIGS / "zero3.json"],
-    "fsdp2": ["--backend", "fsdp2"],
-    "fairscale": ["--backend", "fairscale"],
-    "zero_redundancy": ["--backend", "zero_redundancy"],
-}
+FP32_ENGINES = ENGINE_FLAGS
 BF16_ENGINES = ("zero0", "zero1", "zero2", "zero3", "fsdp2")
 HOPS = ("ddp", "fsdp2", "zero3")  # stopped on 2 ranks, resumed on 1
 # A method's own recomputation, on the engines that gather parameters per layer (and DDP, ZeRO-2): the same run.
@@ -36,56 +23,24 @@ RECOMPUTE = {"crnet": ["--crnet-recompute-every", "2"]}
 RECOMPUTE_ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
 
 
-def launch(cases: list[dict], common: list, *, nproc: int, tmp_path) -> str:
-    spec = tmp_path / f"cases_{nproc}.json"
-    spec.write_text(json.dumps({"common": [str(a) for a in common],
-                                "cases": [{**c, "args": [str(a) for a in c["args"]]} for c in cases]}))
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(DRIVER), str(spec)]
-    else:
-        cmd = [sys.executable, str(DRIVER), str(spec)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=launch_env())
-    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
-    for case in cases:
-        assert f"RUN OK {case['name']}" in out.stdout, case["name"]
-    return out.stdout
-
-
-def initial_weights(run) -> dict:
-    """The model every run starts from: relora-train seeds with --seed (0) and builds the method's architecture."""
-    config = config_from_dict(json.loads(next((run / "checkpoints").glob("step_*/model_config.json")).read_text()))
-    torch.manual_seed(0)
-    return {k: v.detach() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
-
-
-def distance(a: dict, b: dict) -> float:
-    return sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a).sqrt().item()
-
-
-def case(name, tmp_path, *args, env=None, export=True):
-    out = tmp_path / name
-    return {"name": name, "args": [*args, "--out", out, *(["--export-merged", out / "hf"] if export else [])],
-            "env": env or {}}
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method):
     common = SMALL + RUN + ["--method", method, "--micro-batch-size", "2"]
-    two_rank = [case(name, tmp_path, *flags) for name, flags in FP32_ENGINES.items()]
-    two_rank += [case(f"{name}-bf16", tmp_path, *FP32_ENGINES[name], "--dtype", "bf16") for name in BF16_ENGINES]
-    two_rank += [case(f"{name}-hop", tmp_path, *FP32_ENGINES[name], "--stop-after", "5", "--save-every", "5", export=False)
+    two_rank = [run_case(name, tmp_path, *flags) for name, flags in FP32_ENGINES.items()]
+    two_rank += [run_case(f"{name}-bf16", tmp_path, *FP32_ENGINES[name], "--dtype", "bf16") for name in BF16_ENGINES]
+    two_rank += [run_case(f"{name}-hop", tmp_path, *FP32_ENGINES[name], "--stop-after", "5", "--save-every", "5", export=False)
                  for name in HOPS]
-    two_rank += [case("ddp-split", tmp_path, "--stop-after", "6", "--save-every", "3", export=False),
-                 case("ddp-split", tmp_path, "--resume"),
-                 case("ddp-nan", tmp_path, "--check-replicas", "true", env={"RELORA_INJECT_FAULTS": "nan_loss:4:rank=1"})]
+    two_rank += [run_case("ddp-split", tmp_path, "--stop-after", "6", "--save-every", "3", export=False),
+                 run_case("ddp-split", tmp_path, "--resume"),
+                 run_case("ddp-nan", tmp_path, "--check-replicas", "true", env={"RELORA_INJECT_FAULTS": "nan_loss:4:rank=1"})]
     recomputed = [f"{name}-recompute" for name in RECOMPUTE_ENGINES] if method in RECOMPUTE else []
-    two_rank += [case(name, tmp_path, *FP32_ENGINES[name.removesuffix("-recompute")], *RECOMPUTE[method])
+    two_rank += [run_case(name, tmp_path, *FP32_ENGINES[name.removesuffix("-recompute")], *RECOMPUTE[method])
                  for name in recomputed]
-    launch(two_rank, common, nproc=2, tmp_path=tmp_path)
-    one_rank = [case("reference", tmp_path, "--micro-batch-size", "4"), case("reference-bf16", tmp_path, "--dtype", "bf16"),
-                case("compiled", tmp_path, "--compile", "true")]
-    one_rank += [case(f"{name}-hop", tmp_path, *FP32_ENGINES[name], "--resume") for name in HOPS]
-    launch(one_rank, common, nproc=1, tmp_path=tmp_path)
+    launch_runs(two_rank, common, nproc=2, tmp_path=tmp_path)
+    one_rank = [run_case("reference", tmp_path, "--micro-batch-size", "4"), run_case("reference-bf16", tmp_path, "--dtype", "bf16"),
+                run_case("compiled", tmp_path, "--compile", "true")]
+    one_rank += [run_case(f"{name}-hop", tmp_path, *FP32_ENGINES[name], "--resume") for name in HOPS]
+    launch_runs(one_rank, common, nproc=1, tmp_path=tmp_path)
 
     reference = tmp_path / "reference"
     losses = [m["loss"] for m in read_metrics(reference)]

@@ -93,6 +93,11 @@ class Backend(ABC):
                       max_norm: float) -> None:
         """Reject what this engine would reject at setup, before any rank starts work (one-line ValueError)."""
 
+    @classmethod
+    def optimizer_layout(cls, options, *, dtype: str) -> str:
+        """What the tensors this engine's optimizer steps are (`access.OPTIMIZER_LAYOUTS`): whole parameters here."""
+        return "whole"
+
     # -- lifecycle ------------------------------------------------------------------------------------
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], param_groups: list[dict]) -> None:

@@ -135,6 +135,15 @@ class DeepSpeedBackend(Backend):
         if importlib.util.find_spec("deepspeed") is None:  # not imported here: that takes seconds
             raise ValueError("--backend deepspeed needs the deepspeed package (pip install deepspeed)")
 
+    @classmethod
+    def optimizer_layout(cls, options, *, dtype):
+        """Stage 0 hands the optimizer whole parameters (fp32, or bf16's per-parameter fp32 copies); ZeRO-1/2/3 and
+        BF16_Optimizer (bf16 with fp32 gradient accumulation) hand it flat partitions."""
+        config = load_engine_config(options.config)
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        fp32_accumulation = config.get("data_types", {}).get("grad_accum_dtype") in ("fp32", "float32")
+        return "whole" if stage == 0 and not (dtype == "bf16" and fp32_accumulation) else "flat"
+
     # -- engine lifecycle ---------------------------------------------------------------------------
     def setup(self, model, make_optimizer, param_groups):
         import deepspeed

@@ -95,6 +95,10 @@ class FSDP2Backend(Backend):
         self._model: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
 
+    @classmethod
+    def optimizer_layout(cls, options, *, dtype):
+        return "rows"
+
     # -- lifecycle ----------------------------------------------------------------------------------
     def setup(self, model, make_optimizer, param_groups):
         self.ensure_process_group()  # FSDP2 needs a mesh even in a plain single process
@@ -161,7 +165,14 @@ class FSDP2Backend(Backend):
         return RowShards(self._optimizer, None, self.device)
 
     def replicated_named_tensors(self):
-        return list(self._model.named_buffers())  # every parameter is sharded
+        """Buffers, and the optimizer states that are plain tensors (step counters, a method's projectors): every
+        parameter and its DTensor states are sharded."""
+        out = list(self._model.named_buffers())
+        for name, param in self._model.named_parameters():
+            for key, value in self._optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+                    out.append((f"{name}/{key}", value))
+        return out
 
     # -- checkpoints and export -----------------------------------------------------------------------
     def save(self, directory, trainer_state):

@@ -76,6 +76,10 @@ class Method:
             raise ValueError(f"--method {self.name} does not support --backend {self.cfg.train.backend}"
                              f" (supported: {', '.join(self.engines)})")
 
+    def check_optimizer_layout(self, layout: str) -> None:
+        """Reject an engine whose optimizer steps tensors this method's optimizer cannot use (`layout` is one of
+        `access.OPTIMIZER_LAYOUTS`: whole parameters, row shards, flat partitions). Default: any."""
+
     def phases(self) -> list[tuple[int, int]]:
         """[start, end) update ranges with one model structure each; a rebuild event ends each but the last."""
         return [(0, self.total_steps)]

@@ -31,7 +31,9 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # How a method's parameters, FLOPs and bytes are counted (relora_dist.methods.Method.cost_structure): every weight
 # trains; frozen projections plus trainable low-rank factors; every projection a trainable bottleneck (CoLA), and
 # that with every layer's forward recomputed in backward (CoLA-M).
-COST_STRUCTURES = ("full", "relora", "cola", "cola_m", "crnet", "crnet_recompute")
+COST_STRUCTURES = ("full", "relora", "cola", "cola_m", "crnet", "crnet_recompute", "galore", "fira")
+# Full-rank models whose optimizer keeps rank-r projected moments and a projector per projection (GaLore, Fira).
+PROJECTED_STATE = ("galore", "fira")
 BOTTLENECK = ("cola", "cola_m", "crnet", "crnet_recompute")  # nothing frozen: every parameter held trains
 
 
@@ -47,6 +49,8 @@ class ModelCounts:
     n_emb: int
     n_norm: int
     rank: int = 0
+    n_projected_state: int = 0
+    """GaLore's optimizer state elements of the projections: per matrix 2 r max(m, n) moments and an r min(m, n) P."""
 
     @classmethod
     def from_config(cls, config: LlamaConfig, *, rank: int | None, seq_len: int, targets=PROJECTIONS) -> "ModelCounts":
@@ -72,6 +76,7 @@ class ModelCounts:
             n_emb=v * h,
             n_norm=(2 * L + 1) * h,
             rank=rank,
+            n_projected_state=L * sum(_projected_state(i, o, rank) for i, o in shapes.values()),
         )
 
     @property
@@ -81,13 +86,20 @@ class ModelCounts:
 
     def trainable(self, method: str) -> int:
         _check(method)
-        return self.n_full if method == "full" else self.n_lora + self.n_other + self.n_head + self.n_emb + self.n_norm
+        return self.n_full if method in ("full", *PROJECTED_STATE) else self.n_lora + self.n_other + self.n_head + self.n_emb + self.n_norm
 
     def held(self, method: str) -> int:
         """Parameters resident on a replica (frozen W included)."""
         if method in BOTTLENECK:
             return self.trainable(method)
-        return self.n_full if method == "full" else self.n_full + self.n_lora
+        return self.n_full if method in ("full", *PROJECTED_STATE) else self.n_full + self.n_lora
+
+    def optimizer_elements(self, method: str) -> int:
+        """Adam state elements (both moments; GaLore's projectors too): 2 per trainable parameter, the projected moments
+        and P in place of the projections' for GaLore and Fira (Fira's one limiter scalar per matrix not counted)."""
+        if method in PROJECTED_STATE:
+            return 2 * (self.n_full - self.n_lin - self.n_other) + self.n_projected_state
+        return 2 * self.trainable(method)
 
     def executed_flops_per_token(self, method: str, *, attention: bool = True) -> int:
         """Forward + backward FLOPs actually run per token (dense GEMMs; attention products optional)."""
@@ -95,7 +107,7 @@ class ModelCounts:
         rest = 6 * (self.n_other + self.n_head)
         # Causal flash attention: QK^T and PV over half the (s x s) scores, 2 s h forward, 5 s h backward.
         products = 7 * self.seq_len * self.hidden * self.layers
-        if method == "full":
+        if method in ("full", *PROJECTED_STATE):  # projecting the gradient is the optimizer's, not per token
             dense = 6 * self.n_lin + rest
         elif method == "relora":
             dense = 4 * self.n_lin + 6 * self.n_lora + rest
@@ -115,6 +127,12 @@ class ModelCounts:
         its baselines, CoLA's own for CoLA)."""
         n = self.held(method) if method in BOTTLENECK else self.n_full
         return 6 * n + 12 * self.layers * self.hidden * self.seq_len
+
+
+def _projected_state(fan_in: int, fan_out: int, rank: int) -> int:
+    """GaLore's state of one (fan_out x fan_in) weight: moments r x max side, P r x min side (r capped by both sides)."""
+    r = min(rank, fan_in, fan_out)
+    return 2 * r * max(fan_in, fan_out) + r * min(fan_in, fan_out)
 
 
 def _check(method: str) -> None:
@@ -151,7 +169,7 @@ def static_bytes(counts: ModelCounts, method: str, precision: Precision) -> dict
         "parameters": precision.weights * held,
         "master": precision.master * trainable,
         "gradients": precision.grads * trainable,
-        "optimizer": precision.adam * trainable,
+        "optimizer": precision.adam * counts.optimizer_elements(method) // 2,
     }
 
 

@@ -277,6 +277,7 @@ FLAG_NAMES = {
     ("relora", "dropout_mask"): "lora-dropout-mask",
     ("deepspeed", "config"): "deepspeed",
     ("fsdp2", "reshard_after_forward"): "fsdp-reshard-after-forward",
+    ("galore", "limiter"): "fira-limiter",
 }
 BARE_FLAG_SECTIONS = ("model", "data", "optim", "train", "relora")
 # Fields every method section may have, set by one flag for the method in use (--rank: the rank of every

@@ -39,9 +39,10 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> RunPlan:
     method.validate()
     t = cfg.train
     accumulation = split_batch(t.global_batch_size, world_size=world_size, micro_batch_size=t.micro_batch_size)
-    backend_class(t.backend).check_options(cfg.engine_options() or NoOptions(), dtype=t.dtype,
-                                           micro_batch_size=t.micro_batch_size, accumulation_steps=accumulation,
-                                           world_size=world_size, max_norm=cfg.optim.grad_clip)
+    engine, options = backend_class(t.backend), cfg.engine_options() or NoOptions()
+    engine.check_options(options, dtype=t.dtype, micro_batch_size=t.micro_batch_size, accumulation_steps=accumulation,
+                         world_size=world_size, max_norm=cfg.optim.grad_clip)
+    method.check_optimizer_layout(engine.optimizer_layout(options, dtype=t.dtype))
     if t.compile:
         check_compile(t.compile_backend, cuda=torch.cuda.is_available())
     check_model(cfg, method)

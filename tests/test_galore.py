@@ -1,0 +1,252 @@
+"""GaLore / Fira's projected AdamW (relora_dist.optim.ProjectedAdamW) against the oracles of research/peers_impl.md
+sections 2.5 and 3.5: the official update transcribed, an identity projector, Adam on the rotated weights, the row
+space, the refresh schedule, Fira's residual, scaling and limiter; and the method's groups and refusals."""
+
+import math
+
+import pytest
+import torch
+
+from relora_dist.optim.projected_adamw import ProjectedAdamW, fira_scaling, fix_signs
+
+BETAS, EPS = (0.9, 0.999), 1e-6
+
+
+def projected_group(params, *, rank=2, gap=3, scale=0.25, proj="std", residual="none", limiter=1.01):
+    return {"params": params, "rank": rank, "update_gap": gap, "scale": scale, "proj": proj, "residual": residual,
+            "limiter": limiter}
+
+
+def problem(shapes, steps, seed=0, dtype=torch.float32):
+    """Weights and, per step, inputs and targets of 0.5 |W X - Y|^2 for each shape."""
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(m, n, generator=g, dtype=dtype) for m, n in shapes]
+    data = [[(torch.randn(n, 5, generator=g, dtype=dtype), torch.randn(m, 5, generator=g, dtype=dtype)) for m, n in shapes]
+            for _ in range(steps)]
+    return weights, data
+
+
+def set_grads(params, batch):
+    for p, (x, y) in zip(params, batch):
+        p.grad = (p.detach() @ x - y) @ x.T
+
+
+def official_run(weights, data, *, rank, gap, scale, proj, residual, lr, wd, limiter=1.01):
+    """jiaweizzhao/GaLore `adamw.py` and xichen-fy/Fira `fira_adamw.py` (GaLoreProjector / GradientProjector with 'std',
+    'right' or 'left'), transcribed for plain matrices; P from the same SVD with the same sign convention."""
+    weights = [w.clone() for w in weights]
+    states = [{} for _ in weights]
+    history = []
+    for batch in data:
+        for w, (x, y), state in zip(weights, batch, states):
+            grad = (w @ x - y) @ x.T
+            state.setdefault("step", 0)
+            left = proj == "left" or (proj == "std" and grad.shape[0] < grad.shape[1])
+            if "P" not in state or state["step"] % gap == 0:
+                u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+                state["P"] = fix_signs(u[:, :rank], dim=0) if left else fix_signs(vh[:rank], dim=1)
+            P = state["P"]
+            low = P.t() @ grad if left else grad @ P.t()
+            if "exp_avg" not in state:
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
+            state["step"] += 1
+            state["exp_avg"].mul_(BETAS[0]).add_(low, alpha=1 - BETAS[0])
+            state["exp_avg_sq"].mul_(BETAS[1]).addcmul_(low, low, value=1 - BETAS[1])
+            denom = state["exp_avg_sq"].sqrt().add_(EPS)
+            step_size = lr * math.sqrt(1 - BETAS[1] ** state["step"]) / (1 - BETAS[0] ** state["step"])
+            norm_grad = state["exp_avg"] / denom
+            back = (lambda t: P @ t) if left else (lambda t: t @ P)
+            if residual == "fira":
+                subgrad = back(low) * scale
+                norm_dim = 0 if norm_grad.shape[0] < norm_grad.shape[1] else 1
+                factor = torch.norm(norm_grad, dim=norm_dim) / (torch.norm(low, dim=norm_dim) + 1e-8)
+                if norm_dim == 1:
+                    factor = factor.unsqueeze(1)
+                scaling_grad = (grad - subgrad) * factor
+                if "scaling_grad" in state:
+                    norm = torch.norm(scaling_grad)
+                    limit = max(norm / (state["scaling_grad"] + 1e-8), limiter) / limiter
+                    scaling_grad = scaling_grad / limit
+                    state["scaling_grad"] = norm / limit
+                else:
+                    state["scaling_grad"] = torch.norm(scaling_grad)
+                norm_grad = back(norm_grad) * scale + scaling_grad
+            else:
+                norm_grad = back(norm_grad) * scale
+            w.add_(norm_grad, alpha=-step_size)
+            if wd > 0:
+                w.add_(w, alpha=-lr * wd)
+        history.append([w.clone() for w in weights])
+    return history
+
+
+def run(weights, data, group_settings, *, lr=0.01, wd=0.0, optimizer_class=ProjectedAdamW, dense=False):
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    group = {"params": params} if dense else projected_group(params, **group_settings)
+    opt = optimizer_class([group], lr=lr, betas=BETAS, eps=EPS, weight_decay=wd)
+    history = []
+    for batch in data:
+        set_grads(params, batch)
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history, opt, params
+
+
+@pytest.mark.parametrize("residual", ["none", "fira"])
+@pytest.mark.parametrize("proj", ["std", "right", "left"])
+def test_the_update_is_the_official_code_bit_for_bit(proj, residual):
+    # (6, 4) projects from the right under std, (4, 6) from the left; refreshes at 0, 3, 6
+    weights, data = problem([(6, 4), (4, 6)], steps=7)
+    settings = dict(rank=2, gap=3, scale=0.25, proj=proj, residual=residual)
+    ours, _, _ = run(weights, data, settings, wd=0.1)
+    official = official_run(weights, data, lr=0.01, wd=0.1, **settings)
+    for step, (a, b) in enumerate(zip(ours, official)):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), (step, (x - y).abs().max())
+
+
+class Injected(ProjectedAdamW):
+    """P given, not computed: `projectors[shape]`."""
+
+    projectors: dict = {}
+
+    def compute_projector(self, grad, rank, left, previous):
+        self.refreshes += 1
+        return self.projectors[tuple(grad.shape)]
+
+
+def test_an_identity_projector_gives_the_plain_adamw_update_bit_for_bit():
+    weights, data = problem([(6, 4), (5, 5)], steps=6)
+    Injected.projectors = {(6, 4): torch.eye(4), (5, 5): torch.eye(5)}
+    projected, opt, _ = run(weights, data, dict(rank=5, scale=1.0, proj="right"), optimizer_class=Injected, wd=0.1)
+    plain, _, _ = run(weights, data, {}, dense=True, wd=0.1)
+    assert opt.refreshes == 2 * 2  # steps 0 and 3
+    for a, b in zip(projected, plain):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_full_rank_galore_is_adam_on_the_rotated_weights():
+    """P (n x n) orthogonal: GaLore on W equals Adam on W P^T with gradient G P^T (1e-12 in fp64)."""
+    torch.manual_seed(0)
+    (w,), data = problem([(6, 4)], steps=8, dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    Injected.projectors = {(6, 4): rotation}
+    galore, _, _ = run([w], data, dict(rank=4, scale=1.0, proj="right"), optimizer_class=Injected)
+    rotated = torch.nn.Parameter(w @ rotation.T)
+    adam = ProjectedAdamW([{"params": [rotated]}], lr=0.01, betas=BETAS, eps=EPS)
+    for (x, y), after in zip((batch[0] for batch in data), galore):
+        full = rotated.detach() @ rotation
+        rotated.grad = ((full @ x - y) @ x.T) @ rotation.T
+        adam.step()
+        assert (rotated.detach() @ rotation - after[0]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("proj", ["right", "left"])
+def test_the_update_lies_in_the_projectors_subspace(proj):
+    weights, data = problem([(7, 5)], steps=2)
+    _, opt, (p,) = run(weights, data[:1], dict(rank=2, proj=proj))
+    before = p.detach().clone()
+    set_grads([p], data[1])
+    opt.step()
+    delta, P = p.detach() - before, opt.state[p]["projector"]
+    outside = delta - delta @ P.T @ P if proj == "right" else delta - P @ P.T @ delta
+    assert outside.abs().max() < 1e-6 and delta.abs().max() > 1e-3  # W's rounding (|W| ~ 1) against a 1e-3 update
+
+
+def test_the_svd_runs_at_the_optimizers_steps_0_T_2T_and_a_refresh_keeps_the_moments():
+    calls = []
+
+    class Counting(ProjectedAdamW):
+        def compute_projector(self, grad, rank, left, previous):
+            calls.append(int(self.state[param]["step"]))
+            return super().compute_projector(grad, rank, left, previous)
+
+    weights, data = problem([(6, 4)], steps=8)
+    param = torch.nn.Parameter(weights[0].clone())
+    opt = Counting([projected_group([param], gap=3)], lr=0.01, betas=BETAS, eps=EPS)
+    for i, batch in enumerate(data):
+        set_grads([param], batch)
+        previous = opt.state[param]["exp_avg"].clone() if i else None
+        opt.step()
+        if i == 3:  # a refresh step: the moments continue from the old ones in the new basis, not reset
+            projected = param.grad @ opt.state[param]["projector"].T
+            expected = previous.mul(BETAS[0]).add(projected, alpha=1 - BETAS[0])
+            assert torch.equal(opt.state[param]["exp_avg"], expected)
+    assert calls == [0, 3, 6]
+
+
+def test_a_non_finite_gradient_keeps_the_projector_and_a_zero_first_gradient_gets_an_orthonormal_one():
+    param = torch.nn.Parameter(torch.randn(6, 4))
+    opt = ProjectedAdamW([projected_group([param], gap=1)], lr=0.01, betas=BETAS, eps=EPS)
+    param.grad = torch.zeros(6, 4)
+    opt.step()
+    P = opt.state[param]["projector"]
+    assert P.shape == (2, 4) and torch.allclose(P @ P.T, torch.eye(2), atol=1e-6)
+    opt.state[param]["projector"] = kept = torch.linalg.qr(torch.randn(4, 2))[0].T.contiguous()
+    param.grad = torch.full((6, 4), float("nan"))
+    opt.step()
+    assert opt.state[param]["projector"] is kept
+
+
+def test_fira_at_full_rank_is_galore_only_with_alpha_1():
+    weights, data = problem([(6, 4)], steps=5)
+    for scale, same in ((1.0, True), (0.25, False)):
+        fira, _, _ = run(weights, data, dict(rank=4, scale=scale, proj="right", residual="fira"))
+        galore, _, _ = run(weights, data, dict(rank=4, scale=scale, proj="right"))
+        gap = (fira[-1][0] - galore[-1][0]).abs().max().item()
+        assert (gap < 1e-6) == same, (scale, gap)
+
+
+def test_fira_scaling_is_per_row_for_right_and_per_column_for_left_projection():
+    normalized, projected = torch.rand(7, 3), torch.rand(7, 3)
+    assert fira_scaling(normalized, projected, left=False).shape == (7, 1)
+    assert fira_scaling(normalized.T, projected.T, left=True).shape == (1, 7)
+    assert torch.allclose(fira_scaling(normalized, projected, False)[:, 0], normalized.norm(dim=1) / (projected.norm(dim=1) + 1e-8))
+
+
+def test_fira_limiter_bounds_the_residuals_growth_every_step():
+    weights, data = problem([(6, 4)], steps=8)
+    param = torch.nn.Parameter(weights[0].clone())
+    opt = ProjectedAdamW([projected_group([param], residual="fira", limiter=1.01)], lr=0.01, betas=BETAS, eps=EPS)
+    norms, bound_hit = [], False
+    for i, batch in enumerate(data):
+        set_grads([param], batch)
+        param.grad.mul_(3.0 ** i)  # growing gradients: the limiter has to act
+        opt.step()
+        norms.append(float(opt.state[param]["scaling_grad"]))
+    for before, after in zip(norms, norms[1:]):
+        assert after <= 1.01 * before * (1 + 1e-6)
+        bound_hit |= after >= 1.01 * before * (1 - 1e-6)
+    assert bound_hit
+
+
+def test_method_groups_put_every_projection_in_the_projected_group():
+    from relora_dist.methods.galore import projected_weights
+    from relora_dist.models import build_model, llama_config
+
+    model = build_model(llama_config("debug", vocab_size=64))
+    names = [n for n, _ in projected_weights(model)]
+    assert len(names) == 2 * 7 and all(n.endswith("_proj.weight") for n in names)
+    assert not any("embed" in n or "lm_head" in n or "norm" in n for n in names)
+
+
+@pytest.mark.parametrize("method", ["galore", "fira"])
+def test_the_optimizer_state_is_what_the_accounting_counts(method):
+    """Moments at 2 r max(m, n) and P at r min(m, n) per projection, Adam's 2 per element elsewhere (fp32)."""
+    from relora_dist.models import build_model, llama_config
+    from relora_dist.perf.accounting import ModelCounts, Precision, static_bytes
+    from relora_dist.train.config import standalone_method
+
+    config = llama_config("debug", vocab_size=64)
+    model = build_model(config)
+    method_obj = standalone_method(method, rank=4)
+    opt = method_obj.make_optimizer(method_obj.param_groups(model))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    held = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
+               if k in ("exp_avg", "exp_avg_sq", "projector"))
+    counts = ModelCounts.from_config(config, rank=4, seq_len=64)
+    assert held == static_bytes(counts, method_obj.cost_structure, Precision.named("fp32"))["optimizer"]
+    assert held < 8 * counts.n_full
