@@ -9,7 +9,7 @@ of a sweep that widens until that rate is bracketed; the paper's method table an
 Rows (--methods): one per registered method (the paper's LR recipe: once low rank, everything at --lora-lr =
 2 x --lr); `<method>@factors` for each low-rank one (--lora-lr-scope factors: only the low-rank factors at 2 x;
 embeddings, head and norms keep --lr); the ablation rows R, R+O, R+J, R+O+J (ReLoRA from scratch with only those
-mechanisms); relora_shared / relora_bits16 (LoRA input variants) on request. A new method gets its rows by being
+mechanisms); relora_shared / relora_bits16 (LoRA input variants) and galore@right / fira@right (down_proj projected from the right, as on FSDP2) on request. A new method gets its rows by being
 registered.
 
 Protocol: every run trains the preset's updates x global batch x sequence (checked: equal tokens everywhere), one
@@ -60,6 +60,7 @@ class Row:
     relora: dict = field(default_factory=dict)  # relora: section switches (the ablations, the LoRA input variants)
     lora_lr_scope: str = "all"
     default: bool = True  # in the default --methods
+    settings: dict = field(default_factory=dict)  # the method's own config section (a named deviation's A/B)
 
 
 def rows() -> dict[str, Row]:
@@ -75,6 +76,9 @@ def rows() -> dict[str, Row]:
         "R+O+J": Row("relora", {"warm_start_steps": 0}),
         "relora_shared": Row("relora", {"shared_lora_input": True}, default=False),
         "relora_bits16": Row("relora", {"dropout_mask": "bits16"}, default=False),
+        # GaLore / Fira as FSDP2 runs them (down_proj projected from the right): the deviation, measured
+        "galore@right": Row("galore", default=False, settings={"proj": "right"}),
+        "fira@right": Row("fira", default=False, settings={"proj": "right"}),
     }
     return out
 
@@ -134,6 +138,8 @@ def run_arguments(name: str, lr: float, seed: int, preset: Preset, out: Path) ->
     for switch, value in row.relora.items():  # the ablation switches, the LoRA input variants (relora section)
         if switch != "warm_start_steps":
             args += [f"--{flag_for('relora', switch)}", str(value).lower()]
+    for key, value in row.settings.items():
+        args += [f"--{flag_for(method_class(row.method).config_section, key)}", str(value)]
     return [str(a) for a in args]
 
 

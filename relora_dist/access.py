@@ -54,6 +54,18 @@ class Piece:
         return self.views[0].numel() if self.views else 0
 
 
+@dataclass
+class FlatPartition:
+    """Where one parameter's elements sit in the flat tensors an engine's optimizer steps (layout `flat`): rank r's
+    partition holds elements `ranges[r]` = [lo, hi) of the flattened parameter (lo == hi: none), this rank's at
+    `offset` in the flat tensor (None where it holds none). Every rank lists the same parameters in the same order."""
+
+    param: nn.Parameter
+    shape: torch.Size
+    ranges: list[tuple[int, int]]
+    offset: int | None
+
+
 def external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
     """(module, a parameter another module owns that this module's forward reads), as modules declare it with an
     `external_parameters()` method. Engines that gather parameters module by module (ZeRO-3) gather these too."""
@@ -123,6 +135,11 @@ class TensorAccess(ABC):
     def after_write(self, params: list[nn.Parameter]) -> None:
         """Values of these params were written outside the engine's step: drop engine caches of them (e.g. ZeRO++
         secondary partitions)."""
+
+    def flat_partitions(self) -> dict[int, list[FlatPartition]]:
+        """For engines whose optimizer steps flat partitions: id of each flat tensor the optimizer steps -> the
+        parameters in it, in the same order on every rank. Empty where the optimizer steps the parameters themselves."""
+        return {}
 
 
 class ReplicatedAccess(TensorAccess):
@@ -263,5 +280,5 @@ class FlatRangeShards(PartitionedAccess):
         return out
 
 
-__all__ = ["OPTIMIZER_LAYOUTS", "Piece", "Range", "TensorAccess", "ReplicatedAccess", "PartitionedAccess", "FlatRangeShards",
+__all__ = ["OPTIMIZER_LAYOUTS", "FlatPartition", "Piece", "Range", "TensorAccess", "ReplicatedAccess", "PartitionedAccess", "FlatRangeShards",
            "write_pieces", "range_key"]

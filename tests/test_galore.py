@@ -250,3 +250,20 @@ def test_the_optimizer_state_is_what_the_accounting_counts(method):
     counts = ModelCounts.from_config(config, rank=4, seq_len=64)
     assert held == static_bytes(counts, method_obj.cost_structure, Precision.named("fp32"))["optimizer"]
     assert held < 8 * counts.n_full
+
+
+def test_flat_partitions_are_seen_as_whole_rows_and_the_cut_rows_are_listed_once():
+    from relora_dist.access import FlatPartition
+    from relora_dist.optim.flat_rows import MatrixSlice, cut_rows
+
+    # a (3 x 4) matrix split at flat 5 (inside row 1) and a (2 x 3) one at 3 (a row boundary) between 2 ranks
+    parts = [FlatPartition(None, (3, 4), [(0, 5), (5, 12)], 2), FlatPartition(None, (2, 3), [(0, 3), (3, 6)], 7)]
+    assert cut_rows(parts) == [(0, 1)]
+    flat = torch.arange(20.0)
+    mine = MatrixSlice.of(0, parts[0], rank=0)
+    assert (mine.row0, mine.row1) == (0, 2)
+    rows = mine.padded(flat)
+    assert rows.tolist() == [[2, 3, 4, 5], [6, 0, 0, 0]]
+    assert torch.equal(mine.local(rows), flat[2:7])
+    theirs = MatrixSlice.of(0, FlatPartition(None, (3, 4), [(0, 5), (5, 12)], 0), rank=1)
+    assert (theirs.row0, theirs.row1) == (1, 3) and theirs.padded(flat).tolist() == [[0, 0, 1, 2], [3, 4, 5, 6]]

@@ -1,8 +1,9 @@
-"""GaLore and Fira on every engine that hands the optimizer whole matrices or row shards: 2 gloo ranks against the
-single-process run on the same global batches (same losses and exported model), with real SVD refreshes at steps 0, 4
-and 8; exact resume, resume at another world size, bf16, replica checks (projectors included) and a NaN skipped. FSDP2
-projects down_proj from the right (its rows are sharded), so it equals the single-process run with --galore-proj right.
-All 2-rank runs of a method share one launch (tests/dist/method_runs.py)."""
+"""GaLore and Fira on every engine: 2 gloo ranks against the single-process run on the same global batches (same losses
+and exported model), with real SVD refreshes at steps 0, 4 and 8, on a model whose shapes make FSDP2's row shards
+uneven and put DeepSpeed's partition boundaries inside rows (hidden 36, ffn 91, 3 layers); exact resume, resume at
+another world size, bf16, replica checks (projectors included) and a NaN skipped. FSDP2 and ZeRO-1/2/3 split each
+matrix's rows across ranks and project down_proj from the right, so they equal the single-process run with
+--galore-proj right. All 2-rank runs of a method share one launch (tests/dist/method_runs.py)."""
 
 import json
 
@@ -13,21 +14,34 @@ from conftest import (ENGINE_FLAGS, REPO, SMALL, distance, exported, initial_wei
 
 METHODS = ["galore", "fira"]
 RUN = ["--steps", "10", "--lr", "0.01", "--grad-clip", "0.5", "--weight-decay", "0.01", "--galore-update-gap", "4"]
+# Odd ffn: gate/up rows split unevenly on FSDP2 and cut by ZeRO-3's halves; 3 layers: ZeRO-1/2's boundary inside gate
+UNEVEN = {"hidden_size": 36, "intermediate_size": 91, "num_hidden_layers": 3, "num_attention_heads": 2,
+          "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 WHOLE = ("ddp", "zero0", "fairscale", "zero_redundancy")  # every matrix whole in one optimizer: --galore-proj std as is
-ROWS = ("fsdp2",)  # row shards: std's left-projected matrices go right
+SPLIT = ("fsdp2", "zero1", "zero2", "zero3")  # rows split across ranks: std's left-projected matrices go right
 HOPS = ("ddp", "fsdp2")  # stopped on 2 ranks, resumed on 1
-BF16 = ("zero0", "fsdp2")
+BF16 = ("zero0", "zero2", "zero3", "fsdp2")
+
+
+def uneven_model(tmp_path) -> list:
+    path = tmp_path / "uneven.json"
+    path.write_text(json.dumps(UNEVEN))
+    return ["--model-config", path]
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method):
-    common = SMALL + RUN + ["--method", method, "--micro-batch-size", "2"]
-    two_rank = [run_case(name, tmp_path, *ENGINE_FLAGS[name]) for name in WHOLE + ROWS]
+    common = SMALL + RUN + ["--method", method, "--micro-batch-size", "2", *uneven_model(tmp_path)]
+    two_rank = [run_case(name, tmp_path, *ENGINE_FLAGS[name]) for name in WHOLE + SPLIT]
     two_rank += [run_case(f"{name}-bf16", tmp_path, *ENGINE_FLAGS[name], "--dtype", "bf16") for name in BF16]
     two_rank += [run_case(f"{name}-hop", tmp_path, *ENGINE_FLAGS[name], "--stop-after", "5", "--save-every", "5", export=False)
                  for name in HOPS]
     two_rank += [run_case("ddp-split", tmp_path, "--stop-after", "6", "--save-every", "3", export=False),
                  run_case("ddp-split", tmp_path, "--resume"),
+                 run_case("zero2-split", tmp_path, *ENGINE_FLAGS["zero2"], "--stop-after", "5", "--save-every", "5", export=False),
+                 run_case("zero2-split", tmp_path, *ENGINE_FLAGS["zero2"], "--resume"),
+                 run_case("zero2-stopped", tmp_path, *ENGINE_FLAGS["zero2"], "--stop-after", "5", "--save-every", "5",
+                          export=False),
                  run_case("fsdp2-checked", tmp_path, *ENGINE_FLAGS["fsdp2"], "--check-replicas", "true", export=False),
                  run_case("ddp-nan", tmp_path, "--check-replicas", "true", env={"RELORA_INJECT_FAULTS": "nan_loss:4:rank=1"})]
     launch_runs(two_rank, common, nproc=2, tmp_path=tmp_path)
@@ -35,8 +49,11 @@ def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method
                 run_case("reference-right", tmp_path, "--micro-batch-size", "4", "--galore-proj", "right")]
     one_rank += [run_case(f"{name}-hop", tmp_path, *ENGINE_FLAGS[name], "--resume") for name in HOPS]
     launch_runs(one_rank, common, nproc=1, tmp_path=tmp_path)
+    # ZeRO keeps GaLore's state per partition: another world size is refused in one line
+    refused = run_cli(common + [*ENGINE_FLAGS["zero2"], "--resume", "--out", tmp_path / "zero2-stopped"], check=False)
+    assert refused.returncode != 0 and "cannot reshard; resume on 2 ranks" in refused.stderr, refused.stderr[-2000:]
 
-    references = {"reference": [*WHOLE, "ddp-hop", "ddp-split"], "reference-right": [*ROWS, "fsdp2-hop"]}
+    references = {"reference": [*WHOLE, "ddp-hop", "ddp-split"], "reference-right": [*SPLIT, "fsdp2-hop", "zero2-split"]}
     for reference, runs in references.items():
         losses = [m["loss"] for m in read_metrics(tmp_path / reference)]
         assert len(losses) == 10 and losses[-1] < losses[0]
@@ -44,7 +61,7 @@ def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method
             assert [m["loss"] for m in read_metrics(tmp_path / name)] == pytest.approx(losses, rel=1e-5), name
             difference = max_relative_difference(exported(tmp_path / reference / "hf"), exported(tmp_path / name / "hf"))
             assert difference < 1e-5, (name, difference)
-    # std and right differ (down_proj's side): the FSDP2 comparison is not trivially the DDP one
+    # std and right differ (down_proj's side): the comparison of the split engines is not trivially the DDP one
     assert max_relative_difference(exported(tmp_path / "reference" / "hf"), exported(tmp_path / "reference-right" / "hf")) > 1e-3
     assert max_relative_difference(exported(tmp_path / "ddp" / "hf"), exported(tmp_path / "ddp-split" / "hf")) == 0.0
     travelled = distance(initial_weights(tmp_path / "reference"), exported(tmp_path / "reference" / "hf"))
@@ -57,7 +74,7 @@ def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method
 
 
 @pytest.mark.parametrize("engine, flags, expected", [
-    ("zero2", [*ENGINE_FLAGS["zero2"]], "DeepSpeed ZeRO-1/2/3 flatten"),
+    ("zero2", [*ENGINE_FLAGS["zero2"], "--galore-proj", "left"], "--galore-proj left contracts the rows"),
     ("fsdp2", [*ENGINE_FLAGS["fsdp2"], "--galore-proj", "left"], "--galore-proj left contracts the rows"),
 ])
 def test_engines_it_cannot_run_exactly_are_refused_before_any_work(tmp_path, engine, flags, expected):

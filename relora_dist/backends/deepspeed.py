@@ -157,6 +157,10 @@ class DeepSpeedBackend(Backend):
             self._guard = _FiniteStepGuard(optimizer, config["gradient_clipping"])
             config["gradient_clipping"] = 0.0
         self.engine, *_ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer, config=config)
+        inner = getattr(self.engine.optimizer, "optimizer", None)
+        if callable(getattr(inner, "locate_partitions", None)):  # an optimizer that needs each matrix's rows
+            access = self.shard_access()
+            inner.locate_partitions(access.flat_partitions(), getattr(access, "group", None))
         if self.stage == 3:  # ZeRO-3 gathers a module's own parameters for its forward; declared others too
             for module, parameter in external_parameters(self.engine.module):
                 deepspeed.zero.register_external_parameter(module, parameter)
@@ -222,6 +226,11 @@ class DeepSpeedBackend(Backend):
         directory = Path(directory)
         saved_ranks = saved_world_size(directory)
         universal = saved_ranks is not None and saved_ranks != self.world_size
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        if universal and not getattr(inner, "state_reshardable", True):
+            raise ValueError(f"checkpoint {directory} was written by {saved_ranks} ranks: this optimizer keeps its state per"
+                             f" ZeRO partition, which DeepSpeed's universal checkpoint cannot reshard; resume on"
+                             f" {saved_ranks} ranks")
         if universal:
             # ZeRO partitions are per rank: another world size reads DeepSpeed's universal checkpoint
             # (converted once, next to the native one).

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..access import FlatRangeShards, PartitionedAccess, Piece, ReplicatedAccess, TensorAccess
+from ..access import FlatPartition, FlatRangeShards, PartitionedAccess, Piece, ReplicatedAccess, TensorAccess
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -93,6 +93,7 @@ class PartitionedMasters(PartitionedAccess):
             partitions = wrapper.bf16_partitioned_groups
         self.fragment: dict[int, tuple[int, int, torch.Tensor, int]] = {}  # id -> (start in p, numel, master, offset)
         self.lp_is_master = all(flat.dtype == torch.float32 for flat in flats)
+        self.layout = list(zip(groups, flats, masters, partitions))
         for params, flat, master, parts in zip(groups, flats, masters, partitions):
             own = parts[self.rank]
             part_start, part_end = _offset_in(flat, own), _offset_in(flat, own) + own.numel()
@@ -101,6 +102,19 @@ class PartitionedMasters(PartitionedAccess):
                 lo, hi = max(begin, part_start), min(begin + p.numel(), part_end)
                 if hi > lo:
                     self.fragment[id(p)] = (lo - begin, hi - lo, master, lo - part_start)
+
+    def flat_partitions(self):
+        out = {}
+        for params, flat, master, parts in self.layout:
+            bounds = [(_offset_in(flat, part), _offset_in(flat, part) + part.numel()) for part in parts]
+            entries = []
+            for p in params:
+                begin, numel = _offset_in(flat, p.data), p.numel()
+                ranges = [(min(max(lo - begin, 0), numel), min(max(hi - begin, 0), numel)) for lo, hi in bounds]
+                lo, hi = ranges[self.rank]
+                entries.append(FlatPartition(p, p.shape, ranges, begin + lo - bounds[self.rank][0] if hi > lo else None))
+            out[id(master)] = entries
+        return out
 
     def _master_view(self, param) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         if id(param) not in self.fragment:
@@ -240,6 +254,19 @@ class Stage3Slices(FlatRangeShards):
             return []
         start, valid = self._range(param)  # padding excluded: zeros would shift the quantile
         return [Piece(start, [self._master_slice(param, key).narrow(0, 0, valid)])] if valid else []
+
+    def flat_partitions(self):
+        w = self.wrapper
+        out = {}
+        for params, flat in zip(w.fp16_groups, w.fp32_partitioned_groups_flat):
+            entries = []
+            for p in params:
+                size = p.ds_tensor.ds_numel
+                ranges = [(min(r * size, p.ds_numel), min((r + 1) * size, p.ds_numel)) for r in range(self.world)]
+                lo, hi = ranges[self.rank]
+                entries.append(FlatPartition(p, p.ds_shape, ranges, w.grad_position[w.get_param_id(p)][1] if hi > lo else None))
+            out[id(flat)] = entries
+        return out
 
     def after_write(self, params):
         for param in params:  # ZeRO++ hpZ keeps a secondary copy that only trainable groups invalidate

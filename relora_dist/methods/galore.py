@@ -75,12 +75,9 @@ class GaLore(Method):
     residual: ClassVar[str] = "none"
 
     def check_optimizer_layout(self, layout: str) -> None:
-        if layout == "flat":
-            raise ValueError(f"--method {self.name} needs each matrix's rows, which DeepSpeed ZeRO-1/2/3 flatten into"
-                             f" partitions: use ZeRO-0, --backend ddp, fsdp2, fairscale or zero_redundancy")
-        if layout == "rows" and self.settings.proj == "left":
-            raise ValueError("--galore-proj left contracts the rows a row-sharded engine splits, every step: use std"
-                             " (down_proj then projects from the right) or right")
+        if layout != "whole" and self.settings.proj == "left":
+            raise ValueError("--galore-proj left contracts the rows FSDP2 and ZeRO-1/2/3 split across ranks, every step:"
+                             " use std (down_proj then projects from the right) or right")
         assert layout in OPTIMIZER_LAYOUTS, layout
 
     def param_groups(self, model):

@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from .flat_rows import FlatPartitionSteps
+
 PROJECTIONS = ("std", "right", "left")
 RESIDUALS = ("none", "fira")
 PROJECTED_KEYS = ("rank", "update_gap", "scale", "proj", "residual", "limiter")
@@ -88,7 +90,7 @@ def random_orthonormal(rows: int, cols: int) -> torch.Tensor:
     return q.T.contiguous()
 
 
-class ProjectedAdamW(torch.optim.Optimizer):
+class ProjectedAdamW(FlatPartitionSteps, torch.optim.Optimizer):
     """GaLore / Fira AdamW; see the module docstring. `eps` is added to sqrt(v) before bias correction, and weight
     decay acts after the update, as in the official (HF-style) AdamW both methods ship."""
 
@@ -191,14 +193,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if isinstance(exp_avg, DTensor) and not isinstance(grad, DTensor):  # row-sharded moments of local rows
             exp_avg, exp_avg_sq = exp_avg.to_local(), exp_avg_sq.to_local()
-        beta1, beta2 = group["betas"]
         state["step"] += 1
-        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
-        t = float(state["step"])
-        step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-        return exp_avg / denom, step_size
+        return adam_moments(exp_avg, exp_avg_sq, grad, group), step_size(group, state["step"])
 
     @staticmethod
     def _decay(param: torch.Tensor, group: dict) -> None:
@@ -216,8 +212,26 @@ class ProjectedAdamW(torch.optim.Optimizer):
             p.add_(normalized, alpha=-step_size)
             self._decay(p, group)
 
+    def locate_partitions(self, partitions: dict[int, list], group=None) -> None:
+        """Engines whose optimizer steps flat partitions (DeepSpeed ZeRO-1/2/3) say which matrices each holds:
+        id of a flat tensor -> its `access.FlatPartition`s, and the process group the partitions are spread over."""
+        self._partitions, self._partition_group = partitions, group
+
+    @property
+    def state_reshardable(self) -> bool:
+        """False when the state is laid out per flat partition (DeepSpeed's universal checkpoint cannot reshard it)."""
+        return not getattr(self, "_partitions", None)
+
     def _step_projected(self, group: dict) -> None:
-        matrices = [_rows_of(p) for p in group["params"] if p.grad is not None]
+        params = group["params"]
+        partitions = getattr(self, "_partitions", None) or {}
+        if len(params) == 1 and id(params[0]) in partitions:
+            if params[0].grad is not None:
+                self._step_flat(group, params[0], partitions[id(params[0])])
+            return
+        if any(p.dim() != 2 for p in params):
+            raise ValueError("projected AdamW got a flat partition but no layout: the engine must call locate_partitions")
+        matrices = [_rows_of(p) for p in params if p.grad is not None]
         for rows in matrices:
             if "step" not in self.state[rows.param]:
                 self.state[rows.param]["step"] = torch.tensor(0.0)
@@ -272,6 +286,21 @@ class ProjectedAdamW(torch.optim.Optimizer):
         limiter = max(norm / (state["scaling_grad"] + 1e-8), gamma) / gamma
         state["scaling_grad"] = norm / limiter
         return residual / limiter
+
+
+def adam_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+    """HF-style Adam moments updated in place with `grad`; returns m / (sqrt(v) + eps)."""
+    beta1, beta2 = group["betas"]
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    return exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+
+
+def step_size(group: dict, step: torch.Tensor) -> float:
+    """lr sqrt(1 - b2^t) / (1 - b1^t) after `step` updates."""
+    beta1, beta2 = group["betas"]
+    t = float(step)
+    return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
 
 
 def fira_scaling(normalized: torch.Tensor, projected: torch.Tensor, left: bool) -> torch.Tensor:

@@ -1,0 +1,188 @@
+"""Whole rows of the matrices inside flat optimizer partitions (DeepSpeed ZeRO-1/2/3, BF16_Optimizer).
+
+A partition holds a flat range [lo, hi) of each row-major (m x n) matrix: whole rows, plus at most a partial row at
+each end that a partition boundary cuts. A right projection works row by row (R_row = G_row P^T), so a rank computes
+its rows padded with zeros to whole rows; a cut row's R is the sum of the partial products of the ranks that share
+it (one small all-reduce for all cut rows of a group), after which every sharing rank holds the row's moments and
+updates its own elements. Nothing else is exchanged per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class MatrixSlice:
+    """This rank's elements [lo, hi) of matrix `index` (m x n), at `offset` in the flat tensor (None: holds none)."""
+
+    index: int
+    m: int
+    n: int
+    lo: int
+    hi: int
+    offset: int | None
+
+    @classmethod
+    def of(cls, index: int, partition, rank: int) -> "MatrixSlice":
+        m, n = partition.shape
+        lo, hi = partition.ranges[rank]
+        return cls(index, m, n, lo, hi, partition.offset)
+
+    @property
+    def holds(self) -> bool:
+        return self.hi > self.lo
+
+    @property
+    def row0(self) -> int:
+        return self.lo // self.n if self.holds else 0
+
+    @property
+    def row1(self) -> int:
+        return -(-self.hi // self.n) if self.holds else 0
+
+    def values(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's elements of the matrix inside `flat` (a view)."""
+        return flat.narrow(0, self.offset, self.hi - self.lo)
+
+    def padded(self, flat: torch.Tensor) -> torch.Tensor:
+        """The rows this rank touches, (row1 - row0) x n, zero where another rank holds the elements."""
+        rows = flat.new_zeros(self.row1 - self.row0, self.n)
+        self.local(rows).copy_(self.values(flat))
+        return rows
+
+    def local(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's elements of a (row1 - row0) x n tensor over its rows, flat."""
+        start = self.lo - self.row0 * self.n
+        return rows.reshape(-1).narrow(0, start, self.hi - self.lo)
+
+
+def cut_rows(partitions) -> list[tuple[int, int]]:
+    """(matrix index, row) of every row a partition boundary cuts, sorted: the same list on every rank."""
+    rows = set()
+    for index, partition in enumerate(partitions):
+        m, n = partition.shape
+        for lo, hi in partition.ranges:
+            for bound in (lo, hi):
+                if lo < hi and 0 < bound < m * n and bound % n:
+                    rows.add((index, bound // n))
+    return sorted(rows)
+
+
+def _global_rank(group, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+class FlatPartitionSteps:
+    """ProjectedAdamW's step on a flat partition (right projection of every matrix). The state of a flat tensor:
+    `step`; `exp_avg`, `exp_avg_sq` over the rows this rank touches (cut rows on every rank sharing them), matrix
+    after matrix; `projector`, every matrix's P (r x n) back to back; Fira's `scaling_grad`, one per matrix."""
+
+    def _step_flat(self, group: dict, flat: torch.Tensor, partitions: list) -> None:
+        from .projected_adamw import adam_moments, fira_scaling, step_size
+
+        pg = self._partition_group
+        slices = [MatrixSlice.of(i, part, dist.get_rank(pg)) for i, part in enumerate(partitions)]
+        ranks = [min(group["rank"], s.m, s.n) for s in slices]
+        state = self.state[flat]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            size = sum((s.row1 - s.row0) * r for s, r in zip(slices, ranks))
+            state["exp_avg"], state["exp_avg_sq"] = flat.new_zeros(size), flat.new_zeros(size)
+            state["projector"] = flat.new_zeros(sum(r * s.n for s, r in zip(slices, ranks)))
+        projectors = [p.view(r, s.n) for p, s, r in zip(state["projector"].split([r * s.n for s, r in zip(slices, ranks)]),
+                                                         slices, ranks)]
+        if int(state["step"]) % group["update_gap"] == 0:
+            self._refresh_flat(group, flat.grad, partitions, slices, projectors, first=int(state["step"]) == 0)
+        grads = [s.padded(flat.grad) if s.holds else None for s in slices]
+        projected = [g @ p.T if g is not None else None for g, p in zip(grads, projectors)]
+        self._sum_cut_rows(partitions, slices, projected, ranks, flat.device)
+        state["step"] += 1
+        size = step_size(group, state["step"])
+        sizes = [(s.row1 - s.row0) * r for s, r in zip(slices, ranks)]
+        moments = zip(state["exp_avg"].split(sizes), state["exp_avg_sq"].split(sizes))
+        fira = group["residual"] == "fira"
+        updates, residuals = [], []
+        for s, r, (exp_avg, exp_avg_sq), g, low, p in zip(slices, ranks, moments, grads, projected, projectors):
+            if not s.holds:
+                updates.append(None)
+                residuals.append(None)
+                continue
+            normalized = adam_moments(exp_avg.view(-1, r), exp_avg_sq.view(-1, r), low, group)
+            updates.append(s.local((normalized @ p) * group["scale"]))
+            residuals.append(s.local((g - (low @ p) * group["scale"]) * fira_scaling(normalized, low, False)) if fira else None)
+        if fira:
+            self._limit_flat(state, residuals, group, pg, flat.device)
+        for s, update, residual in zip(slices, updates, residuals):
+            if update is None:
+                continue
+            values = s.values(flat.data)
+            values.add_(update if residual is None else update + residual, alpha=-size)
+            if group["weight_decay"] > 0.0:
+                values.add_(values, alpha=-group["lr"] * group["weight_decay"])
+
+    def _sum_cut_rows(self, partitions, slices, projected, ranks, device) -> None:
+        """A cut row's R is the sum of its sharing ranks' partial products: one all-reduce for all of them."""
+        cut = cut_rows(partitions)
+        if not cut:
+            return
+        widths = [ranks[i] for i, _ in cut]
+        buffer = torch.zeros(sum(widths), device=device)
+        pieces = buffer.split(widths)
+        for (i, row), piece in zip(cut, pieces):
+            s = slices[i]
+            if s.holds and s.row0 <= row < s.row1:
+                piece.copy_(projected[i][row - s.row0])
+        dist.all_reduce(buffer, group=self._partition_group)
+        for (i, row), piece in zip(cut, pieces):
+            s = slices[i]
+            if s.holds and s.row0 <= row < s.row1:
+                projected[i][row - s.row0].copy_(piece)
+
+    def _limit_flat(self, state: dict, residuals: list, group: dict, pg, device) -> None:
+        """Fira's limiter with every matrix's |S|_F summed over the ranks (one all-reduce), residuals scaled in place."""
+        squares = torch.zeros(len(residuals), device=device)
+        for i, residual in enumerate(residuals):
+            if residual is not None:
+                squares[i] = (residual * residual).sum()
+        dist.all_reduce(squares, group=pg)
+        norms, gamma = squares.sqrt(), group["limiter"]
+        if "scaling_grad" not in state:  # the first step is unlimited
+            state["scaling_grad"] = norms
+            return
+        limits = torch.clamp(norms / (state["scaling_grad"] + 1e-8), min=gamma) / gamma
+        state["scaling_grad"] = norms / limits
+        for residual, limit in zip(residuals, limits):
+            if residual is not None:
+                residual.div_(limit)
+
+    def _refresh_flat(self, group, grad, partitions, slices, projectors, *, first: bool) -> None:
+        """Each matrix's gradient gathered to one owner (round robin), its P computed there and broadcast."""
+        pg = self._partition_group
+        world, me = dist.get_world_size(pg), dist.get_rank(pg)
+        works, received = [], []
+        for i, (part, s) in enumerate(zip(partitions, slices)):
+            width = max(hi - lo for lo, hi in part.ranges)
+            send = grad.new_zeros(width)
+            if s.holds:
+                send[: s.hi - s.lo] = s.values(grad)
+            receive = [torch.empty_like(send) for _ in range(world)] if i % world == me else None
+            works.append(dist.gather(send, receive, dst=_global_rank(pg, i % world), group=pg, async_op=True))
+            received.append(receive)
+        for work in works:
+            work.wait()
+        for i, (part, s, receive) in enumerate(zip(partitions, slices, received)):
+            if receive is None:
+                continue
+            full = grad.new_zeros(s.m * s.n)
+            for (lo, hi), values in zip(part.ranges, receive):
+                full[lo:hi] = values[: hi - lo]
+            previous = None if first else projectors[i].clone()
+            projectors[i].copy_(self.compute_projector(full.view(s.m, s.n).float(), group["rank"], False, previous))
+        works = [dist.broadcast(p, src=_global_rank(pg, i % world), group=pg, async_op=True) for i, p in enumerate(projectors)]
+        for work in works:
+            work.wait()
+
