@@ -78,7 +78,7 @@ def profile_case(args, info, method: str, engine: str, act_per_token: float) -> 
         case.update(before_step=lambda: census.update(tensor_census(case.backend.unwrapped_model, case.backend.optimizer)))
     counts = ModelCounts.from_config(case.config, rank=args.rank, seq_len=args.seq_len)
     structure = case.method.cost_structure
-    rank = getattr(case.config, "rank", None) or (args.rank if structure == "relora" else None)
+    rank = case.method.resolved_rank(case.config)
     expected = expected_static_bytes(counts, structure, engine, args.dtype, info.world_size)
     static_measured = sum(v for k, v in census.items() if k != "other")
     per_example = act_per_token * args.seq_len

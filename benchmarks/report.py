@@ -80,10 +80,11 @@ def _activations(row: dict) -> str:
 def memory_section(data: dict) -> str:
     rows = data["rows"]
     r0 = rows[0]
-    cats = ("parameters", "gradients", "optimizer", "master", "other")
+    cats = ("parameters", "gradients", "optimizer", "projectors", "master", "other")
+    cats = tuple(c for c in cats if any(r.get(f"census_{c}") for r in rows) or c != "projectors")  # GaLore's only
     header = ["engine", "method", *[f"{c} MiB" for c in cats], "static census / expected MiB", "peak MiB",
               "activations KiB/token (layers by formula)", f"largest micro-batch in {r0['gpu_memory_gb']:g} GB"]
-    body = [[r["engine"], r["method"], *[f"{r[f'census_{c}'] / MIB:.1f}" for c in cats],
+    body = [[r["engine"], r["method"], *[f"{r.get(f'census_{c}', 0) / MIB:.1f}" for c in cats],
              f"{r['static_census'] / MIB:.1f} / {r['static_expected'] / MIB:.1f}", f"{r['peak_sampled'] / MIB:.0f}",
              _activations(r), r["largest_micro_batch"]] for r in rows]
     return "\n\n".join([

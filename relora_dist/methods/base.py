@@ -89,6 +89,11 @@ class Method:
         """The config to build for a base LLaMA config (another size, another architecture's config)."""
         return config
 
+    def resolved_rank(self, config) -> int | None:
+        """The rank this method trains `config` at (its --rank, or the default it derives from the model; None for
+        full-rank methods): what the performance model counts."""
+        return getattr(config, "rank", None) or getattr(self.settings, "rank", None)
+
     def build_model(self, config) -> nn.Module:
         """A freshly initialised model of `config` (another architecture overrides this; the global RNG is seeded)."""
         return build_model(config)

@@ -80,6 +80,9 @@ class GaLore(Method):
                              " use std (down_proj then projects from the right) or right")
         assert layout in OPTIMIZER_LAYOUTS, layout
 
+    def resolved_rank(self, config):
+        return galore_rank(self.settings.rank, config.hidden_size)
+
     def param_groups(self, model):
         """The dense parameters (embeddings, norms, head) in plain AdamW, then the projected matrices, as the official
         scripts order them; both at the run's learning rate."""
@@ -88,7 +91,7 @@ class GaLore(Method):
         s = self.settings
         return [{"params": [p for p in trainable if id(p) not in projected], "name": "full_rank"},
                 {"params": [p for p in trainable if id(p) in projected], "name": "projected",
-                 "rank": galore_rank(s.rank, model.config.hidden_size), "update_gap": s.update_gap, "scale": s.scale,
+                 "rank": self.resolved_rank(model.config), "update_gap": s.update_gap, "scale": s.scale,
                  "proj": s.proj, "residual": self.residual, "limiter": s.limiter}]
 
     def make_optimizer(self, groups):

@@ -49,8 +49,10 @@ class ModelCounts:
     n_emb: int
     n_norm: int
     rank: int = 0
-    n_projected_state: int = 0
-    """GaLore's optimizer state elements of the projections: per matrix 2 r max(m, n) moments and an r min(m, n) P."""
+    n_projected_moments: int = 0
+    """GaLore's Adam moments of the projections: 2 r max(m, n) per matrix."""
+    n_projectors: int = 0
+    """GaLore's projectors: r min(m, n) per matrix."""
 
     @classmethod
     def from_config(cls, config: LlamaConfig, *, rank: int | None, seq_len: int, targets=PROJECTIONS) -> "ModelCounts":
@@ -76,7 +78,8 @@ class ModelCounts:
             n_emb=v * h,
             n_norm=(2 * L + 1) * h,
             rank=rank,
-            n_projected_state=L * sum(_projected_state(i, o, rank) for i, o in shapes.values()),
+            n_projected_moments=L * sum(_projected_moments(i, o, rank) for i, o in shapes.values()),
+            n_projectors=L * sum(min(rank, i, o) * min(i, o) for i, o in shapes.values()),
         )
 
     @property
@@ -95,11 +98,15 @@ class ModelCounts:
         return self.n_full if method in ("full", *PROJECTED_STATE) else self.n_full + self.n_lora
 
     def optimizer_elements(self, method: str) -> int:
-        """Adam state elements (both moments; GaLore's projectors too): 2 per trainable parameter, the projected moments
-        and P in place of the projections' for GaLore and Fira (Fira's one limiter scalar per matrix not counted)."""
+        """Adam moment elements: 2 per trainable parameter, the projected moments in place of the projections' for
+        GaLore and Fira."""
         if method in PROJECTED_STATE:
-            return 2 * (self.n_full - self.n_lin - self.n_other) + self.n_projected_state
+            return 2 * (self.n_full - self.n_lin - self.n_other) + self.n_projected_moments
         return 2 * self.trainable(method)
+
+    def projector_elements(self, method: str) -> int:
+        """GaLore's and Fira's projectors (none for the other methods; Fira's limiter scalar per matrix not counted)."""
+        return self.n_projectors if method in PROJECTED_STATE else 0
 
     def executed_flops_per_token(self, method: str, *, attention: bool = True) -> int:
         """Forward + backward FLOPs actually run per token (dense GEMMs; attention products optional)."""
@@ -129,10 +136,9 @@ class ModelCounts:
         return 6 * n + 12 * self.layers * self.hidden * self.seq_len
 
 
-def _projected_state(fan_in: int, fan_out: int, rank: int) -> int:
-    """GaLore's state of one (fan_out x fan_in) weight: moments r x max side, P r x min side (r capped by both sides)."""
-    r = min(rank, fan_in, fan_out)
-    return 2 * r * max(fan_in, fan_out) + r * min(fan_in, fan_out)
+def _projected_moments(fan_in: int, fan_out: int, rank: int) -> int:
+    """GaLore's moments of one (fan_out x fan_in) weight: two r x (larger side), r capped by both sides."""
+    return 2 * min(rank, fan_in, fan_out) * max(fan_in, fan_out)
 
 
 def _check(method: str) -> None:
@@ -170,6 +176,7 @@ def static_bytes(counts: ModelCounts, method: str, precision: Precision) -> dict
         "master": precision.master * trainable,
         "gradients": precision.grads * trainable,
         "optimizer": precision.adam * counts.optimizer_elements(method) // 2,
+        "projectors": precision.adam * counts.projector_elements(method) // 2,
     }
 
 

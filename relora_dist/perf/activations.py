@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .accounting import PROJECTED_STATE
+
 
 class SavedActivations:
     """`with SavedActivations(model) as saved: loss = model(...)` then `saved.bytes`."""
@@ -65,7 +67,7 @@ def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, method: str, ele
     """
     e, h, f = element_size, hidden, ffn
     full = e * (8 * h + 4 * f) + 8 * h + 4 * heads + 8
-    if method == "full":
+    if method in ("full", *PROJECTED_STATE):  # GaLore / Fira train the full-rank model
         return full
     if method == "cola":
         return full + 14 * e * rank - (e * f if only_lr_act else 0)

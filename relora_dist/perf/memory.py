@@ -18,13 +18,14 @@ from torch import nn
 
 from .accounting import ModelCounts, Precision, static_bytes
 
-CATEGORIES = ("parameters", "buffers", "gradients", "optimizer", "master", "other")
+CATEGORIES = ("parameters", "buffers", "gradients", "optimizer", "projectors", "master", "other")
 
-# What each engine shards across ranks, by category (fairscale / ZeroRedundancyOptimizer shard whole parameters).
+# What each engine shards across ranks, by category (fairscale / ZeroRedundancyOptimizer shard whole parameters, so a
+# GaLore projector lives with its matrix's owner; the engines that split rows keep every projector on every rank).
 _SHARDED = {
     "ddp": (), "zero0": (), "zero1": ("optimizer", "master"), "zero2": ("optimizer", "master", "gradients"),
     "zero3": ("optimizer", "master", "gradients", "parameters"), "fsdp2": ("optimizer", "gradients", "parameters"),
-    "fairscale": ("optimizer",), "zero_redundancy": ("optimizer",),
+    "fairscale": ("optimizer", "projectors"), "zero_redundancy": ("optimizer", "projectors"),
 }
 
 
@@ -75,8 +76,8 @@ def tensor_census(model: nn.Module, optimizer) -> dict[str, int]:
         census.add(p.grad, "gradients")
     for opt in chain:
         for state in getattr(opt, "state", {}).values():
-            for value in state.values() if isinstance(state, dict) else ():
-                census.add(value, "optimizer")
+            for key, value in state.items() if isinstance(state, dict) else ():
+                census.add(value, "projectors" if key == "projector" else "optimizer")
     for p in inner_params:
         census.add(p, "master")  # parameters the optimizer steps that are not the module's: fp32 master copies
     for opt in chain:  # DeepSpeed ZeRO-1/2 keep the reduced gradient partitions here, not in .grad

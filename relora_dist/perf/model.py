@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from .accounting import BOTTLENECK, COST_STRUCTURES, ModelCounts, Precision, static_bytes
+from .accounting import BOTTLENECK, COST_STRUCTURES, PROJECTED_STATE, ModelCounts, Precision, static_bytes
 from .hardware import GiB, Hardware
 
 # The paper's table compares these two (a method names its own structure: relora_dist.methods.Method.cost_structure).
@@ -43,7 +43,7 @@ class ActivationCoefficients:
         """The coefficients measured exactly on CPU with saved_tensors_hooks (note 2.2), bf16. CoLA keeps full rank's
         plus x A and σ(x A) of every bottleneck (14 e r), less the outer SiLU's input with only_lr_act; CoLA-M only its
         segments' inputs, e(2h + 7r); CR-Net full rank's plus e(4h + 7r) (perf.activations.layer_bytes_per_token)."""
-        if method == "full":
+        if method in ("full", *PROJECTED_STATE):  # GaLore / Fira: the full-rank model, only the optimizer differs
             return cls(28, 8)
         if method == "cola":
             return cls(28, 6 if only_lr_act else 8, 28)

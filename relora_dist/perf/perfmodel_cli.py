@@ -127,6 +127,7 @@ def _predict(args) -> str:
     rank = args.rank if args.rank is not None else getattr(section, "rank", None)  # the dataclass default
     method = standalone_method(args.method, rank=rank)
     config = method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=max(1024, args.seq_len)))
+    rank = method.resolved_rank(config) if args.rank is None else rank
     workload = Workload.from_config(
         config, rank=rank, seq_len=args.seq_len, method=method.cost_structure, world_size=args.world_size,
         global_batch=args.global_batch, micro_batch=args.micro_batch, precision=args.precision,
