@@ -174,7 +174,10 @@ def launch_runs(cases: list[dict], common: list, *, nproc: int, tmp_path) -> str
     else:
         cmd = [sys.executable, str(METHOD_RUNS), str(spec)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=launch_env())
-    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
+    if out.returncode != 0:  # the ranks' own error lines first: torchrun's summary buries them
+        (tmp_path / f"cases_{nproc}.stderr").write_text(out.stderr)
+        errors = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line][:20]
+        raise AssertionError("\n".join([f"exit {out.returncode}", out.stdout[-2000:], *errors, out.stderr[-3000:]]))
     for case in cases:
         assert f"RUN OK {case['name']}" in out.stdout, case["name"]
     return out.stdout

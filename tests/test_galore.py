@@ -269,3 +269,12 @@ def test_flat_partitions_are_seen_as_whole_rows_and_the_cut_rows_are_listed_once
     assert torch.equal(mine.local(rows), flat[2:7])
     theirs = MatrixSlice.of(0, FlatPartition(None, (3, 4), [(0, 5), (5, 12)], 0), rank=1)
     assert (theirs.row0, theirs.row1) == (1, 3) and theirs.padded(flat).tolist() == [[0, 0, 1, 2], [3, 4, 5, 6]]
+
+
+def test_a_refresh_is_computed_by_the_rank_holding_most_of_the_matrix():
+    from relora_dist.access import FlatPartition
+    from relora_dist.optim.flat_rows import refresh_owner
+
+    assert refresh_owner(FlatPartition(None, (4, 4), [(0, 16), (16, 16)], 0), 1) == 0  # whole on rank 0: no gather
+    assert refresh_owner(FlatPartition(None, (4, 4), [(0, 3), (3, 16)], 0), 0) == 1
+    assert [refresh_owner(FlatPartition(None, (4, 4), [(0, 8), (8, 16)], 0), i) for i in range(3)] == [0, 1, 0]

@@ -160,29 +160,44 @@ class FlatPartitionSteps:
                 residual.div_(limit)
 
     def _refresh_flat(self, group, grad, partitions, slices, projectors, *, first: bool) -> None:
-        """Each matrix's gradient gathered to one owner (round robin), its P computed there and broadcast."""
+        """Each matrix's P computed by the rank holding most of it (ties in turn): from its own elements when it holds
+        the whole matrix (ZeRO-1/2 mostly), else from the pieces gathered to it; then broadcast."""
         pg = self._partition_group
         world, me = dist.get_world_size(pg), dist.get_rank(pg)
+        owners = [refresh_owner(part, i) for i, part in enumerate(partitions)]
         works, received = [], []
-        for i, (part, s) in enumerate(zip(partitions, slices)):
+        for part, s, owner in zip(partitions, slices, owners):
             width = max(hi - lo for lo, hi in part.ranges)
+            if width == s.m * s.n:  # the owner holds it whole: nothing to gather
+                received.append([s.values(grad)] if me == owner else None)
+                continue
             send = grad.new_zeros(width)
             if s.holds:
                 send[: s.hi - s.lo] = s.values(grad)
-            receive = [torch.empty_like(send) for _ in range(world)] if i % world == me else None
-            works.append(dist.gather(send, receive, dst=_global_rank(pg, i % world), group=pg, async_op=True))
+            receive = [torch.empty_like(send) for _ in range(world)] if me == owner else None
+            works.append(dist.gather(send, receive, dst=_global_rank(pg, owner), group=pg, async_op=True))
             received.append(receive)
         for work in works:
             work.wait()
         for i, (part, s, receive) in enumerate(zip(partitions, slices, received)):
             if receive is None:
                 continue
-            full = grad.new_zeros(s.m * s.n)
-            for (lo, hi), values in zip(part.ranges, receive):
-                full[lo:hi] = values[: hi - lo]
+            if len(receive) == 1:
+                full = receive[0]
+            else:
+                full = grad.new_zeros(s.m * s.n)
+                for (lo, hi), values in zip(part.ranges, receive):
+                    full[lo:hi] = values[: hi - lo]
             previous = None if first else projectors[i].clone()
             projectors[i].copy_(self.compute_projector(full.view(s.m, s.n).float(), group["rank"], False, previous))
-        works = [dist.broadcast(p, src=_global_rank(pg, i % world), group=pg, async_op=True) for i, p in enumerate(projectors)]
+        works = [dist.broadcast(p, src=_global_rank(pg, owner), group=pg, async_op=True)
+                 for p, owner in zip(projectors, owners)]
         for work in works:
             work.wait()
 
+
+def refresh_owner(partition, index: int) -> int:
+    """The rank holding the most of a matrix; among equals (ZeRO-3's even slices) matrix after matrix in turn."""
+    sizes = [hi - lo for lo, hi in partition.ranges]
+    tied = [rank for rank, size in enumerate(sizes) if size == max(sizes)]
+    return tied[index % len(tied)]

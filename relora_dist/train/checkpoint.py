@@ -81,16 +81,19 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def claim_run_directory(out: Path, *, overwrite: bool, is_main: bool) -> None:
-    """A fresh run never mixes its metrics and checkpoints with an earlier run's in the same OUT."""
+    """A fresh run never mixes its metrics and checkpoints with an earlier run's in the same OUT. Rank 0 decides
+    (`distributed.rank0_first` hands its error to every rank): another rank looking later could see what rank 0 has
+    written since."""
+    if not is_main:
+        return
     previous = [p for p in (out / "checkpoints", out / "metrics.jsonl", out / "summary.json") if p.exists()]
     if not previous:
         return
     if not overwrite:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start"
                          " afresh, or another --out")
-    if is_main:
-        for path in previous:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in previous:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def resolve_checkpoint(resume: str, out: Path) -> Path | None:
