@@ -63,6 +63,42 @@ def throughput_section(data: dict) -> str:
     ])
 
 
+def projected_section(bench: dict, refresh: dict | None, memory: dict | None) -> str:
+    """GaLore / Fira per engine against full rank: speed, bytes of an ordinary and of a refreshing update, optimizer
+    state (census against the exact accounting)."""
+    rows = {(r["engine"], r["method"]): r for r in bench["rows"]}
+    refreshing = {(r["engine"], r["method"]): r for r in (refresh or {}).get("rows", [])}
+    census = {(r["engine"], r["method"]): r for r in (memory or {}).get("rows", [])}
+    r0 = bench["rows"][0]
+    header = ["engine", "method", "ex/s vs full", "MiB sent/update", "MiB sent/refresh update", "full rank MiB/update",
+              "optimizer + projectors MiB (census / expected)"]
+    body = []
+    for (engine, method), r in rows.items():
+        full = rows.get((engine, "full"))
+        if method == "full" or full is None:
+            continue
+        again = refreshing.get((engine, method))
+        mem = census.get((engine, method))
+        state = (f"{(mem['census_optimizer'] + mem.get('census_projectors', 0)) / MIB:.2f} / "
+                 f"{(mem['expected_optimizer'] + mem.get('expected_projectors', 0)) / MIB:.2f}" if mem else "-")
+        body.append([engine, method, f"{r['examples_per_s'] / full['examples_per_s']:.2f}x",
+                     f"{r['bytes_per_update'] / MIB:.2f}", f"{again['bytes_per_update'] / MIB:.2f}" if again else "-",
+                     f"{full['bytes_per_update'] / MIB:.2f}", state])
+    return "\n\n".join([
+        "## GaLore and Fira per engine (`relora-bench`, `relora-memprof`)",
+        f"{_machine(bench)} Preset {r0['preset']}, vocab {_arg(bench, '--vocab-size', 32100)}, seq {r0['seq_len']}, "
+        f"{r0['dtype']}, {r0['world_size']} ranks, micro-batch {r0['micro_batch_size']} x {r0['accumulation_steps']} "
+        f"accumulation, rank {_arg(bench, '--rank', 128)}. {_timing(r0)} An ordinary update refreshes nothing "
+        f"(T = {_arg(bench, '--update-gap', 200)}); the refresh column is the same run with `--update-gap 1`, where every "
+        "update computes every projector (ZeRO-3 gathers each matrix's slices to an owner; the other engines hold it "
+        "whole where it is computed) and broadcasts P where ranks share a matrix. Bytes include every collective. "
+        "Optimizer state: the census of Adam moments and projectors on rank 0 against the exact accounting "
+        "(`perf.accounting`: 2 r max(m, n) moments and r min(m, n) of P per projection; ZeRO adds the rows a partition "
+        "boundary cuts, kept by both ranks).",
+        _table(header, body),
+    ])
+
+
 def _timing(row: dict) -> str:
     updates = len(row["update_s_all"])
     if row.get("interleaved"):
@@ -374,6 +410,11 @@ def main(argv=None) -> int:
         path = results / name
         if path.exists():
             sections.append(render(json.loads(path.read_text())))
+    if (results / "throughput_projected.json").exists():
+        optional = {name: json.loads((results / name).read_text()) if (results / name).exists() else None
+                    for name in ("throughput_projected_refresh.json", "memory_projected.json")}
+        sections.append(projected_section(json.loads((results / "throughput_projected.json").read_text()),
+                                          *optional.values()))
     lora_path = sorted((results / "lora_path").glob("*.json"))
     if lora_path:
         sections.append(lora_path_section({f.stem: json.loads(f.read_text()) for f in lora_path}))

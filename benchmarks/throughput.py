@@ -144,7 +144,7 @@ class Case:
                     "emulate_busbw": busbw_gbs * 1e9 or None} if engine in DDP_LOOP_ENGINES else {}
         self.backend = build_engine(engine, args.dtype, info.device, micro_batch_size=args.micro_batch_size,
                                     accumulation_steps=args.accumulation_steps, max_norm=1.0, **ddp_loop)
-        self.backend.setup(model, lambda groups: torch.optim.AdamW(groups, lr=1e-4), self.method.param_groups(model))
+        self.backend.setup(model, self.method.make_optimizer, self.method.param_groups(model))  # GaLore's is its own
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.updates_run = 0
 

@@ -59,6 +59,11 @@ def test_gradient_bytes_are_counted_exactly(bench):
         reduce_scatter = rows["fsdp2", method]["collectives"]["reduce_scatter_single"]
         assert reduce_scatter["calls"] >= 1 and 4 * trainable <= reduce_scatter["bytes"] <= 1.05 * 4 * trainable
         assert "all_gather_single" in rows["fsdp2", method]["collectives"]  # FSDP2 gathers the sharded params
+    # GaLore steps its own optimizer: on FSDP2's row shards no collective of its own between refreshes; Fira adds one
+    # all-reduce of one float per projected matrix (its limiter's norms)
+    assert rows["fsdp2", "galore"]["collectives"] == rows["fsdp2", "full"]["collectives"]
+    limiter = rows["fsdp2", "fira"]["collectives"]["all_reduce"]
+    assert limiter == {"calls": 1, "bytes": 4 * 7 * 2}  # 7 projections x 2 layers of the tiny model
     assert {m for _, m in rows} == registered_methods()  # --methods all: the registry
     for method in registered_methods() - {"full", "relora"}:  # the others: what they train, once per update
         assert rows["ddp", method]["bytes_per_update"] == 4 * rows["ddp", method]["trainable_parameters"] > 0
@@ -107,8 +112,12 @@ def test_slow_link_emulation_holds_the_allreduce_back(bench):
 def test_memory_census_matches_the_accounting(tmp_path):
     """DDP holds everything whole: parameters and gradients exactly as counted, Adam states plus AdamW's per-parameter
     step scalars. FSDP2 holds half of the parameters, gradients and states (up to row padding)."""
-    result = harness("memory", ["--engines", "ddp,fsdp2", "--gpu-memory-gb", "1"], tmp_path)
+    result = harness("memory", ["--engines", "ddp,fsdp2", "--methods", "full,relora,galore", "--gpu-memory-gb", "1"], tmp_path)
     rows = by_case(result["rows"], "engine", "method")
+    for engine in ("ddp", "fsdp2"):  # GaLore's projectors: whole on every rank of both engines, exactly as counted
+        galore = rows[engine, "galore"]
+        assert galore["census_projectors"] == galore["expected_projectors"] > 0
+        assert galore["expected_optimizer"] <= galore["census_optimizer"] <= 1.02 * galore["expected_optimizer"] + 4 * 100
     for method in ("full", "relora"):
         ddp, fsdp2 = rows["ddp", method], rows["fsdp2", method]
         for key in ("parameters", "gradients"):

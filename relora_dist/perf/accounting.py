@@ -50,9 +50,13 @@ class ModelCounts:
     n_norm: int
     rank: int = 0
     n_projected_moments: int = 0
-    """GaLore's Adam moments of the projections: 2 r max(m, n) per matrix."""
+    """GaLore's Adam moments of the projections: 2 r max(m, n) per matrix (--galore-proj std)."""
     n_projectors: int = 0
-    """GaLore's projectors: r min(m, n) per matrix."""
+    """GaLore's projectors: r min(m, n) per matrix (std)."""
+    n_projected_moments_right: int = 0
+    """The same with every matrix projected from the right, as the engines that split rows do: 2 r out per matrix."""
+    n_projectors_right: int = 0
+    """r in per matrix (right projection)."""
 
     @classmethod
     def from_config(cls, config: LlamaConfig, *, rank: int | None, seq_len: int, targets=PROJECTIONS) -> "ModelCounts":
@@ -80,6 +84,8 @@ class ModelCounts:
             rank=rank,
             n_projected_moments=L * sum(_projected_moments(i, o, rank) for i, o in shapes.values()),
             n_projectors=L * sum(min(rank, i, o) * min(i, o) for i, o in shapes.values()),
+            n_projected_moments_right=L * sum(2 * min(rank, i, o) * o for i, o in shapes.values()),
+            n_projectors_right=L * sum(min(rank, i, o) * i for i, o in shapes.values()),
         )
 
     @property
@@ -97,16 +103,19 @@ class ModelCounts:
             return self.trainable(method)
         return self.n_full if method in ("full", *PROJECTED_STATE) else self.n_full + self.n_lora
 
-    def optimizer_elements(self, method: str) -> int:
+    def optimizer_elements(self, method: str, *, right: bool = False) -> int:
         """Adam moment elements: 2 per trainable parameter, the projected moments in place of the projections' for
-        GaLore and Fira."""
+        GaLore and Fira (`right`: every matrix projected from the right, as on FSDP2 and ZeRO-1/2/3)."""
         if method in PROJECTED_STATE:
-            return 2 * (self.n_full - self.n_lin - self.n_other) + self.n_projected_moments
+            moments = self.n_projected_moments_right if right else self.n_projected_moments
+            return 2 * (self.n_full - self.n_lin - self.n_other) + moments
         return 2 * self.trainable(method)
 
-    def projector_elements(self, method: str) -> int:
+    def projector_elements(self, method: str, *, right: bool = False) -> int:
         """GaLore's and Fira's projectors (none for the other methods; Fira's limiter scalar per matrix not counted)."""
-        return self.n_projectors if method in PROJECTED_STATE else 0
+        if method not in PROJECTED_STATE:
+            return 0
+        return self.n_projectors_right if right else self.n_projectors
 
     def executed_flops_per_token(self, method: str, *, attention: bool = True) -> int:
         """Forward + backward FLOPs actually run per token (dense GEMMs; attention products optional)."""
@@ -167,16 +176,17 @@ class Precision:
         return presets[name]
 
 
-def static_bytes(counts: ModelCounts, method: str, precision: Precision) -> dict[str, int]:
+def static_bytes(counts: ModelCounts, method: str, precision: Precision, *, right_projection: bool = False) -> dict[str, int]:
     """Per-replica bytes by category, before any sharding: parameters (held), fp32 masters, gradients and Adam
-    states of the trainable ones."""
+    states of the trainable ones (GaLore's moments and projectors with every matrix projected from the right when
+    `right_projection`: the engines that split rows)."""
     held, trainable = counts.held(method), counts.trainable(method)
     return {
         "parameters": precision.weights * held,
         "master": precision.master * trainable,
         "gradients": precision.grads * trainable,
-        "optimizer": precision.adam * counts.optimizer_elements(method) // 2,
-        "projectors": precision.adam * counts.projector_elements(method) // 2,
+        "optimizer": precision.adam * counts.optimizer_elements(method, right=right_projection) // 2,
+        "projectors": precision.adam * counts.projector_elements(method, right=right_projection) // 2,
     }
 
 

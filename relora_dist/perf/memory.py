@@ -27,6 +27,8 @@ _SHARDED = {
     "zero3": ("optimizer", "master", "gradients", "parameters"), "fsdp2": ("optimizer", "gradients", "parameters"),
     "fairscale": ("optimizer", "projectors"), "zero_redundancy": ("optimizer", "projectors"),
 }
+# Engines whose optimizer sees rows split across ranks: GaLore projects every matrix from the right there.
+_SPLITS_ROWS = ("zero1", "zero2", "zero3", "fsdp2")
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -117,7 +119,7 @@ def expected_static_bytes(counts: ModelCounts, method: str, engine: str, dtype: 
     (engines pad partitions a little: the census shows by how much)."""
     if engine not in _SHARDED:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(_SHARDED)}")
-    full = static_bytes(counts, method, precision_of(engine, dtype))
+    full = static_bytes(counts, method, precision_of(engine, dtype), right_projection=engine in _SPLITS_ROWS)
     return {k: v / world_size if k in _SHARDED[engine] else v for k, v in full.items()}
 
 
