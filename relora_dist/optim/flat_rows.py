@@ -76,6 +76,28 @@ def _global_rank(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
+def gather_to_owners(pieces: list, owners: list[int], group) -> list:
+    """Per matrix, this rank's piece (the same size on every rank) gathered to the matrix's owner: every rank's
+    pieces on the owner, None elsewhere. A None piece is not sent (its owner holds the matrix whole)."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    works, received = [], []
+    for piece, owner in zip(pieces, owners):
+        receive = [torch.empty_like(piece) for _ in range(world)] if piece is not None and me == owner else None
+        if piece is not None:
+            works.append(dist.gather(piece, receive, dst=_global_rank(group, owner), group=group, async_op=True))
+        received.append(receive)
+    for work in works:
+        work.wait()
+    return received
+
+
+def broadcast_from_owners(tensors: list[torch.Tensor], owners: list[int], group) -> None:
+    """Each tensor, in place, from its owner to every rank."""
+    works = [dist.broadcast(t, src=_global_rank(group, owner), group=group, async_op=True) for t, owner in zip(tensors, owners)]
+    for work in works:
+        work.wait()
+
+
 class FlatPartitionSteps:
     """ProjectedAdamW's step on a flat partition (right projection of every matrix). The state of a flat tensor:
     `step`; `exp_avg`, `exp_avg_sq` over the rows this rank touches (cut rows on every rank sharing them), matrix
@@ -163,38 +185,28 @@ class FlatPartitionSteps:
         """Each matrix's P computed by the rank holding most of it (ties in turn): from its own elements when it holds
         the whole matrix (ZeRO-1/2 mostly), else from the pieces gathered to it; then broadcast."""
         pg = self._partition_group
-        world, me = dist.get_world_size(pg), dist.get_rank(pg)
+        me = dist.get_rank(pg)
         owners = [refresh_owner(part, i) for i, part in enumerate(partitions)]
-        works, received = [], []
-        for part, s, owner in zip(partitions, slices, owners):
+        pieces = []
+        for part, s in zip(partitions, slices):
             width = max(hi - lo for lo, hi in part.ranges)
-            if width == s.m * s.n:  # the owner holds it whole: nothing to gather
-                received.append([s.values(grad)] if me == owner else None)
+            piece = None if width == s.m * s.n else grad.new_zeros(width)  # held whole by its owner: nothing to send
+            if piece is not None and s.holds:
+                piece[: s.hi - s.lo] = s.values(grad)
+            pieces.append(piece)
+        received = gather_to_owners(pieces, owners, pg)
+        for i, (part, s, piece, receive) in enumerate(zip(partitions, slices, pieces, received)):
+            if owners[i] != me:
                 continue
-            send = grad.new_zeros(width)
-            if s.holds:
-                send[: s.hi - s.lo] = s.values(grad)
-            receive = [torch.empty_like(send) for _ in range(world)] if me == owner else None
-            works.append(dist.gather(send, receive, dst=_global_rank(pg, owner), group=pg, async_op=True))
-            received.append(receive)
-        for work in works:
-            work.wait()
-        for i, (part, s, receive) in enumerate(zip(partitions, slices, received)):
-            if receive is None:
-                continue
-            if len(receive) == 1:
-                full = receive[0]
+            if piece is None:
+                full = s.values(grad)
             else:
                 full = grad.new_zeros(s.m * s.n)
                 for (lo, hi), values in zip(part.ranges, receive):
                     full[lo:hi] = values[: hi - lo]
             previous = None if first else projectors[i].clone()
             projectors[i].copy_(self.compute_projector(full.view(s.m, s.n).float(), group["rank"], False, previous))
-        works = [dist.broadcast(p, src=_global_rank(pg, owner), group=pg, async_op=True)
-                 for p, owner in zip(projectors, owners)]
-        for work in works:
-            work.wait()
-
+        broadcast_from_owners(projectors, owners, pg)
 
 def refresh_owner(partition, index: int) -> int:
     """The rank holding the most of a matrix; among equals (ZeRO-3's even slices) matrix after matrix in turn."""

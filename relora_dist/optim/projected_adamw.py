@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from .flat_rows import FlatPartitionSteps
+from .flat_rows import FlatPartitionSteps, broadcast_from_owners, gather_to_owners
 
 PROJECTIONS = ("std", "right", "left")
 RESIDUALS = ("none", "fira")
@@ -142,31 +142,22 @@ class ProjectedAdamW(FlatPartitionSteps, torch.optim.Optimizer):
             return
         pg = sharded[0].group
         world, me = dist.get_world_size(pg), dist.get_rank(pg)
-        gathered, works = [], []
-        for i, rows in enumerate(sharded):  # every rank lists the same matrices in the same order
-            owner = i % world
-            chunk = -(-rows.shape[0] // world)
-            send = torch.zeros(chunk, rows.shape[1], dtype=torch.float32, device=rows.local.device)
-            send[: rows.grad.shape[0]] = rows.grad
-            receive = [torch.empty_like(send) for _ in range(world)] if me == owner else None
-            works.append(dist.gather(send, receive, dst=dist.get_global_rank(pg, owner), group=pg, async_op=True))
-            gathered.append(receive)
-        for work in works:
-            work.wait()
+        owners = [i % world for i in range(len(sharded))]  # every rank lists the same matrices in the same order
+        pieces = []
+        for rows in sharded:  # this rank's rows, padded to torch.chunk's row count
+            piece = torch.zeros(-(-rows.shape[0] // world), rows.shape[1], dtype=torch.float32, device=rows.local.device)
+            piece[: rows.grad.shape[0]] = rows.grad
+            pieces.append(piece)
         projectors = []
-        for i, (rows, receive) in enumerate(zip(sharded, gathered)):
+        for rows, owner, receive in zip(sharded, owners, gather_to_owners(pieces, owners, pg)):
             state = self.state[rows.param]
-            r = min(rank, *rows.shape)
-            if i % world == me:
+            if owner == me:
                 full = torch.cat(receive)[: rows.shape[0]]
-                projector = self.compute_projector(full, rank, False, state.get("projector"))
+                projectors.append(self.compute_projector(full, rank, False, state.get("projector")))
             else:
-                projector = torch.empty(r, rows.shape[1], dtype=torch.float32, device=rows.local.device)
-            projectors.append(projector)
-        works = [dist.broadcast(p, src=dist.get_global_rank(pg, i % world), group=pg, async_op=True)
-                 for i, p in enumerate(projectors)]
-        for work in works:
-            work.wait()
+                r = min(rank, *rows.shape)
+                projectors.append(torch.empty(r, rows.shape[1], dtype=torch.float32, device=rows.local.device))
+        broadcast_from_owners(projectors, owners, pg)
         for rows, projector in zip(sharded, projectors):
             self.state[rows.param]["projector"] = projector
             self.state[rows.param]["projection_left"] = torch.tensor(False)
