@@ -4,6 +4,7 @@ whole matrices (right projection) to 1e-6, step by step, refreshes included.
     torchrun --nproc_per_node 2 tests/dist/galore_rows.py {none|fira}
 """
 
+import os
 import sys
 
 import torch
@@ -75,9 +76,14 @@ def main(residual: str) -> int:
     if rank == 0:
         print(f"GALORE ROWS {residual} max difference {worst:.3e}", flush=True)
     assert worst < 1e-6, worst
+    dist.barrier()  # both ranks done with every collective before either tears the group down
     dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    sys.stdout.flush()
+    # Skip interpreter teardown: in about 1 of 6 launches gloo aborted rank 1 there ("terminate called without an
+    # active exception") after the check had passed; the result is decided above.
+    os._exit(code)
