@@ -278,3 +278,30 @@ def test_a_refresh_is_computed_by_the_rank_holding_most_of_the_matrix():
     assert refresh_owner(FlatPartition(None, (4, 4), [(0, 16), (16, 16)], 0), 1) == 0  # whole on rank 0: no gather
     assert refresh_owner(FlatPartition(None, (4, 4), [(0, 3), (3, 16)], 0), 0) == 1
     assert [refresh_owner(FlatPartition(None, (4, 4), [(0, 8), (8, 16)], 0), i) for i in range(3)] == [0, 1, 0]
+
+
+def test_moments_that_are_not_element_wise_leave_deepspeed_a_sliceable_placeholder_and_come_back(tmp_path):
+    """DeepSpeed's universal conversion slices exp_avg by each parameter's fragment of the flat tensor: GaLore's
+    smaller moments go aside in the saved dict (the live state untouched), with a zero-stride placeholder of the
+    flat size (no bytes), and a load swaps them back."""
+    from relora_dist.backends.deepspeed_portable import keep_state_convertible
+
+    flat, dense = torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(10))
+    optimizer = torch.optim.AdamW([flat, dense])
+    keep_state_convertible(optimizer)
+    moments = torch.arange(60.0)
+    optimizer.state[flat].update(step=torch.tensor(3.0), exp_avg=moments.clone(), exp_avg_sq=moments + 1)
+    optimizer.state[dense].update(step=torch.tensor(3.0), exp_avg=torch.ones(10), exp_avg_sq=torch.ones(10))
+    saved = optimizer.state_dict()
+    assert torch.equal(optimizer.state[flat]["exp_avg"], moments) and "unsliced_exp_avg" not in optimizer.state[flat]
+    placeholder = saved["state"][0]["exp_avg"]
+    assert placeholder.shape == (1000,) and placeholder.stride() == (0,) and not placeholder.any()
+    assert torch.equal(saved["state"][0]["unsliced_exp_avg_sq"], moments + 1)
+    assert "unsliced_exp_avg" not in saved["state"][1]  # element-wise moments are saved as they are
+    torch.save(saved, tmp_path / "optim.pt")
+    assert (tmp_path / "optim.pt").stat().st_size < 4000  # the placeholders store one element each
+    optimizer.state.clear()
+    optimizer.load_state_dict(torch.load(tmp_path / "optim.pt"))
+    assert torch.equal(optimizer.state[flat]["exp_avg"], moments)
+    assert torch.equal(optimizer.state[flat]["exp_avg_sq"], moments + 1)
+    assert set(optimizer.state[flat]) == {"step", "exp_avg", "exp_avg_sq"}

@@ -1,11 +1,12 @@
 """GaLore and Fira on every engine: 2 gloo ranks against the single-process run on the same global batches (same losses
 and exported model), with real SVD refreshes at steps 0, 4 and 8, on a model whose shapes make FSDP2's row shards
 uneven and put DeepSpeed's partition boundaries inside rows (hidden 36, ffn 91, 3 layers); exact resume, resume at
-another world size, bf16, replica checks (projectors included) and a NaN skipped. FSDP2 and ZeRO-1/2/3 split each
+another world size (2 -> 1 ranks on DDP, FSDP2 and ZeRO-3, 1 -> 2 on ZeRO-1), bf16, replica checks (projectors included) and a NaN skipped. FSDP2 and ZeRO-1/2/3 split each
 matrix's rows across ranks and project down_proj from the right, so they equal the single-process run with
 --galore-proj right. All 2-rank runs of a method share one launch (tests/dist/method_runs.py)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -19,7 +20,8 @@ UNEVEN = {"hidden_size": 36, "intermediate_size": 91, "num_hidden_layers": 3, "n
           "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 WHOLE = ("ddp", "zero0", "fairscale", "zero_redundancy")  # every matrix whole in one optimizer: --galore-proj std as is
 SPLIT = ("fsdp2", "zero1", "zero2", "zero3")  # rows split across ranks: std's left-projected matrices go right
-HOPS = ("ddp", "fsdp2")  # stopped on 2 ranks, resumed on 1
+HOPS = ("ddp", "fsdp2", "zero3")  # stopped on 2 ranks, resumed on 1
+GROWS = ("zero1",)  # stopped on 1 rank, resumed on 2
 BF16 = ("zero0", "zero2", "zero3", "fsdp2")
 
 
@@ -32,6 +34,11 @@ def uneven_model(tmp_path) -> list:
 @pytest.mark.parametrize("method", METHODS)
 def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method):
     common = SMALL + RUN + ["--method", method, "--micro-batch-size", "2", *uneven_model(tmp_path)]
+    one_rank = [run_case("reference", tmp_path, "--micro-batch-size", "4"),
+                run_case("reference-right", tmp_path, "--micro-batch-size", "4", "--galore-proj", "right")]
+    one_rank += [run_case(f"{name}-grow", tmp_path, *ENGINE_FLAGS[name], "--stop-after", "5", "--save-every", "5",
+                          export=False) for name in GROWS]
+    launch_runs(one_rank, common, nproc=1, tmp_path=tmp_path)
     two_rank = [run_case(name, tmp_path, *ENGINE_FLAGS[name]) for name in WHOLE + SPLIT]
     two_rank += [run_case(f"{name}-bf16", tmp_path, *ENGINE_FLAGS[name], "--dtype", "bf16") for name in BF16]
     two_rank += [run_case(f"{name}-hop", tmp_path, *ENGINE_FLAGS[name], "--stop-after", "5", "--save-every", "5", export=False)
@@ -40,20 +47,24 @@ def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method
                  run_case("ddp-split", tmp_path, "--resume"),
                  run_case("zero2-split", tmp_path, *ENGINE_FLAGS["zero2"], "--stop-after", "5", "--save-every", "5", export=False),
                  run_case("zero2-split", tmp_path, *ENGINE_FLAGS["zero2"], "--resume"),
-                 run_case("zero2-stopped", tmp_path, *ENGINE_FLAGS["zero2"], "--stop-after", "5", "--save-every", "5",
-                          export=False),
-                 run_case("fsdp2-checked", tmp_path, *ENGINE_FLAGS["fsdp2"], "--check-replicas", "true", export=False),
+                 run_case("zero3-split", tmp_path, *ENGINE_FLAGS["zero3"], "--stop-after", "5", "--save-every", "5", export=False),
+                 run_case("zero3-split", tmp_path, *ENGINE_FLAGS["zero3"], "--resume"),
+                  run_case("fsdp2-checked", tmp_path, *ENGINE_FLAGS["fsdp2"], "--check-replicas", "true", export=False),
                  run_case("ddp-nan", tmp_path, "--check-replicas", "true", env={"RELORA_INJECT_FAULTS": "nan_loss:4:rank=1"})]
+    two_rank += [run_case(f"{name}-grow", tmp_path, *ENGINE_FLAGS[name], "--resume") for name in GROWS]
     launch_runs(two_rank, common, nproc=2, tmp_path=tmp_path)
-    one_rank = [run_case("reference", tmp_path, "--micro-batch-size", "4"),
-                run_case("reference-right", tmp_path, "--micro-batch-size", "4", "--galore-proj", "right")]
-    one_rank += [run_case(f"{name}-hop", tmp_path, *ENGINE_FLAGS[name], "--resume") for name in HOPS]
-    launch_runs(one_rank, common, nproc=1, tmp_path=tmp_path)
-    # ZeRO keeps GaLore's state per partition: another world size is refused in one line
-    refused = run_cli(common + [*ENGINE_FLAGS["zero2"], "--resume", "--out", tmp_path / "zero2-stopped"], check=False)
+    # ZeRO keeps the state per partition: another world size rebuilds it from the per-matrix records saved beside
+    # DeepSpeed's files; a checkpoint without them is refused in one line
+    shutil.copytree(tmp_path / "zero3-hop", tmp_path / "zero3-bare")
+    for records in (tmp_path / "zero3-bare").glob("checkpoints/step_*/optimizer_rows_rank*.pt"):
+        records.unlink()
+    launch_runs([run_case(f"{name}-hop", tmp_path, *ENGINE_FLAGS[name], "--resume") for name in HOPS], common, nproc=1,
+                tmp_path=tmp_path)
+    refused = run_cli(common + [*ENGINE_FLAGS["zero3"], "--resume", "--out", tmp_path / "zero3-bare"], check=False)
     assert refused.returncode != 0 and "cannot reshard; resume on 2 ranks" in refused.stderr, refused.stderr[-2000:]
 
-    references = {"reference": [*WHOLE, "ddp-hop", "ddp-split"], "reference-right": [*SPLIT, "fsdp2-hop", "zero2-split"]}
+    split = [*SPLIT, "zero2-split", "zero3-split", *(f"{name}-hop" for name in HOPS[1:]), *(f"{name}-grow" for name in GROWS)]
+    references = {"reference": [*WHOLE, "ddp-hop", "ddp-split"], "reference-right": split}
     for reference, runs in references.items():
         losses = [m["loss"] for m in read_metrics(tmp_path / reference)]
         assert len(losses) == 10 and losses[-1] < losses[0]

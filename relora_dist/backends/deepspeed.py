@@ -28,6 +28,7 @@ from ..access import external_parameters, write_pieces
 from ..distributed import rank0_first
 from .base import Backend, checkpoint_must_fit, clip_replicated_gradients, set_group_lrs
 from .deepspeed_layout import full_parameters, shard_access_for
+from .deepspeed_portable import has_portable_state, keep_state_convertible, load_portable_state, save_portable_state
 
 logger = logging.getLogger("relora_dist")
 
@@ -161,6 +162,7 @@ class DeepSpeedBackend(Backend):
         if callable(getattr(inner, "locate_partitions", None)):  # an optimizer that needs each matrix's rows
             access = self.shard_access()
             inner.locate_partitions(access.flat_partitions(), getattr(access, "group", None))
+            keep_state_convertible(inner)
         if self.stage == 3:  # ZeRO-3 gathers a module's own parameters for its forward; declared others too
             for module, parameter in external_parameters(self.engine.module):
                 deepspeed.zero.register_external_parameter(module, parameter)
@@ -221,15 +223,22 @@ class DeepSpeedBackend(Backend):
     # -- checkpoints and export -----------------------------------------------------------------------
     def save(self, directory, trainer_state):
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"relora_trainer": trainer_state})
+        if self._partitioned_optimizer() is not None:
+            save_portable_state(directory, self.engine.optimizer, self.engine.module, self.rank)
+
+    def _partitioned_optimizer(self):
+        """The optimizer inside the ZeRO wrapper when its state is laid out per flat partition, else None."""
+        inner = getattr(self.engine.optimizer, "optimizer", None)
+        return inner if inner is not None and not getattr(inner, "state_reshardable", True) else None
 
     def load(self, directory):
         directory = Path(directory)
         saved_ranks = saved_world_size(directory)
         universal = saved_ranks is not None and saved_ranks != self.world_size
-        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        if universal and not getattr(inner, "state_reshardable", True):
-            raise ValueError(f"checkpoint {directory} was written by {saved_ranks} ranks: this optimizer keeps its state per"
-                             f" ZeRO partition, which DeepSpeed's universal checkpoint cannot reshard; resume on"
+        partitioned, native = self._partitioned_optimizer(), directory
+        if universal and partitioned is not None and not has_portable_state(directory):
+            raise ValueError(f"checkpoint {directory} was written by {saved_ranks} ranks without this optimizer's"
+                             f" per-matrix state, which DeepSpeed's universal checkpoint cannot reshard; resume on"
                              f" {saved_ranks} ranks")
         if universal:
             # ZeRO partitions are per rank: another world size reads DeepSpeed's universal checkpoint
@@ -257,6 +266,8 @@ class DeepSpeedBackend(Backend):
             for state in inner.state.values():
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].clone()
+            if partitioned is not None:  # what the universal files could not carry, from the per-rank records
+                load_portable_state(native, self.engine.optimizer, self.engine.module, self.shard_access().flat_partitions())
 
     def _restore_frozen_weights(self, saved: dict[str, torch.Tensor]) -> None:
         """DeepSpeed's universal load restores what the optimizer holds; frozen parameters (outside the optimizer)

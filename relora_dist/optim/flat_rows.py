@@ -103,20 +103,89 @@ class FlatPartitionSteps:
     `step`; `exp_avg`, `exp_avg_sq` over the rows this rank touches (cut rows on every rank sharing them), matrix
     after matrix; `projector`, every matrix's P (r x n) back to back; Fira's `scaling_grad`, one per matrix."""
 
+    def _slices(self, group: dict, partitions: list) -> tuple[list[MatrixSlice], list[int]]:
+        """This rank's slice of each matrix of a flat tensor, and each matrix's rank r."""
+        slices = [MatrixSlice.of(i, part, dist.get_rank(self._partition_group)) for i, part in enumerate(partitions)]
+        return slices, [min(group["rank"], s.m, s.n) for s in slices]
+
+    def _flat_tensors(self):
+        """(group, flat tensor, its partitions) of every projected group stepped as flat partitions."""
+        partitions = getattr(self, "_partitions", None) or {}
+        for group in self.param_groups:
+            for flat in group["params"] if "rank" in group else ():
+                if id(flat) in partitions:
+                    yield group, flat, partitions[id(flat)]
+
+    # -- the state without the partitioning (resume on another number of ranks) ---------------------------------
+    def portable_state(self) -> dict:
+        """Per projected matrix this rank touches, keyed by its model parameter: the rows [row0, row0 + len) of its
+        moments held here, P, the step and Fira's limiter norm. The records of all ranks, whatever their number,
+        are what `load_portable_state` rebuilds the state from on any partitioning."""
+        out = {}
+        for group, flat, partitions in self._flat_tensors():
+            state = self.state[flat]
+            if "step" not in state:
+                continue
+            slices, ranks = self._slices(group, partitions)
+            moments, projectors = _moments(state, slices, ranks), _projectors(state, slices, ranks)
+            for s, part, (exp_avg, exp_avg_sq), projector in zip(slices, partitions, moments, projectors):
+                if not s.holds:
+                    continue
+                record = {"step": state["step"].clone(), "row0": s.row0, "exp_avg": exp_avg.clone(),
+                          "exp_avg_sq": exp_avg_sq.clone(), "projector": projector.clone()}
+                if "scaling_grad" in state:
+                    record["scaling_grad"] = state["scaling_grad"][s.index].clone()
+                out[part.param] = record
+        return out
+
+    def load_portable_state(self, records: list[dict]) -> list[torch.Tensor]:
+        """Replace the state of every projected flat tensor by one rebuilt from `portable_state`'s records of every
+        saved rank (dicts keyed by model parameter); cut rows appear in several records, with equal values.
+        Returns the flat tensors whose state was replaced."""
+        replaced = []
+        for group, flat, partitions in self._flat_tensors():
+            slices, ranks = self._slices(group, partitions)
+            found = [[r[part.param] for r in records if part.param in r] for part in partitions]
+            if not any(found):
+                continue
+            missing = [i for i, pieces in enumerate(found) if not pieces]
+            if missing:
+                raise ValueError(f"checkpoint has no optimizer state for {len(missing)} of the {len(partitions)} projected"
+                                 f" matrices of a group (written with another method or rank?)")
+            state, moments, scaling = {"step": found[0][0]["step"].clone()}, ([], []), []
+            projectors = []
+            for s, r, pieces in zip(slices, ranks, found):
+                full = [_assemble_rows(pieces, key, s.m, r) for key in ("exp_avg", "exp_avg_sq")]
+                for kept, whole in zip(moments, full):
+                    kept.append(whole[s.row0 : s.row1].reshape(-1))
+                projector = pieces[0]["projector"]
+                if tuple(projector.shape) != (r, s.n):
+                    raise ValueError(f"checkpoint's projector has shape {tuple(projector.shape)}, this run's rank needs"
+                                     f" {(r, s.n)}: resume with the rank it was written with")
+                projectors.append(projector.reshape(-1))
+                if "scaling_grad" in pieces[0]:
+                    scaling.append(pieces[0]["scaling_grad"])
+            device = flat.device
+            state["exp_avg"], state["exp_avg_sq"] = (torch.cat(kept).to(device) for kept in moments)
+            state["projector"] = torch.cat(projectors).to(device)
+            if scaling:
+                state["scaling_grad"] = torch.stack(scaling).to(device)
+            self.state[flat] = state
+            replaced.append(flat)
+        return replaced
+
     def _step_flat(self, group: dict, flat: torch.Tensor, partitions: list) -> None:
         from .projected_adamw import adam_moments, fira_scaling, step_size
 
         pg = self._partition_group
-        slices = [MatrixSlice.of(i, part, dist.get_rank(pg)) for i, part in enumerate(partitions)]
-        ranks = [min(group["rank"], s.m, s.n) for s in slices]
+        slices, ranks = self._slices(group, partitions)
         state = self.state[flat]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             size = sum((s.row1 - s.row0) * r for s, r in zip(slices, ranks))
             state["exp_avg"], state["exp_avg_sq"] = flat.new_zeros(size), flat.new_zeros(size)
             state["projector"] = flat.new_zeros(sum(r * s.n for s, r in zip(slices, ranks)))
-        projectors = [p.view(r, s.n) for p, s, r in zip(state["projector"].split([r * s.n for s, r in zip(slices, ranks)]),
-                                                         slices, ranks)]
+        projectors = _projectors(state, slices, ranks)
         if int(state["step"]) % group["update_gap"] == 0:
             self._refresh_flat(group, flat.grad, partitions, slices, projectors, first=int(state["step"]) == 0)
         grads = [s.padded(flat.grad) if s.holds else None for s in slices]
@@ -124,8 +193,7 @@ class FlatPartitionSteps:
         self._sum_cut_rows(partitions, slices, projected, ranks, flat.device)
         state["step"] += 1
         size = step_size(group, state["step"])
-        sizes = [(s.row1 - s.row0) * r for s, r in zip(slices, ranks)]
-        moments = zip(state["exp_avg"].split(sizes), state["exp_avg_sq"].split(sizes))
+        moments = _moments(state, slices, ranks)
         fira = group["residual"] == "fira"
         updates, residuals = [], []
         for s, r, (exp_avg, exp_avg_sq), g, low, p in zip(slices, ranks, moments, grads, projected, projectors):
@@ -133,7 +201,7 @@ class FlatPartitionSteps:
                 updates.append(None)
                 residuals.append(None)
                 continue
-            normalized = adam_moments(exp_avg.view(-1, r), exp_avg_sq.view(-1, r), low, group)
+            normalized = adam_moments(exp_avg, exp_avg_sq, low, group)
             updates.append(s.local((normalized @ p) * group["scale"]))
             residuals.append(s.local((g - (low @ p) * group["scale"]) * fira_scaling(normalized, low, False)) if fira else None)
         if fira:
@@ -207,6 +275,35 @@ class FlatPartitionSteps:
             previous = None if first else projectors[i].clone()
             projectors[i].copy_(self.compute_projector(full.view(s.m, s.n).float(), group["rank"], False, previous))
         broadcast_from_owners(projectors, owners, pg)
+
+def _moments(state: dict, slices: list[MatrixSlice], ranks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each matrix's (exp_avg, exp_avg_sq) over the rows this rank touches, (row1 - row0) x r views into the state."""
+    sizes = [(s.row1 - s.row0) * r for s, r in zip(slices, ranks)]
+    return [(m.view(-1, r), v.view(-1, r))
+            for m, v, r in zip(state["exp_avg"].split(sizes), state["exp_avg_sq"].split(sizes), ranks)]
+
+
+def _projectors(state: dict, slices: list[MatrixSlice], ranks: list[int]) -> list[torch.Tensor]:
+    """Each matrix's P (r x n), views into the state."""
+    sizes = [r * s.n for s, r in zip(slices, ranks)]
+    return [p.view(r, s.n) for p, s, r in zip(state["projector"].split(sizes), slices, ranks)]
+
+
+def _assemble_rows(pieces: list[dict], key: str, m: int, r: int) -> torch.Tensor:
+    """The whole (m x r) moment `key` of one matrix from the row ranges several ranks saved."""
+    whole, covered = torch.zeros(m, r), torch.zeros(m, dtype=torch.bool)
+    for piece in pieces:
+        rows = piece[key]
+        if rows.shape[1] != r:
+            raise ValueError(f"checkpoint's optimizer moments have rank {rows.shape[1]}, this run's is {r}: resume with"
+                             f" the rank it was written with")
+        whole[piece["row0"] : piece["row0"] + rows.shape[0]] = rows.float()
+        covered[piece["row0"] : piece["row0"] + rows.shape[0]] = True
+    if not bool(covered.all()):
+        raise ValueError(f"checkpoint's optimizer state misses {int((~covered).sum())} of {m} rows of a matrix"
+                         f" (a rank's file is missing)")
+    return whole
+
 
 def refresh_owner(partition, index: int) -> int:
     """The rank holding the most of a matrix; among equals (ZeRO-3's even slices) matrix after matrix in turn."""

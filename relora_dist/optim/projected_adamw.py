@@ -210,7 +210,8 @@ class ProjectedAdamW(FlatPartitionSteps, torch.optim.Optimizer):
 
     @property
     def state_reshardable(self) -> bool:
-        """False when the state is laid out per flat partition (DeepSpeed's universal checkpoint cannot reshard it)."""
+        """False when the state is laid out per flat partition: DeepSpeed's universal checkpoint cannot reshard it, so
+        the engine saves `portable_state` beside it and rebuilds from that (`backends/deepspeed_portable.py`)."""
         return not getattr(self, "_partitions", None)
 
     def _step_projected(self, group: dict) -> None:
