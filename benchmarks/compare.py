@@ -63,12 +63,18 @@ class Row:
     settings: dict = field(default_factory=dict)  # the method's own config section (a named deviation's A/B)
 
 
+def _factors_scoped(method: str) -> bool:
+    """Low-rank methods of the ReLoRA family, whose A and B take --lora-lr when --lora-lr-scope factors."""
+    cls = method_class(method)
+    return cls.cost_structure == "relora" and cls.config_section == "relora"
+
+
 def rows() -> dict[str, Row]:
     """Every registered method (the paper's recipe), its @factors twin if it is low rank, the ablation rows and the
     LoRA input variants (not run by default: they change speed, not the method)."""
     out = {name: Row(name) for name in method_names()}
     out |= {name + FACTORS: Row(name, lora_lr_scope="factors") for name in method_names()
-            if method_class(name).cost_structure == "relora"}
+            if _factors_scoped(name)}
     out |= {
         "R": Row("relora", {**OFF, "restarts": True, "warm_start_steps": 0}),
         "R+O": Row("relora", {**OFF, "restarts": True, "optimizer_reset": True, "warm_start_steps": 0}),
@@ -369,7 +375,7 @@ def summarize(runs: list[dict], names: list[str], seeds: list[int], bench: dict[
         cost = bench.get(b["method"], {})
         table[name] = {
             "method": b["method"], "lrs": sorted(tried), "best_lr": b["lr"],
-            "recipe": rows()[name].lora_lr_scope if method_class(b["method"]).cost_structure == "relora" else None,
+            "recipe": rows()[name].lora_lr_scope if _factors_scoped(b["method"]) else None,
             "bracketed": not b["diverged"] and not sweep_extension(tried), "diverged": b["diverged"],
             "seeds": sorted(r["seed"] for r in at_best), "val_ppl": statistics.mean(finite) if finite else None,
             "val_ppl_spread": max(finite) - min(finite) if len(finite) > 1 else None,

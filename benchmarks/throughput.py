@@ -37,6 +37,7 @@ from relora_dist.comm import CollectiveCounter
 from relora_dist.config import DROPOUT_MASKS
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.methods import method_names
+from relora_dist.perf.accounting import LOW_RANK
 from relora_dist.train.compile import compile_decoder_layers
 from relora_dist.train.config import standalone_method
 from relora_dist.models import causal_lm_loss, llama_config
@@ -229,7 +230,7 @@ def summarize(args, info, case: Case, measured: list[dict], busbw_gbs: float, pe
         exposed = max(0.0, median["forward"] + median["backward"] - baseline)
     merge_s, merge_amortised_s, merge_bytes = case.periodic_events()
     structure = case.method.cost_structure
-    low_rank = structure == "relora"
+    low_rank = structure in LOW_RANK
     global_batch = args.micro_batch_size * args.accumulation_steps * info.world_size
     update_s, n = median["update_s"], info.world_size
     speed = throughput_fields(tokens=global_batch * args.seq_len, examples=global_batch, seconds=update_s, world_size=n)

@@ -94,7 +94,7 @@ def test_throughput_fields_are_consistent(bench):
         assert 0 < row["mfu"] and 0 < row["hfu"]
         assert row["hfu"] / row["mfu"] == pytest.approx(row["executed_flops_per_token"] / row["model_flops_per_token"])
         assert row["exposed_comm_s"] is not None and row["exposed_comm_s"] >= 0
-        assert (row["merge_reset_s"] > 0) == (row["method"] == "relora")
+        assert (row["merge_reset_s"] > 0) == (row["method"] in ("relora", "switchlora"))  # their periodic events
     assert {s["engine"] for s in sync_once["speedups"]} == {"ddp", "fsdp2"}
 
 
@@ -112,8 +112,13 @@ def test_slow_link_emulation_holds_the_allreduce_back(bench):
 def test_memory_census_matches_the_accounting(tmp_path):
     """DDP holds everything whole: parameters and gradients exactly as counted, Adam states plus AdamW's per-parameter
     step scalars. FSDP2 holds half of the parameters, gradients and states (up to row padding)."""
-    result = harness("memory", ["--engines", "ddp,fsdp2", "--methods", "full,relora,galore", "--gpu-memory-gb", "1"], tmp_path)
+    result = harness("memory", ["--engines", "ddp,fsdp2", "--methods", "full,relora,galore,switchlora", "--gpu-memory-gb",
+                                "1"], tmp_path)
     rows = by_case(result["rows"], "engine", "method")
+    assert ("fsdp2", "switchlora") not in rows  # whole-parameter engines only, for now
+    switchlora = rows["ddp", "switchlora"]  # the candidate pools held as parameters, a step counter per factor element
+    assert switchlora["census_parameters"] == switchlora["expected_parameters"] > rows["ddp", "relora"]["expected_parameters"]
+    assert 0 <= switchlora["census_optimizer"] - switchlora["expected_optimizer"] <= 4 * 100
     for engine in ("ddp", "fsdp2"):  # GaLore's projectors: whole on every rank of both engines, exactly as counted
         galore = rows[engine, "galore"]
         assert galore["census_projectors"] == galore["expected_projectors"] > 0

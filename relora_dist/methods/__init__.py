@@ -5,6 +5,6 @@ Importing this package registers the built-in methods; a new method is one modul
 """
 
 from .base import Event, Method, build_method, method_class, method_names, method_sections, register_method
-from . import full, control, lora, relora, cola, crnet, galore  # noqa: E402,F401  (registration, in --method order)
+from . import full, control, lora, relora, cola, crnet, galore, switchlora  # noqa: E402,F401  (registration, in --method order)
 
 __all__ = ["Event", "Method", "build_method", "method_class", "method_names", "method_sections", "register_method"]

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from .closure import evaluate_closure
 from .flat_rows import FlatPartitionSteps, broadcast_from_owners, gather_to_owners
 
 PROJECTIONS = ("std", "right", "left")
@@ -165,10 +166,7 @@ class ProjectedAdamW(FlatPartitionSteps, torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             if "rank" in group:
                 self._step_projected(group)

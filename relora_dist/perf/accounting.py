@@ -31,7 +31,10 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # How a method's parameters, FLOPs and bytes are counted (relora_dist.methods.Method.cost_structure): every weight
 # trains; frozen projections plus trainable low-rank factors; every projection a trainable bottleneck (CoLA), and
 # that with every layer's forward recomputed in backward (CoLA-M).
-COST_STRUCTURES = ("full", "relora", "cola", "cola_m", "crnet", "crnet_recompute", "galore", "fira")
+COST_STRUCTURES = ("full", "relora", "switchlora", "cola", "cola_m", "crnet", "crnet_recompute", "galore", "fira")
+# Frozen projections plus trainable low-rank factors; SwitchLoRA also holds its candidate pools (frozen) and a step
+# counter per factor element in the optimizer.
+LOW_RANK = ("relora", "switchlora")
 # Full-rank models whose optimizer keeps rank-r projected moments and a projector per projection (GaLore, Fira).
 PROJECTED_STATE = ("galore", "fira")
 BOTTLENECK = ("cola", "cola_m", "crnet", "crnet_recompute")  # nothing frozen: every parameter held trains
@@ -57,6 +60,8 @@ class ModelCounts:
     """The same with every matrix projected from the right, as the engines that split rows do: 2 r out per matrix."""
     n_projectors_right: int = 0
     """r in per matrix (right projection)."""
+    n_pools: int = 0
+    """SwitchLoRA's candidate pools: min(m, n) (m + n) per wrapped matrix."""
 
     @classmethod
     def from_config(cls, config: LlamaConfig, *, rank: int | None, seq_len: int, targets=PROJECTIONS) -> "ModelCounts":
@@ -82,6 +87,7 @@ class ModelCounts:
             n_emb=v * h,
             n_norm=(2 * L + 1) * h,
             rank=rank,
+            n_pools=L * sum(min(i, o) * (i + o) for i, o in wrapped),
             n_projected_moments=L * sum(_projected_moments(i, o, rank) for i, o in shapes.values()),
             n_projectors=L * sum(min(rank, i, o) * min(i, o) for i, o in shapes.values()),
             n_projected_moments_right=L * sum(2 * min(rank, i, o) * o for i, o in shapes.values()),
@@ -101,6 +107,8 @@ class ModelCounts:
         """Parameters resident on a replica (frozen W included)."""
         if method in BOTTLENECK:
             return self.trainable(method)
+        if method == "switchlora":
+            return self.n_full + self.n_lora + self.n_pools
         return self.n_full if method in ("full", *PROJECTED_STATE) else self.n_full + self.n_lora
 
     def optimizer_elements(self, method: str, *, right: bool = False) -> int:
@@ -109,6 +117,8 @@ class ModelCounts:
         if method in PROJECTED_STATE:
             moments = self.n_projected_moments_right if right else self.n_projected_moments
             return 2 * (self.n_full - self.n_lin - self.n_other) + moments
+        if method == "switchlora":  # and a step counter per factor element (fp32, counted as half a moment pair)
+            return 2 * self.trainable(method) + self.n_lora
         return 2 * self.trainable(method)
 
     def projector_elements(self, method: str, *, right: bool = False) -> int:
@@ -125,7 +135,7 @@ class ModelCounts:
         products = 7 * self.seq_len * self.hidden * self.layers
         if method in ("full", *PROJECTED_STATE):  # projecting the gradient is the optimizer's, not per token
             dense = 6 * self.n_lin + rest
-        elif method == "relora":
+        elif method in LOW_RANK:  # SwitchLoRA's switches are per update, not per token
             dense = 4 * self.n_lin + 6 * self.n_lora + rest
         elif method in ("cola", "crnet"):  # CR-Net's β Y_prev is elementwise: no GEMM
             dense = 6 * self.n_lora + rest

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from .accounting import BOTTLENECK, COST_STRUCTURES, PROJECTED_STATE, ModelCounts, Precision, static_bytes
+from .accounting import BOTTLENECK, COST_STRUCTURES, LOW_RANK, PROJECTED_STATE, ModelCounts, Precision, static_bytes
 from .hardware import GiB, Hardware
 
 # The paper's table compares these two (a method names its own structure: relora_dist.methods.Method.cost_structure).
@@ -217,7 +217,7 @@ def _per_token(w: Workload) -> dict[str, float]:
          "bytes_f": L * (130 * h + 10 * ff) + 12 * v, "bytes_b": L * (260 * h + 20 * ff) + 14 * v,
          "lora_bytes_f": 0.0, "lora_bytes_b": 0.0, "head_flops_b": 4 * c.n_head, "head_bytes_b": 14 * v,
          "dropout_elements_f": 0.0}
-    if w.method == "relora":
+    if w.method in LOW_RANK:
         io = c.n_lora / r  # sum of (in + out) over the wrapped projections and layers
         t["gemm_b"] -= 2 * c.n_lin  # no dW for frozen W
         t["lora_f"], t["lora_b"] = 2 * c.n_lora, 4 * c.n_lora

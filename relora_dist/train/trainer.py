@@ -207,7 +207,8 @@ class Trainer:
             else:
                 message = self.method.apply(event, self.backend.unwrapped_model, self.backend.shard_access())
             timing[f"{event.name}_s"] = time.perf_counter() - start
-            metrics.event(f"update {self.step}: {message}", step=self.step)
+            if not event.routine:
+                metrics.event(f"update {self.step}: {message}", step=self.step)
         if self.cfg.train.check_replicas and any(not e.rebuild for e in events):
             check_replicas(self.backend.replicated_named_tensors(), self.dist.device, f"update {self.step}")
         return timing
@@ -308,8 +309,8 @@ class Trainer:
                 }
                 if self.is_main:  # only rank 0 logs the record: no /proc read elsewhere
                     record.update(memory_fields(self.dist.device))
-                if events:
-                    record["events"] = [e.name for e in events]  # what relora-plot marks
+                if any(not e.routine for e in events):
+                    record["events"] = [e.name for e in events if not e.routine]  # what relora-plot marks
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     record["val_loss"] = self.evaluate()
                 record["wall_s"] = self.elapsed_before + time.perf_counter() - start_wall  # as summary.json counts it
