@@ -258,6 +258,7 @@ class DeepSpeedBackend(Backend):
             raise ValueError(f"checkpoint {directory} has no DeepSpeed engine state (written by another backend?)")
         if universal:
             self._restore_frozen_weights(saved_frozen_parameters(directory.parent))
+            self._restore_buffers(saved_buffers(directory.parent))
             # ZeRO-3's universal load (0.19.8) copies group 0's settings, name included, onto every group ...
             for group, saved in zip(self.engine.optimizer.param_groups, settings):
                 group.update(saved)
@@ -280,6 +281,18 @@ class DeepSpeedBackend(Backend):
                 raise ValueError(f"checkpoint has no frozen parameter {name} (written by a run that trained it?)")
             with torch.no_grad():
                 write_pieces(access.param_pieces(param), saved[name].reshape(-1))
+
+    def _restore_buffers(self, saved: dict[str, torch.Tensor]) -> None:
+        """DeepSpeed's universal load leaves the module's persistent buffers as built: every rank holds them whole."""
+        for prefix, module in self.engine.module.named_modules():
+            for local, buffer in module._buffers.items():
+                if buffer is None or local in module._non_persistent_buffers_set:
+                    continue
+                name = f"{prefix}.{local}" if prefix else local
+                if name not in saved:
+                    raise ValueError(f"checkpoint has no buffer {name} (written by another method?)")
+                with torch.no_grad():
+                    buffer.copy_(saved[name])
 
     @classmethod
     def checkpoint_model_source(cls, directory):
@@ -332,8 +345,18 @@ def saved_frozen_parameters(directory: Path) -> dict[str, torch.Tensor]:
                    key=lambda f: int(f.name.split("_")[3])) or [engine_dir / "mp_rank_00_model_states.pt"]
     states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
     shapes = states[0].get("frozen_param_shapes") or {}
-    return {name: torch.cat([s["frozen_param_fragments"][name].reshape(-1) for s in states])[: shape.numel()].view(shape)
-            for name, shape in shapes.items()}
+    # A single rank's stage 0-2 checkpoint lists no frozen fragments: its module state holds them whole.
+    whole = {name: t for name, t in (states[0].get("module") or {}).items() if t.numel()} if len(states) == 1 else {}
+    return whole | {name: torch.cat([s["frozen_param_fragments"][name].reshape(-1) for s in states])[: shape.numel()].view(shape)
+                    for name, shape in shapes.items()}
+
+
+def saved_buffers(directory: Path) -> dict[str, torch.Tensor]:
+    """The module's persistent buffers from a native checkpoint's model file (whole on every rank)."""
+    engine_dir = Path(directory) / CHECKPOINT_TAG
+    file = next(iter(sorted(engine_dir.glob("*model_states.pt"))))
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    return {name: state["module"][name] for name in state.get("buffer_names") or () if name in state["module"]}
 
 
 def universal_checkpoint(directory: Path, *, convert: bool) -> Path:

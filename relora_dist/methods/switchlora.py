@@ -73,7 +73,6 @@ class SwitchLoRA(Method):
     config_section = "switchlora"
     config_class = SwitchLoRASettings
     cost_structure = "switchlora"
-    layouts = ("whole",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -91,11 +90,6 @@ class SwitchLoRA(Method):
         if self.start >= self.total_steps and self.total_steps > 0:
             raise ValueError(f"switchlora warm_start_steps {self.start} leaves no SwitchLoRA update of {self.total_steps}"
                              f" (--switchlora-warm-start-steps)")
-
-    def check_optimizer_layout(self, layout):
-        if layout not in self.layouts:
-            raise ValueError("--method switchlora runs where every rank holds whole parameters (single process, DDP,"
-                             " DeepSpeed ZeRO-0, fairscale, zero_redundancy); FSDP2 and ZeRO-1/2/3 are not supported yet")
 
     def phases(self):
         return [(0, self.start), (self.start, self.total_steps)] if 0 < self.start < self.total_steps else [(0, self.total_steps)]
