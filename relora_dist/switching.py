@@ -14,9 +14,10 @@ Before update t (0-based within the low-rank phase), per layer, in layer order:
 The official code switches after the backward of update t and zeroes the frozen vectors' gradients; here the
 switch runs before the forward of update t and the freeze is a forward mask (`switch_layer.SwitchLoRALinear`),
 which is the same update (the switch preserves the function, and a row of A's gradient does not depend on that
-row) except that a gradient-norm clip sees the frozen vectors' gradients as zero: a stated deviation. Reads go
-through `fetch_fp32` and writes into every holder of a piece, so no engine is named; every rank computes the same
-switch from the same state and the same generator.
+row) except that a gradient-norm clip sees the frozen vectors' gradients as zero: a stated deviation. Every layer's
+switch is planned first (pointers, slots, freezes: replicated control state, the same draws on every rank), then one
+`fetch_fp32` brings what all of them read (each layer's B, its switched rows of A and the pool slots taken), and the
+writes go into every holder of this rank's pieces: no engine is named.
 """
 
 from __future__ import annotations
@@ -60,61 +61,109 @@ def available(layer: SwitchLoRALinear) -> int:
     return min((pa - frozen_a - pb) % r, (pb - frozen_b - pa) % r)
 
 
+@dataclass
+class _Plan:
+    """One layer's switch, decided before any tensor moves: which A rows and B columns, the slots they take and leave."""
+
+    layer: SwitchLoRALinear
+    rows: list[int]
+    cols: list[int]
+    slots_a: list[int]
+    slots_b: list[int]
+    parked_a: list[int]
+    parked_b: list[int]
+    batched_a: bool
+    batched_b: bool
+
+
 @torch.no_grad()
 def switch(layers: list[SwitchLoRALinear], access: TensorAccess, t: int, schedule: SwitchSchedule,
            generator: torch.Generator, *, updates_done: int = 1) -> int:
     """The switch before update t of every layer (see the module docstring); `updates_done` (0 or 1) updates since
-    the last switch first count down the freezes. Returns the number of vectors switched (both sides)."""
-    switched = 0
+    the last switch first count down the freezes. One `fetch_fp32` for all layers. Returns the vectors switched."""
     for layer in layers:
         if updates_done:
             layer.freeze_A.sub_(updates_done).clamp_(min=0)
             layer.freeze_B.sub_(updates_done).clamp_(min=0)
+    plans = []
     for layer in layers:
         if layer.pool_size <= layer.rank:  # nothing to switch to (the official code draws nothing either)
             continue
         k = min(schedule.count(layer.rank, t, generator), available(layer))
         if k > 0:
-            _switch_layer(layer, k, access, schedule, generator)
-            switched += 2 * k
-    return switched
+            plans.append(_plan(layer, k, schedule, generator))
+    _apply(plans, access, schedule)
+    return sum(2 * len(plan.rows) for plan in plans)
 
 
 def _switch_layer(layer: SwitchLoRALinear, k: int, access: TensorAccess, schedule: SwitchSchedule,
                   generator: torch.Generator) -> None:
+    """A switch of k vectors a side of one layer (no count draw, no thaw)."""
+    _apply([_plan(layer, k, schedule, generator)], access, schedule)
+
+
+def _plan(layer: SwitchLoRALinear, k: int, schedule: SwitchSchedule, generator: torch.Generator) -> _Plan:
+    """Advance the pointers, pick the slots (A's first, then B's, as the official code draws them) and update the
+    replicated control state; the tensors move in `_apply`."""
     r, c = layer.rank, layer.pool_size
     pa, pb = layer.pointers.tolist()
     rows = [(pa + j) % r for j in range(k)]
     cols = [(pb + j) % r for j in range(k)]
     layer.pointers.copy_(torch.tensor([(pa + k) % r, (pb + k) % r]))
-    B = _read(access, layer.lora_B, [(0, layer.out_features * r)])[0].view(layer.out_features, r)
-
-    # A's rows: fold s·B[:, rows] @ (A[rows] - C_A[d]) into W, park A[rows], load C_A[d], freeze B's columns.
-    slots = _destinations(layer.selected_A, rows, layer.freeze_A, c, generator, schedule.continuous)
-    old, new = _read_rows(access, layer.lora_A, rows), _read_rows(access, layer.candidates_A, slots)
-    _fold(access, layer, B[:, rows], old - new, batched=_batched(rows, slots, schedule), transpose=False)
-    _write_rows(access, layer.candidates_A, layer.selected_A[rows].tolist(), old)
-    _write_rows(access, layer.lora_A, rows, new)
-    layer.selected_A[rows] = torch.tensor(slots)
-    layer.freeze_B[rows] = schedule.freeze_steps
-
-    # B's columns, with A as it is now: W^T += s·A^T[:, cols] @ (B^T[cols] - C_B[d']).
-    slots = _destinations(layer.selected_B, cols, layer.freeze_B, c, generator, schedule.continuous)
-    old, new = B[:, cols].T.contiguous(), _read_rows(access, layer.candidates_B, slots)
-    _fold(access, layer, _read_rows(access, layer.lora_A, cols).T, old - new, batched=_batched(cols, slots, schedule),
-          transpose=True)
-    _write_rows(access, layer.candidates_B, layer.selected_B[cols].tolist(), old)
-    _write_columns(access, layer.lora_B, cols, new.T)
-    layer.selected_B[cols] = torch.tensor(slots)
+    slots_a = _destinations(layer.selected_A, rows, layer.freeze_A, c, generator, schedule.continuous)
+    parked_a = layer.selected_A[rows].tolist()
+    layer.selected_A[rows] = torch.tensor(slots_a)
+    layer.freeze_B[rows] = schedule.freeze_steps  # a switched A row freezes B's column
+    slots_b = _destinations(layer.selected_B, cols, layer.freeze_B, c, generator, schedule.continuous)
+    parked_b = layer.selected_B[cols].tolist()
+    layer.selected_B[cols] = torch.tensor(slots_b)
     layer.freeze_A[cols] = schedule.freeze_steps
+    return _Plan(layer, rows, cols, slots_a, slots_b, parked_a, parked_b,
+                 _batched(rows, slots_a, schedule), _batched(cols, slots_b, schedule))
 
-    # The frozen counterparts restart their Adam state (moments and bias correction).
-    frozen_rows = (layer.freeze_A == schedule.freeze_steps).nonzero().flatten().tolist()
-    frozen_cols = (layer.freeze_B == schedule.freeze_steps).nonzero().flatten().tolist()
-    for key in OPTIMIZER_KEYS:
-        _write_elements(access.state_pieces(layer.lora_A, key), _row_index(frozen_rows, layer.in_features), 0.0)
-        _write_elements(access.state_pieces(layer.lora_B, key), _column_index(frozen_cols, layer.out_features, r), 0.0)
-    access.after_write([layer.weight, layer.lora_A, layer.lora_B, layer.candidates_A, layer.candidates_B])
+
+def _apply(plans: list[_Plan], access: TensorAccess, schedule: SwitchSchedule) -> None:
+    """Read what every planned switch needs in one fetch, then fold, park and load layer by layer."""
+    wanted = []
+    for plan in plans:
+        layer = plan.layer
+        n, m, r = layer.in_features, layer.out_features, layer.rank
+        wanted += [(layer.lora_B, 0, m * r)]
+        wanted += [(layer.lora_A, i * n, (i + 1) * n) for i in plan.rows + plan.cols]
+        wanted += [(layer.candidates_A, i * n, (i + 1) * n) for i in plan.slots_a]
+        wanted += [(layer.candidates_B, i * m, (i + 1) * m) for i in plan.slots_b]
+    fetched = iter(access.fetch_fp32([wanted] * access.world) if wanted else [])
+    for plan in plans:
+        layer = plan.layer
+        k = len(plan.rows)
+        B = next(fetched).view(layer.out_features, layer.rank)
+        a_rows = torch.stack([next(fetched) for _ in range(2 * k)])
+        old_a, new_a = a_rows[:k], torch.stack([next(fetched) for _ in range(k)])
+        new_b = torch.stack([next(fetched) for _ in range(k)])
+
+        # A's rows: fold s·B[:, rows] @ (A[rows] - C_A[d]) into W, park A[rows], load C_A[d].
+        _fold(access, layer, B[:, plan.rows], old_a - new_a, batched=plan.batched_a, transpose=False)
+        _write_rows(access, layer.candidates_A, plan.parked_a, old_a)
+        _write_rows(access, layer.lora_A, plan.rows, new_a)
+
+        # B's columns, with A as it is now: W^T += s·A^T[:, cols] @ (B^T[cols] - C_B[d']).
+        a_cols = a_rows[k:].clone()
+        for j, col in enumerate(plan.cols):
+            if col in plan.rows:
+                a_cols[j] = new_a[plan.rows.index(col)]
+        old_b = B[:, plan.cols].T.contiguous()
+        _fold(access, layer, a_cols.T, old_b - new_b, batched=plan.batched_b, transpose=True)
+        _write_rows(access, layer.candidates_B, plan.parked_b, old_b)
+        _write_columns(access, layer.lora_B, plan.cols, new_b.T)
+
+        # The frozen counterparts restart their Adam state (moments and bias correction).
+        frozen_rows = (layer.freeze_A == schedule.freeze_steps).nonzero().flatten().tolist()
+        frozen_cols = (layer.freeze_B == schedule.freeze_steps).nonzero().flatten().tolist()
+        for key in OPTIMIZER_KEYS:
+            _write_elements(access.state_pieces(layer.lora_A, key), _row_index(frozen_rows, layer.in_features), 0.0)
+            _write_elements(access.state_pieces(layer.lora_B, key), _column_index(frozen_cols, layer.out_features,
+                                                                                  layer.rank), 0.0)
+        access.after_write([layer.weight, layer.lora_A, layer.lora_B, layer.candidates_A, layer.candidates_B])
 
 
 def _destinations(selected: torch.Tensor, indices: list[int], freeze: torch.Tensor, pool: int,
@@ -149,16 +198,6 @@ def _fold(access: TensorAccess, layer: SwitchLoRALinear, left: torch.Tensor, rig
         for piece in access.param_pieces(layer.weight):
             for view in piece.views:
                 add_in_fp32(view, delta[piece.start : piece.start + piece.numel])
-
-
-def _read(access: TensorAccess, param, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
-    wanted = [(param, lo, hi) for lo, hi in ranges]
-    return access.fetch_fp32([wanted] * access.world)
-
-
-def _read_rows(access: TensorAccess, param, rows: list[int]) -> torch.Tensor:
-    width = access.full_shape(param)[1]
-    return torch.stack(_read(access, param, [(i * width, (i + 1) * width) for i in rows]))
 
 
 def _row_index(rows: list[int], width: int) -> torch.Tensor:

@@ -181,6 +181,8 @@ class Stage3Slices(FlatRangeShards):
         return rank * size, rank * size + max(0, min(param.ds_numel - rank * size, size))
 
     def local_fp32(self, param):
+        if not param.requires_grad:  # frozen (W, SwitchLoRA's pools): no master, this rank's partition itself
+            return param.ds_tensor.narrow(0, 0, self._range(param)[1]).to(self.comm_device, torch.float32)
         return self._master_slice(param).to(self.comm_device, torch.float32)
 
     def _range(self, param) -> tuple[int, int]:
