@@ -73,6 +73,13 @@ def external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]
             for p in module.external_parameters()]
 
 
+def dormant_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules whose parameters no forward reads, only a method's events (SwitchLoRA's candidate pools), as they
+    declare it with `dormant = True`. Engines that gather a block's parameters for its forward keep these apart
+    (FSDP2: their own unit, never unsharded; ZeRO-3 gathers by module and never meets them in a forward)."""
+    return [module for module in model.modules() if getattr(module, "dormant", False)]
+
+
 def write_pieces(pieces: list[Piece], full_flat: torch.Tensor) -> None:
     """Copy this rank's ranges of a full flat tensor into every holder of them."""
     for piece in pieces:

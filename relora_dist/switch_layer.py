@@ -35,6 +35,19 @@ def init_bounds(in_features: int, out_features: int, rank: int) -> tuple[float, 
     return math.sqrt(3.0) * std_a, math.sqrt(3.0) * std_b
 
 
+class CandidatePools(nn.Module):
+    """A layer's candidate vectors for A (c x n) and B (c x m): frozen parameters that only a switch reads, in a module
+    of their own that no forward calls (`dormant`: FSDP2 shards it as its own unit and ZeRO-3 never gathers it for a
+    forward; the switch fetches the slots it takes)."""
+
+    dormant = True
+
+    def __init__(self, candidates_a: torch.Tensor, candidates_b: torch.Tensor):
+        super().__init__()
+        self.candidates_A = nn.Parameter(candidates_a, requires_grad=False)
+        self.candidates_B = nn.Parameter(candidates_b, requires_grad=False)
+
+
 class SwitchLoRALinear(nn.Module):
     """See the module docstring. `weight` and `bias` keep nn.Linear's names (the export maps back as is)."""
 
@@ -59,8 +72,7 @@ class SwitchLoRALinear(nn.Module):
         else:  # keyed streams: the same pools on every rank and world size
             pools = [torch.empty(c, size).uniform_(-bound, bound, generator=keyed_generator(seed, 0, name, key))
                      for size, bound, key in draws]
-        self.candidates_A = nn.Parameter(pools[0].to(**factory), requires_grad=False)
-        self.candidates_B = nn.Parameter(pools[1].to(**factory), requires_grad=False)
+        self.pools = CandidatePools(pools[0].to(**factory), pools[1].to(**factory))
         slots = torch.arange(c - rank, c)
         selected_b = slots[(torch.arange(rank) - rank // 2) % rank]  # the same slots, rotated by r/2
         self.register_buffer("selected_A", slots.clone())
@@ -72,6 +84,14 @@ class SwitchLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(self.candidates_B.detach()[selected_b].T.contiguous())
         with torch.no_grad():  # function preserving: W_init - s·B@A (official layer2lora)
             self.weight.sub_((self.lora_B @ self.lora_A) * self.scale)
+
+    @property
+    def candidates_A(self) -> nn.Parameter:
+        return self.pools.candidates_A
+
+    @property
+    def candidates_B(self) -> nn.Parameter:
+        return self.pools.candidates_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A = torch.where((self.freeze_A > 0).unsqueeze(1), self.lora_A.detach(), self.lora_A)

@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from ..access import FlatRangeShards, Piece
+from ..access import FlatRangeShards, Piece, dormant_modules
 from ..models import decoder_layers
 from .base import Backend, checkpoint_must_fit
 
@@ -106,9 +106,14 @@ class FSDP2Backend(Backend):
         names = {id(p): n for n, p in model.named_parameters()}
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.dtype == "bf16" else MixedPrecisionPolicy()
         model.to(self.device)
+        for module in dormant_modules(model):  # sharded like the rest, but outside the blocks' gathers
+            fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
         for block in decoder_layers(model):
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        for module in dormant_modules(model):  # FSDP2 finalizes every unit after backward: give these their buffers once
+            module.unshard()
+            module.reshard()
         _check_row_sharding(model, RowShards(None, None, self.device))
         # fully_shard swapped every Parameter for a DTensor one: rebuild the groups by name.
         sharded = dict(model.named_parameters())
