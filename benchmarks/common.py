@@ -23,33 +23,19 @@ def engine_backend(engine: str) -> str:
     return "deepspeed" if engine.startswith("zero") and engine[4:].isdigit() else engine
 
 
-def engine_layout(engine: str, dtype: str = "fp32") -> str:
-    """What the optimizer of a harness engine steps (`access.OPTIMIZER_LAYOUTS`), as the engine itself says."""
-    from types import SimpleNamespace
-
-    from relora_dist.backends import backend_class
-
-    backend = engine_backend(engine)
-    options = SimpleNamespace(config={"zero_optimization": {"stage": int(engine[4:])}}) if backend == "deepspeed" else None
-    return backend_class(backend).optimizer_layout(options, dtype=dtype)
-
-
 def cases(methods: list[str], engines: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     """(engine, method) pairs to measure, engine-major, and a note for each pair left out because the method does not
-    support that engine (`Method.engines`) or what its optimizer steps (`Method.layouts`)."""
+    support that engine (`Method.engines`)."""
     from relora_dist.methods import method_class
 
     kept, skipped = [], []
     for engine in engines:
         for method in methods:
-            supported, layouts = method_class(method).engines, method_class(method).layouts
-            if supported is not None and engine_backend(engine) not in supported:
-                skipped.append(f"{method} on {engine}: not supported (the method runs on {', '.join(supported)})")
-            elif layouts is not None and engine_layout(engine) not in layouts:
-                skipped.append(f"{method} on {engine}: not supported (the method needs {' or '.join(layouts)} parameters"
-                               f" in the optimizer, the engine steps {engine_layout(engine)} ones)")
-            else:
+            supported = method_class(method).engines
+            if supported is None or engine_backend(engine) in supported:
                 kept.append((engine, method))
+            else:
+                skipped.append(f"{method} on {engine}: not supported (the method runs on {', '.join(supported)})")
     return kept, skipped
 
 

@@ -63,7 +63,7 @@ class Row:
     settings: dict = field(default_factory=dict)  # the method's own config section (a named deviation's A/B)
 
 
-def _factors_scoped(method: str) -> bool:
+def factors_scoped(method: str) -> bool:
     """Low-rank methods of the ReLoRA family, whose A and B take --lora-lr when --lora-lr-scope factors."""
     cls = method_class(method)
     return cls.cost_structure == "relora" and cls.config_section == "relora"
@@ -74,7 +74,7 @@ def rows() -> dict[str, Row]:
     LoRA input variants (not run by default: they change speed, not the method)."""
     out = {name: Row(name) for name in method_names()}
     out |= {name + FACTORS: Row(name, lora_lr_scope="factors") for name in method_names()
-            if _factors_scoped(name)}
+            if factors_scoped(name)}
     out |= {
         "R": Row("relora", {**OFF, "restarts": True, "warm_start_steps": 0}),
         "R+O": Row("relora", {**OFF, "restarts": True, "optimizer_reset": True, "warm_start_steps": 0}),
@@ -375,7 +375,7 @@ def summarize(runs: list[dict], names: list[str], seeds: list[int], bench: dict[
         cost = bench.get(b["method"], {})
         table[name] = {
             "method": b["method"], "lrs": sorted(tried), "best_lr": b["lr"],
-            "recipe": rows()[name].lora_lr_scope if _factors_scoped(b["method"]) else None,
+            "recipe": rows()[name].lora_lr_scope if factors_scoped(b["method"]) else None,
             "bracketed": not b["diverged"] and not sweep_extension(tried), "diverged": b["diverged"],
             "seeds": sorted(r["seed"] for r in at_best), "val_ppl": statistics.mean(finite) if finite else None,
             "val_ppl_spread": max(finite) - min(finite) if len(finite) > 1 else None,

@@ -110,11 +110,11 @@ def _plan(layer: SwitchLoRALinear, k: int, schedule: SwitchSchedule, generator: 
     rows = [(pa + j) % r for j in range(k)]
     cols = [(pb + j) % r for j in range(k)]
     layer.pointers.copy_(torch.tensor([(pa + k) % r, (pb + k) % r]))
-    slots_a = _destinations(layer.selected_A, rows, layer.freeze_A, c, generator, schedule.continuous)
+    slots_a = _destinations(layer.selected_A, rows, c, generator, schedule.continuous)
     parked_a = layer.selected_A[rows].tolist()
     layer.selected_A[rows] = torch.tensor(slots_a)
     layer.freeze_B[rows] = schedule.freeze_steps  # a switched A row freezes B's column
-    slots_b = _destinations(layer.selected_B, cols, layer.freeze_B, c, generator, schedule.continuous)
+    slots_b = _destinations(layer.selected_B, cols, c, generator, schedule.continuous)
     parked_b = layer.selected_B[cols].tolist()
     layer.selected_B[cols] = torch.tensor(slots_b)
     layer.freeze_A[cols] = schedule.freeze_steps
@@ -166,8 +166,8 @@ def _apply(plans: list[_Plan], access: TensorAccess, schedule: SwitchSchedule) -
         access.after_write([layer.weight, layer.lora_A, layer.lora_B, layer.candidates_A, layer.candidates_B])
 
 
-def _destinations(selected: torch.Tensor, indices: list[int], freeze: torch.Tensor, pool: int,
-                  generator: torch.Generator, continuous: bool) -> list[int]:
+def _destinations(selected: torch.Tensor, indices: list[int], pool: int, generator: torch.Generator,
+                  continuous: bool) -> list[int]:
     """Pool slots the switched vectors take: the slots after the previous vector's slot (continuous, the official
     default), or drawn without replacement among the slots no vector holds (discontinuous; the official code also
     offers the slots being vacated, which can load a vector it has just parked without folding it into W: excluded

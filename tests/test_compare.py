@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import launch_env
-from relora_dist.benchmarks.compare import PRESETS, _factors_scoped, rows, run_arguments, sweep_extension
+from relora_dist.benchmarks.compare import PRESETS, factors_scoped, rows, run_arguments, sweep_extension
 from relora_dist.methods import method_class, method_names
 from relora_dist.perf.accounting import PROJECTED_STATE
 
@@ -42,7 +42,7 @@ def test_smoke_comparison_every_row_one_budget_and_chunks_reuse_finished_runs(tm
             assert r["trainable_parameters"] > 0 and (r["optimizer_state_bytes"] < adam_bytes if projected
                                                       else r["optimizer_state_bytes"] == adam_bytes), name
         assert r["bytes_per_update_2ranks"] > 0 and r["tokens_per_s_per_rank_2ranks"] > 0, name
-        assert r["recipe"] == (rows()[name].lora_lr_scope if _factors_scoped(r["method"]) else None)
+        assert r["recipe"] == (rows()[name].lora_lr_scope if factors_scoped(r["method"]) else None)
     # debug model: hidden 32, rank 4; 24 updates, warm start 6, merges at 12 and 18, the last cycle unmerged.
     assert {k: v["numerical_rank"] for k, v in data["spectrum"].items()} == {"full": 32, "lora_ws": 4, "relora": 12}
     assert {c["paper"] for c in data["orderings"]} >= {"relora < lora_ws", "R+O diverges"}

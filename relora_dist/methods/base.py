@@ -55,9 +55,6 @@ class Method:
     """relora-train's defaults for that section where they differ from the dataclass's own."""
     engines: ClassVar[tuple[str, ...] | None] = None
     """Engines this method supports (None: every engine); checked while the config is validated."""
-    layouts: ClassVar[tuple[str, ...] | None] = None
-    """What the optimizer must be handed (`access.OPTIMIZER_LAYOUTS`: whole parameters, row shards, flat partitions;
-    None: any); `check_optimizer_layout` refuses the others before any rank starts, the benchmarks skip them."""
     cost_structure: ClassVar[str] = "full"
     """How relora_dist.perf counts its parameters, FLOPs and bytes: 'full' (every weight trains) or 'relora'
     (frozen projections plus trainable low-rank factors)."""
@@ -84,10 +81,7 @@ class Method:
 
     def check_optimizer_layout(self, layout: str) -> None:
         """Reject an engine whose optimizer steps tensors this method's optimizer cannot use (`layout` is one of
-        `access.OPTIMIZER_LAYOUTS`: whole parameters, row shards, flat partitions). Default: those in `layouts`."""
-        if self.layouts is not None and layout not in self.layouts:
-            raise ValueError(f"--method {self.name} needs an engine whose optimizer steps {' or '.join(self.layouts)}"
-                             f" parameters; --backend {self.cfg.train.backend} hands it {layout} ones")
+        `access.OPTIMIZER_LAYOUTS`: whole parameters, row shards, flat partitions). Default: any."""
 
     def phases(self) -> list[tuple[int, int]]:
         """[start, end) update ranges with one model structure each; a rebuild event ends each but the last."""
