@@ -122,7 +122,8 @@ def switchlora_section(bench: dict) -> str:
         "at its starting switch rate (r / 40 vectors a side and layer per update); the switch's bytes are its one fetch "
         "per update (ReLoRA's merge and reset amortised over --merge-every). The paper's -54% is against full-rank "
         "data parallelism: DDP and ZeRO-1/2 reduce only the factors' gradients. FSDP2 and ZeRO-3 gather the frozen W "
-        "anyway, and the candidate pools, frozen parameters of the layer, are gathered with it (docs/METHODS.md).",
+        "anyway; the candidate pools are a module no forward calls, which FSDP2 shards as its own unit and ZeRO-3 keeps "
+        "partitioned (never persistent), so only the switch's fetch moves them (docs/METHODS.md).",
         _table(header, body),
     ])
 

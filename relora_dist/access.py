@@ -76,8 +76,23 @@ def external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]
 def dormant_modules(model: nn.Module) -> list[nn.Module]:
     """Modules whose parameters no forward reads, only a method's events (SwitchLoRA's candidate pools), as they
     declare it with `dormant = True`. Engines that gather a block's parameters for its forward keep these apart
-    (FSDP2: their own unit, never unsharded; ZeRO-3 gathers by module and never meets them in a forward)."""
+    (FSDP2: their own unit, never unsharded; ZeRO-3 gathers by module and never meets them in a forward, and never
+    keeps them persistent)."""
     return [module for module in model.modules() if getattr(module, "dormant", False)]
+
+
+def fp32_frozen_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, frozen parameter) that a method writes in place often and so needs exact, as modules declare it with
+    `keep_fp32 = ("weight", ...)` (SwitchLoRA folds into W and parks vectors in its pools every update). An engine
+    that holds parameters in a lower precision keeps an fp32 copy of its pieces of them, which fetches read and
+    writes reach, and rounds it into the low-precision holders in `after_write`; fp32 engines need nothing."""
+    out = []
+    for prefix, module in model.named_modules():
+        for local in getattr(module, "keep_fp32", ()):
+            param = module._parameters.get(local)
+            if param is not None and not param.requires_grad:
+                out.append((f"{prefix}.{local}" if prefix else local, param))
+    return out
 
 
 def write_pieces(pieces: list[Piece], full_flat: torch.Tensor) -> None:
@@ -141,7 +156,8 @@ class TensorAccess(ABC):
 
     def after_write(self, params: list[nn.Parameter]) -> None:
         """Values of these params were written outside the engine's step: drop engine caches of them (e.g. ZeRO++
-        secondary partitions)."""
+        secondary partitions) and round exact copies into low-precision holders (`fp32_frozen_parameters`). Every
+        writer calls it once its writes are done."""
 
     def flat_partitions(self) -> dict[int, list[FlatPartition]]:
         """For engines whose optimizer steps flat partitions: id of each flat tensor the optimizer steps -> the

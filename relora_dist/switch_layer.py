@@ -41,6 +41,7 @@ class CandidatePools(nn.Module):
     forward; the switch fetches the slots it takes)."""
 
     dormant = True
+    keep_fp32 = ("candidates_A", "candidates_B")  # parked vectors return to A and B: kept exact (access layer)
 
     def __init__(self, candidates_a: torch.Tensor, candidates_b: torch.Tensor):
         super().__init__()
@@ -50,6 +51,8 @@ class CandidatePools(nn.Module):
 
 class SwitchLoRALinear(nn.Module):
     """See the module docstring. `weight` and `bias` keep nn.Linear's names (the export maps back as is)."""
+
+    keep_fp32 = ("weight",)  # every switch folds into W: an engine holding it in bf16 keeps an fp32 copy
 
     def __init__(self, linear: nn.Linear, *, rank: int, alpha: float, name: str, seed: int):
         super().__init__()

@@ -68,6 +68,17 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path, engine
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
 
 
+def test_replica_check_stops_a_run_whose_control_state_diverged(tmp_path):
+    """--check-replicas covers a method's control buffers on DeepSpeed: SwitchLoRA's last freeze counter moves on rank
+    1 before update 3, the check after that update names it, and the run stops."""
+    args = SMALL + ["--method", "switchlora", "--steps", "6", "--switchlora-interval", "2", "--switchlora-freeze-steps",
+                    "1", "--check-replicas", "true", "--deepspeed", REPO / "launch" / "configs" / "zero2.json", "--out", tmp_path]
+    result = run_cli(args, nproc=2, check=False, launcher="deepspeed", env={FAULTS: "desync:3:rank=1"}, timeout=150)
+    assert result.returncode != 0
+    assert "replicas diverged after update 3" in result.stderr and "down_proj.freeze_B" in result.stderr, result.stderr[-2000:]
+    assert max(m["step"] for m in read_metrics(tmp_path)) <= 3
+
+
 @pytest.fixture(scope="module")
 def non_finite_reference(tmp_path_factory, shared_cache):
     """Single process; attempt 5 (after the warm start) has a NaN loss, attempt 9 infinite gradients."""

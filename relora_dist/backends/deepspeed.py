@@ -4,7 +4,8 @@ The user's JSON supplies the engine options (ZeRO stage, offload, buckets); relo
 owns: batch sizes, clipping, precision from `--dtype`, and the optimizer (built by the trainer, so every
 backend runs the same AdamW). The loop owns the accumulation boundary
 (`managed_gradient_accumulation: false`): backward per micro-batch, one `engine.step()` per update.
-Where ReLoRA's tensors live in each layout is `deepspeed_layout.py`.
+Where ReLoRA's tensors live in each layout is `deepspeed_layout.py`; in bf16, the exact fp32 copies of the frozen
+params a method declares `keep_fp32` are `deepspeed_shadows.py`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ..access import external_parameters, write_pieces
+from ..access import dormant_modules, external_parameters, fp32_frozen_parameters, write_pieces
 from ..distributed import rank0_first
 from .base import Backend, checkpoint_must_fit, clip_replicated_gradients, set_group_lrs
 from .deepspeed_layout import full_parameters, shard_access_for
 from .deepspeed_portable import has_portable_state, keep_state_convertible, load_portable_state, save_portable_state
+from .deepspeed_shadows import FrozenShadows, saved_shadows
 
 logger = logging.getLogger("relora_dist")
 
@@ -123,6 +125,7 @@ class DeepSpeedBackend(Backend):
                                     accumulation_steps=accumulation_steps, world_size=self.world_size, max_norm=max_norm)
         self.stage = self.config["zero_optimization"].get("stage", 0)
         self.engine = None
+        self.shadows = FrozenShadows()  # exact fp32 copies of declared frozen params (bf16 only; see setup)
         self._guard = None  # set when the engine steps a plain torch optimizer (see setup)
         if device.type == "cpu":
             atexit.register(_remove_cpu_shm_buffers, self.rank)
@@ -157,7 +160,15 @@ class DeepSpeedBackend(Backend):
             # DeepSpeed steps a bare torch optimizer without any non-finite check: clip and check here.
             self._guard = _FiniteStepGuard(optimizer, config["gradient_clipping"])
             config["gradient_clipping"] = 0.0
+        # DeepSpeed casts every parameter to bf16: take the exact values of the frozen ones a method writes first.
+        exact = {name: p.detach().float().clone() for name, p in fp32_frozen_parameters(model)} if self.dtype == "bf16" else {}
         self.engine, *_ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer, config=config)
+        if self.stage == 3:
+            self._partition_dormant()
+        if exact:
+            access = shard_access_for(self.engine)
+            self.shadows = FrozenShadows.place(exact, self.engine.module, lambda p: access.copy_ranges(p, self.rank),
+                                               self.engine.device)
         inner = getattr(self.engine.optimizer, "optimizer", None)
         if callable(getattr(inner, "locate_partitions", None)):  # an optimizer that needs each matrix's rows
             access = self.shard_access()
@@ -166,6 +177,23 @@ class DeepSpeedBackend(Backend):
         if self.stage == 3:  # ZeRO-3 gathers a module's own parameters for its forward; declared others too
             for module, parameter in external_parameters(self.engine.module):
                 deepspeed.zero.register_external_parameter(module, parameter)
+
+    def _partition_dormant(self) -> None:
+        """ZeRO-3 partitions every parameter at each step and re-gathers the persistent ones (under
+        `stage3_param_persistence_threshold`) right after, frozen ones too. Parameters no forward reads
+        (`access.dormant_modules`: SwitchLoRA's pools) are not kept whole: they stay partitioned, and a method's event
+        fetches the ranges it needs."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        dormant = {id(p) for module in dormant_modules(self.engine.module) for p in module.parameters()}
+        persistent = self.engine.optimizer.persistent_parameters  # the list the step re-gathers (shared with the offload)
+        released = [p for p in persistent if id(p) in dormant]
+        persistent[:] = [p for p in persistent if id(p) not in dormant]
+        for param in released:
+            param.ds_persist = False
+        whole = [p for p in released if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if whole:
+            whole[0].partition(whole)
 
     def release_model(self, build_model):
         names = [n for n, _ in self.engine.module.named_parameters()]
@@ -218,13 +246,14 @@ class DeepSpeedBackend(Backend):
         pass  # engine.step() already cleared the gradients (and its partitioned buffers)
 
     def shard_access(self):
-        return shard_access_for(self.engine)
+        return shard_access_for(self.engine, self.shadows)
 
     # -- checkpoints and export -----------------------------------------------------------------------
     def save(self, directory, trainer_state):
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"relora_trainer": trainer_state})
         if self._partitioned_optimizer() is not None:
             save_portable_state(directory, self.engine.optimizer, self.engine.module, self.rank)
+        self.shadows.save(directory, self.rank)
 
     def _partitioned_optimizer(self):
         """The optimizer inside the ZeRO wrapper when its state is laid out per flat partition, else None."""
@@ -269,6 +298,25 @@ class DeepSpeedBackend(Backend):
                     state["step"] = state["step"].clone()
             if partitioned is not None:  # what the universal files could not carry, from the per-rank records
                 load_portable_state(native, self.engine.optimizer, self.engine.module, self.shard_access().flat_partitions())
+        if self.shadows:
+            self._restore_exact_copies(native)
+
+    def _restore_exact_copies(self, directory: Path) -> None:
+        """The fp32 copies from the checkpoint's records, into every holder (the bf16 ones rounded from them); a
+        checkpoint without records (an fp32 run's, or an older one's) leaves the copies what DeepSpeed loaded."""
+        saved, access = saved_shadows(directory), self.shard_access()
+        params = [(name, p) for name, p in self.engine.module.named_parameters() if p in self.shadows]
+        missing = [name for name, _ in params if name not in saved]
+        if missing:
+            logger.warning("checkpoint %s has no fp32 copy of %d frozen parameters (e.g. %s): they continue from the"
+                           " values DeepSpeed loaded", directory, len(missing), missing[0])
+        with torch.no_grad():
+            for name, param in params:
+                if name in saved:
+                    write_pieces(access.param_pieces(param), saved[name])
+                else:
+                    self.shadows.take_from_holders(param, access.param_pieces(param))
+        access.after_write([param for _, param in params])
 
     def _restore_frozen_weights(self, saved: dict[str, torch.Tensor]) -> None:
         """DeepSpeed's universal load restores what the optimizer holds; frozen parameters (outside the optimizer)
@@ -301,15 +349,20 @@ class DeepSpeedBackend(Backend):
     @classmethod
     def read_checkpoint_model(cls, directory):
         """Full fp32 model state in one process: ZeRO-1/2/3 shards are put back together by DeepSpeed's own
-        zero_to_fp32 (frozen parameters included); a stage-0 checkpoint holds the whole module."""
+        zero_to_fp32 (frozen parameters from ZeRO-2 on, ZeRO-1's from the model file); a stage-0 checkpoint holds
+        the whole module (in bf16 its trainable params are the bf16 ones, not the fp32 masters). A bf16 run's exact
+        fp32 copies of frozen params replace their bf16 values."""
         engine_dir = cls.checkpoint_model_source(directory)
         if any(engine_dir.glob("*optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+            # ZeRO-1 saves no frozen fragments (zero_to_fp32 returns no frozen params): they are whole in the model file
+            state = saved_frozen_parameters(directory) | state
         else:
             state = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() for k, v in state.items()}
+        exact = saved_shadows(directory)
+        return {k: exact[k].view(v.shape) if k in exact else v.float() for k, v in state.items()}
 
     def model_state_for_export(self):
         module = self.engine.module
@@ -323,12 +376,13 @@ class DeepSpeedBackend(Backend):
 
 
     def replicated_named_tensors(self):
-        """Tensors every rank holds whole: all params below ZeRO-3, persistent ones at ZeRO-3."""
+        """Tensors every rank holds whole: all params below ZeRO-3, persistent ones at ZeRO-3, the buffers, and the
+        exact fp32 copies held whole."""
         out = []
         for name, p in self.engine.module.named_parameters():
             if not hasattr(p, "ds_id") or p.data.numel() == p.ds_numel:
                 out.append((name, p.data))
-        return out
+        return out + list(self.engine.module.named_buffers()) + self.shadows.replicated()
 
 
 def saved_world_size(directory: Path) -> int | None:

@@ -10,7 +10,9 @@ The layout is detected by capability (what the optimizer wrapper holds), not fro
 | DeepSpeedZeroOptimizer_Stage3             | `ds_tensor` slices, fp32 slices      | Stage3Slices        |
 
 Every holder of a trainable param is written (low-precision param, master, state), in place: params are
-views into flat buffers the engine communicates. See research/distributed_internals.md section 2.
+views into flat buffers the engine communicates. See research/distributed_internals.md section 2. In bf16, the frozen
+params a method declares `keep_fp32` also have an fp32 copy of this rank's range (`deepspeed_shadows.py`): it is
+read as their fp32 value, written first, and rounded into the bf16 holders by `after_write`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from ..access import FlatPartition, FlatRangeShards, PartitionedAccess, Piece, ReplicatedAccess, TensorAccess
+from .deepspeed_shadows import FrozenShadows
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -30,6 +33,24 @@ def _offset_in(buffer: torch.Tensor, view: torch.Tensor) -> int:
     return (view.data_ptr() - buffer.data_ptr()) // buffer.element_size()
 
 
+def _frozen_fp32(shadows: FrozenShadows, param: nn.Parameter, lo: int, hi: int) -> torch.Tensor:
+    """Flat fp32 values [lo, hi) of a frozen param every rank holds whole: its exact copy, else the param itself."""
+    copy = shadows.covering(param, lo, hi - lo)
+    return (copy if copy is not None else _flat(param.data)[lo:hi]).float().clone()
+
+
+def _round_copies(access, params) -> None:
+    for param in params:
+        if param in access.shadows:
+            access.shadows.round_into_holders(param, access.param_pieces(param))
+
+
+def _whole_copy_ranges(param: nn.Parameter, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(held, saved) flat ranges of an exact fp32 copy where every rank holds the param whole: rank 0 saves it."""
+    whole = (0, param.numel())
+    return whole, whole if rank == 0 else (0, 0)
+
+
 def _state_tensor(optimizer: torch.optim.Optimizer, holder: torch.Tensor, key: str) -> torch.Tensor | None:
     # .get: never insert into the optimizer's state defaultdict.
     value = optimizer.state.get(holder, {}).get(key)
@@ -39,8 +60,9 @@ def _state_tensor(optimizer: torch.optim.Optimizer, holder: torch.Tensor, key: s
 class ReplicatedMasters(TensorAccess):
     """ZeRO-0 with bf16/fp16: every rank holds each param whole plus a replicated fp32 copy."""
 
-    def __init__(self, wrapper):
+    def __init__(self, wrapper, shadows: FrozenShadows | None = None):
         self.inner = wrapper.optimizer
+        self.shadows = shadows or FrozenShadows()
         self.master: dict[int, torch.Tensor] = {}
         if hasattr(wrapper, "fp32_groups"):  # FP16_UnfusedOptimizer: one fp32 tensor per param
             for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups):
@@ -55,11 +77,20 @@ class ReplicatedMasters(TensorAccess):
 
     def full_fp32(self, params):
         return [self.master[id(p)][0].detach().view(p.shape).float().clone() if id(p) in self.master
-                else p.detach().float().clone() for p in params]
+                else _frozen_fp32(self.shadows, p, 0, p.numel()).view(p.shape) for p in params]
+
+    def fetch_fp32(self, wanted):
+        return [_flat(self.master[id(p)][0].detach())[lo:hi].float().clone() if id(p) in self.master
+                else _frozen_fp32(self.shadows, p, lo, hi) for p, lo, hi in wanted[self.rank]]
 
     def param_pieces(self, param):
         masters = [_flat(self.master[id(param)][0])] if id(param) in self.master else []  # frozen params have none
-        return [Piece(0, [_flat(param.data)] + masters)]
+        return self.shadows.with_copy(param, [Piece(0, [_flat(param.data)] + masters)])
+
+    def after_write(self, params):
+        _round_copies(self, params)
+
+    copy_ranges = staticmethod(_whole_copy_ranges)
 
     def state_pieces(self, param, key):
         if id(param) not in self.master:
@@ -82,9 +113,10 @@ class PartitionedMasters(PartitionedAccess):
     `p._hp_mapping`, which points at the wrong slice with `round_robin_gradients` (DeepSpeed 0.19.8).
     """
 
-    def __init__(self, wrapper, group=None, comm_device="cpu"):
+    def __init__(self, wrapper, group=None, comm_device="cpu", shadows: FrozenShadows | None = None):
         super().__init__(group, comm_device)
         self.inner = wrapper.optimizer
+        self.shadows = shadows or FrozenShadows()
         if hasattr(wrapper, "single_partition_of_fp32_groups"):
             groups, flats, masters = wrapper.bit16_groups, wrapper.bit16_groups_flat, wrapper.single_partition_of_fp32_groups
             partitions = wrapper.parallel_partitioned_bit16_groups
@@ -123,28 +155,44 @@ class PartitionedMasters(PartitionedAccess):
         return start, master.narrow(0, offset, numel), master
 
     def full_fp32(self, params):
+        """Frozen params from every rank's whole copy; trainable ones from the masters, one packed all-reduce."""
+        out = {id(p): _frozen_fp32(self.shadows, p, 0, p.numel()).view(p.shape) for p in params if not p.requires_grad}
+        trainable = [p for p in params if p.requires_grad]
         if self.lp_is_master:  # fp32 training: the engine copies the masters into the params every step
-            return [p.detach().float().clone() for p in params]
-        # One packed all-reduce: each rank writes its master fragments at their global offsets.
-        sizes = [p.numel() for p in params]
-        packed = torch.zeros(sum(sizes), dtype=torch.float32, device=self.comm_device)
-        offset = 0
-        for p, size in zip(params, sizes):
-            found = self._master_view(p)
-            if found is not None:
-                start, view, _ = found
-                packed[offset + start : offset + start + view.numel()].copy_(view)
-            offset += size
-        self.all_reduce_sum_(packed)
-        return [chunk.view(p.shape).clone() for chunk, p in zip(packed.split(sizes), params)]
+            out.update({id(p): p.detach().float().clone() for p in trainable})
+        elif trainable:  # each rank writes its master fragments at their global offsets
+            sizes = [p.numel() for p in trainable]
+            packed = torch.zeros(sum(sizes), dtype=torch.float32, device=self.comm_device)
+            offset = 0
+            for p, size in zip(trainable, sizes):
+                found = self._master_view(p)
+                if found is not None:
+                    start, view, _ = found
+                    packed[offset + start : offset + start + view.numel()].copy_(view)
+                offset += size
+            self.all_reduce_sum_(packed)
+            out.update({id(p): chunk.view(p.shape).clone() for chunk, p in zip(packed.split(sizes), trainable)})
+        return [out[id(p)] for p in params]
+
+    def fetch_fp32(self, wanted):
+        """Trainable params whole through `full_fp32` (their masters are partitioned); frozen ranges locally."""
+        trainable = list({id(p): p for ranges in wanted for p, _, _ in ranges if p.requires_grad}.values())
+        full = {id(p): t.reshape(-1) for p, t in zip(trainable, self.full_fp32(trainable))}
+        return [full[id(p)][lo:hi] if id(p) in full else _frozen_fp32(self.shadows, p, lo, hi)
+                for p, lo, hi in wanted[self.rank]]
 
     def param_pieces(self, param):
-        pieces = [Piece(0, [_flat(param.data)])]  # frozen params have no master fragment
+        pieces = self.shadows.with_copy(param, [Piece(0, [_flat(param.data)])])  # frozen params have no master fragment
         found = self._master_view(param)
         if found is not None:
             start, view, _ = found
             pieces.append(Piece(start, [view]))
         return pieces
+
+    def after_write(self, params):
+        _round_copies(self, params)
+
+    copy_ranges = staticmethod(_whole_copy_ranges)
 
     def state_pieces(self, param, key):
         found = self._master_view(param)
@@ -165,8 +213,9 @@ class Stage3Slices(FlatRangeShards):
     what it wants whole in fp32 (persistent params without offload). Nothing is gathered to write it.
     """
 
-    def __init__(self, wrapper, group=None, comm_device="cpu"):
+    def __init__(self, wrapper, group=None, comm_device="cpu", shadows: FrozenShadows | None = None):
         super().__init__(group, comm_device)
+        self.shadows = shadows or FrozenShadows()
         self.wrapper = wrapper
         self.inner = wrapper.optimizer
         self.offloaded = bool(getattr(wrapper, "offload_optimizer", False))
@@ -181,8 +230,11 @@ class Stage3Slices(FlatRangeShards):
         return rank * size, rank * size + max(0, min(param.ds_numel - rank * size, size))
 
     def local_fp32(self, param):
-        if not param.requires_grad:  # frozen (W, SwitchLoRA's pools): no master, this rank's partition itself
-            return param.ds_tensor.narrow(0, 0, self._range(param)[1]).to(self.comm_device, torch.float32)
+        if not param.requires_grad:  # frozen (W, SwitchLoRA's pools): no master, its exact copy or the partition itself
+            start, valid = self._range(param)
+            copy = self.shadows.covering(param, start, valid)
+            held = copy if copy is not None else param.ds_tensor.narrow(0, 0, valid)
+            return held.to(self.comm_device, torch.float32)
         return self._master_slice(param).to(self.comm_device, torch.float32)
 
     def _range(self, param) -> tuple[int, int]:
@@ -248,7 +300,7 @@ class Stage3Slices(FlatRangeShards):
         # Frozen params have no master. In pure fp32 without offload the master aliases ds_tensor: writing both
         # is harmless.
         masters = [self._master_slice(param)] if param.requires_grad else []
-        return self._pieces(param, [param.ds_tensor] + masters)
+        return self.shadows.with_copy(param, self._pieces(param, [param.ds_tensor] + masters))
 
     def state_pieces(self, param, key):
         flat = self.wrapper.fp32_partitioned_groups_flat[self.wrapper.grad_position[self.wrapper.get_param_id(param)][0]]
@@ -271,21 +323,29 @@ class Stage3Slices(FlatRangeShards):
         return out
 
     def after_write(self, params):
+        _round_copies(self, params)
         for param in params:  # ZeRO++ hpZ keeps a secondary copy that only trainable groups invalidate
             if getattr(param, "ds_secondary_tensor", None) is not None:
                 param.ds_secondary_tensor = None
 
+    def copy_ranges(self, param, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(held, saved) flat ranges of an exact fp32 copy: whole where ZeRO-3 keeps the param whole (persistent),
+        else this rank's partition; each rank saves its partition."""
+        owned = self.owned(param, rank)
+        return ((0, param.ds_numel) if getattr(param, "ds_persist", False) else owned), owned
 
-def shard_access_for(engine) -> TensorAccess:
-    """The access class matching what `engine.optimizer` holds (see the table above)."""
+
+def shard_access_for(engine, shadows: FrozenShadows | None = None) -> TensorAccess:
+    """The access class matching what `engine.optimizer` holds (see the table above), with the exact fp32 copies of
+    frozen params where a bf16 run keeps them."""
     wrapper = engine.optimizer
     group = getattr(engine, "data_parallel_group", None)
     if any(hasattr(p, "ds_id") for p in engine.module.parameters()):
-        return Stage3Slices(wrapper, group, engine.device)
+        return Stage3Slices(wrapper, group, engine.device, shadows)
     if hasattr(wrapper, "single_partition_of_fp32_groups") or hasattr(wrapper, "fp32_groups_flat_partition"):
-        return PartitionedMasters(wrapper, group, engine.device)
+        return PartitionedMasters(wrapper, group, engine.device, shadows)
     if hasattr(wrapper, "fp32_groups") or hasattr(wrapper, "fp32_groups_flat"):
-        return ReplicatedMasters(wrapper)
+        return ReplicatedMasters(wrapper, shadows)
     if isinstance(wrapper, torch.optim.Optimizer):
         return ReplicatedAccess(wrapper)
     raise ValueError(f"unsupported DeepSpeed optimizer wrapper {type(wrapper).__name__}: cannot locate masters and states")
@@ -293,12 +353,13 @@ def shard_access_for(engine) -> TensorAccess:
 
 @torch.no_grad()
 def full_parameters(engine, access: TensorAccess, names: list[str]) -> dict[str, torch.Tensor]:
-    """Full fp32 values of the named module parameters on every rank: masters for trainable ones (one packed
-    collective), the module's own values for frozen ones (gathered one at a time under ZeRO-3)."""
+    """Full fp32 values of the named module parameters on every rank: masters of trainable ones and exact copies of
+    frozen ones (one packed collective), the module's own values for other frozen ones (gathered one at a time under
+    ZeRO-3)."""
     module: nn.Module = engine.module
     params = dict(module.named_parameters())
-    trainable = [n for n in names if params[n].requires_grad]
-    out = dict(zip(trainable, access.full_fp32([params[n] for n in trainable])))
+    held_fp32 = [n for n in names if params[n].requires_grad or params[n] in getattr(access, "shadows", ())]
+    out = dict(zip(held_fp32, access.full_fp32([params[n] for n in held_fp32])))
     for name in names:
         if name in out:
             continue

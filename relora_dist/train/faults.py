@@ -5,7 +5,7 @@ attempts (a skipped update counts, so an injected NaN does not repeat forever): 
 Without `rank=` an entry fires on every rank. Faults fire in the first launch only
 (TORCHELASTIC_RESTART_COUNT unset or 0), so `torchrun --max-restarts N ... --resume auto` can recover.
 
-Kinds (`kill`, `kill_backward`, `kill_checkpoint`, `hang`, `nan_loss`, `inf_grad`): docs/FAULT_TOLERANCE.md.
+Kinds (`kill`, `kill_backward`, `kill_checkpoint`, `hang`, `nan_loss`, `inf_grad`, `desync`): docs/FAULT_TOLERANCE.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 ENV = "RELORA_INJECT_FAULTS"
-KINDS = ("kill", "kill_backward", "kill_checkpoint", "hang", "nan_loss", "inf_grad")
+KINDS = ("kill", "kill_backward", "kill_checkpoint", "hang", "nan_loss", "inf_grad", "desync")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,20 @@ class FaultPlan:
             _die()
         while self._fires("hang", attempt):
             time.sleep(1.0)
+
+    def desync(self, model: torch.nn.Module, attempt: int) -> None:
+        """`desync`: the model's last persistent buffer (a method's control state, e.g. SwitchLoRA's freeze counters)
+        moves on this rank only, by one ulp if floating, by 2^20 if integer (a counter the method counts down would
+        otherwise heal), for --check-replicas to catch."""
+        buffers = [b for m in model.modules() for name, b in m._buffers.items()
+                   if b is not None and name not in m._non_persistent_buffers_set]
+        if self._fires("desync", attempt) and buffers:
+            with torch.no_grad():
+                last = buffers[-1].view(-1)
+                if last.is_floating_point():
+                    last[0] = torch.nextafter(last[0], last[0] + 1)
+                else:
+                    last[0] += 1 << 20
 
     def corrupt_loss(self, loss: torch.Tensor, attempt: int) -> torch.Tensor:
         """Applied to the first micro-batch's loss of an attempt."""

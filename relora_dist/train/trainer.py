@@ -176,6 +176,7 @@ class Trainer:
         t, backend = self.cfg.train, self.backend
         attempt = self.batches_consumed + 1
         self.faults.before_update(attempt)
+        self.faults.desync(backend.unwrapped_model, attempt)
         micro = self.plan.local_microbatches(self.batches_consumed, rank=self.dist.rank,
                                              world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
         backend.model.train()
