@@ -75,7 +75,8 @@ def profile_case(args, info, method: str, engine: str, act_per_token: float) -> 
     with PeakSampler(info.device) as sampler:
         case = Case(args, info, method, engine, 0.0)
         case.update()  # optimizer states exist from here on
-        case.update(before_step=lambda: census.update(tensor_census(case.backend.unwrapped_model, case.backend.optimizer)))
+        case.update(before_step=lambda: census.update(tensor_census(case.backend.unwrapped_model, case.backend.optimizer,
+                                                                    case.backend.engine_held_tensors())))
     counts = ModelCounts.from_config(case.config, rank=args.rank, seq_len=args.seq_len)
     structure = case.method.cost_structure
     rank = case.method.resolved_rank(case.config)

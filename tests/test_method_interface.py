@@ -86,13 +86,23 @@ def test_a_new_method_is_one_module_and_trains_exactly_on_ddp_and_fsdp2(tmp_path
 
 def test_method_state_loads_with_weights_only_and_through_dcp(tmp_path):
     """What a method's state_dict may hold (tensors and primitives) survives torch.save/weights_only and DCP."""
-    import torch.distributed.checkpoint as dcp
-
     sys.path.insert(0, str(PLUGIN.parent))
     try:
         import frozen_embeddings  # noqa: F401  (registers the test-only method)
     finally:
         sys.path.pop(0)
+    try:
+        _method_state_round_trips(tmp_path)
+    finally:  # the registry is process-wide: later tests (the fingerprint tool's) list the built-in methods only
+        from relora_dist.methods import base
+
+        base._REGISTRY.pop("relora_frozen_embeddings", None)
+        sys.modules.pop("frozen_embeddings", None)
+
+
+def _method_state_round_trips(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
     cfg, _ = parse_run_config(SMALL + FROZEN)
     method = method_class("relora_frozen_embeddings")(cfg)
     method.event_steps = torch.tensor([1, 1, 2])

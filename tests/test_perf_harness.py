@@ -130,3 +130,15 @@ def test_memory_census_matches_the_accounting(tmp_path):
         assert ddp["activation_bytes_per_token"] > 0 and ddp["peak_sampled"] > ddp["static_census"]
         assert ddp["largest_micro_batch"] == 0  # 1 GB minus the 1 GiB context the model reserves: nothing fits
     assert rows["ddp", "relora"]["activation_bytes_per_token"] > rows["ddp", "full"]["activation_bytes_per_token"]
+
+
+def test_memory_census_counts_deepspeeds_exact_copies(tmp_path):
+    """DeepSpeed bf16 keeps SwitchLoRA's W and pools in fp32 copies beside its bf16 parameters, whole on every rank at
+    ZeRO-2: the census finds exactly the bytes the accounting predicts, and nothing for ReLoRA (which declares none)."""
+    result = harness("memory", ["--engines", "zero2", "--methods", "relora,switchlora", "--dtype", "bf16",
+                                "--gpu-memory-gb", "1"], tmp_path)
+    rows = by_case(result["rows"], "engine", "method")
+    switchlora, relora = rows["zero2", "switchlora"], rows["zero2", "relora"]
+    assert switchlora["census_exact_copies"] == switchlora["expected_exact_copies"] > 0
+    assert relora["census_exact_copies"] == relora["expected_exact_copies"] == 0
+    assert switchlora["census_parameters"] == switchlora["expected_parameters"]  # bf16 W, pools and factors

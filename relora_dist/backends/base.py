@@ -232,6 +232,10 @@ class Backend(ABC):
         if states:
             raise ValueError(f"--keep-states-at-switch is not supported with --backend {self.name}")
 
+    def engine_held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Tensors the engine holds beside the module and the optimizer, by memory category (relora-memprof)."""
+        return {}
+
     def replicated_named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Tensors that must be bit-identical on every rank (all of them for replicated engines)."""
         model = self.unwrapped_model

@@ -35,6 +35,7 @@ from .deepspeed_shadows import FrozenShadows, saved_shadows
 logger = logging.getLogger("relora_dist")
 
 CHECKPOINT_TAG = "engine"
+MASTER_NAMES_KEY = "relora_master_names"  # stage-0 bf16: the params of each group of saved fp32 masters, in order
 # Sections relora_dist owns: the run config sets them, a DeepSpeed JSON must not.
 OWNED_KEYS = ("optimizer", "scheduler", "train_batch_size", "fp16")
 
@@ -250,7 +251,12 @@ class DeepSpeedBackend(Backend):
 
     # -- checkpoints and export -----------------------------------------------------------------------
     def save(self, directory, trainer_state):
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"relora_trainer": trainer_state})
+        client_state = {"relora_trainer": trainer_state}
+        wrapper = self.engine.optimizer
+        if self.stage == 0 and hasattr(wrapper, "fp16_groups"):  # bf16: name the params of the masters it saves
+            names = {id(p): n for n, p in self.engine.module.named_parameters()}
+            client_state[MASTER_NAMES_KEY] = [[names[id(p)] for p in group] for group in wrapper.fp16_groups]
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)
         if self._partitioned_optimizer() is not None:
             save_portable_state(directory, self.engine.optimizer, self.engine.module, self.rank)
         self.shadows.save(directory, self.rank)
@@ -350,8 +356,8 @@ class DeepSpeedBackend(Backend):
     def read_checkpoint_model(cls, directory):
         """Full fp32 model state in one process: ZeRO-1/2/3 shards are put back together by DeepSpeed's own
         zero_to_fp32 (frozen parameters from ZeRO-2 on, ZeRO-1's from the model file); a stage-0 checkpoint holds
-        the whole module (in bf16 its trainable params are the bf16 ones, not the fp32 masters). A bf16 run's exact
-        fp32 copies of frozen params replace their bf16 values."""
+        the whole module, and in bf16 its fp32 masters. A bf16 run's exact fp32 copies of frozen params replace their
+        bf16 values."""
         engine_dir = cls.checkpoint_model_source(directory)
         if any(engine_dir.glob("*optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -360,7 +366,8 @@ class DeepSpeedBackend(Backend):
             # ZeRO-1 saves no frozen fragments (zero_to_fp32 returns no frozen params): they are whole in the model file
             state = saved_frozen_parameters(directory) | state
         else:
-            state = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+            saved = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            state = saved["module"] | stage0_masters(saved)
         exact = saved_shadows(directory)
         return {k: exact[k].view(v.shape) if k in exact else v.float() for k, v in state.items()}
 
@@ -374,6 +381,9 @@ class DeepSpeedBackend(Backend):
         out.update({n: b.detach().cpu() for n, b in module.named_buffers() if n in module.state_dict()})
         return out
 
+
+    def engine_held_tensors(self):
+        return {"exact_copies": self.shadows.tensors()}
 
     def replicated_named_tensors(self):
         """Tensors every rank holds whole: all params below ZeRO-3, persistent ones at ZeRO-3, the buffers, and the
@@ -403,6 +413,23 @@ def saved_frozen_parameters(directory: Path) -> dict[str, torch.Tensor]:
     whole = {name: t for name, t in (states[0].get("module") or {}).items() if t.numel()} if len(states) == 1 else {}
     return whole | {name: torch.cat([s["frozen_param_fragments"][name].reshape(-1) for s in states])[: shape.numel()].view(shape)
                     for name, shape in shapes.items()}
+
+
+def stage0_masters(saved: dict) -> dict[str, torch.Tensor]:
+    """The fp32 masters of a stage-0 bf16 checkpoint by name (its module holds the bf16 params): DeepSpeed saves them
+    per group, as one tensor per param (FP16_UnfusedOptimizer) or one flat tensor (FP16_Optimizer), in the order of
+    the names `save` records."""
+    optimizer = saved.get("optimizer") or {}
+    groups = optimizer.get("fp32_groups", optimizer.get("fp32_groups_flat"))
+    names = saved.get(MASTER_NAMES_KEY)
+    if groups is None or names is None:
+        return {}
+    out = {}
+    for group_names, group in zip(names, groups):
+        shapes = [saved["module"][name].shape for name in group_names]
+        tensors = group if isinstance(group, (list, tuple)) else group.split([s.numel() for s in shapes] + [group.numel() - sum(s.numel() for s in shapes)])
+        out.update({name: t.reshape(shape).float() for name, t, shape in zip(group_names, tensors, shapes)})
+    return out
 
 
 def saved_buffers(directory: Path) -> dict[str, torch.Tensor]:

@@ -88,6 +88,9 @@ class FrozenShadows:
             if holders:
                 copy.copy_(holders[0])
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [c.values for c in self.copies.values()]
+
     def replicated(self) -> list[tuple[str, torch.Tensor]]:
         """The copies this rank holds whole, which every rank then holds whole (for the replica check)."""
         return [(f"{c.name}/fp32", c.values) for c in self.copies.values() if c.values.numel() == c.numel]

@@ -111,6 +111,11 @@ class ModelCounts:
             return self.n_full + self.n_lora + self.n_pools
         return self.n_full if method in ("full", *PROJECTED_STATE) else self.n_full + self.n_lora
 
+    def written_frozen(self, method: str) -> int:
+        """Frozen elements a method writes in place every update (SwitchLoRA folds into W and parks in its pools), which
+        an engine holding bf16 parameters keeps an fp32 copy of."""
+        return self.n_lin + self.n_pools if method == "switchlora" else 0
+
     def optimizer_elements(self, method: str, *, right: bool = False) -> int:
         """Adam moment elements: 2 per trainable parameter, the projected moments in place of the projections' for
         GaLore and Fira (`right`: every matrix projected from the right, as on FSDP2 and ZeRO-1/2/3)."""
@@ -173,12 +178,13 @@ class Precision:
     master: int = 0  # a separate fp32 master copy of trainable params (0: the params are the masters)
     grads: int = 4
     adam: int = 8  # exp_avg + exp_avg_sq
+    exact_copies: int = 0  # an fp32 copy of the frozen params a method writes in place (access.fp32_frozen_parameters)
 
     @classmethod
     def named(cls, name: str) -> "Precision":
         presets = {
             "fp32": cls(),  # fp32 params, grads and Adam (also DDP/OSS bf16 autocast: params stay fp32)
-            "bf16_master": cls(weights=2, master=4, grads=2, adam=8),  # DeepSpeed bf16: bf16 params, fp32 masters
+            "bf16_master": cls(weights=2, master=4, grads=2, adam=8, exact_copies=4),  # DeepSpeed bf16: bf16 params, fp32 masters
             "pure_bf16": cls(weights=2, master=0, grads=2, adam=4),  # the paper's throughput runs
         }
         if name not in presets:
@@ -197,6 +203,7 @@ def static_bytes(counts: ModelCounts, method: str, precision: Precision, *, righ
         "gradients": precision.grads * trainable,
         "optimizer": precision.adam * counts.optimizer_elements(method, right=right_projection) // 2,
         "projectors": precision.adam * counts.projector_elements(method, right=right_projection) // 2,
+        "exact_copies": precision.exact_copies * counts.written_frozen(method),
     }
 
 

@@ -18,13 +18,13 @@ from torch import nn
 
 from .accounting import ModelCounts, Precision, static_bytes
 
-CATEGORIES = ("parameters", "buffers", "gradients", "optimizer", "projectors", "master", "other")
+CATEGORIES = ("parameters", "buffers", "gradients", "optimizer", "projectors", "master", "exact_copies", "other")
 
 # What each engine shards across ranks, by category (fairscale / ZeroRedundancyOptimizer shard whole parameters, so a
 # GaLore projector lives with its matrix's owner; the engines that split rows keep every projector on every rank).
 _SHARDED = {
     "ddp": (), "zero0": (), "zero1": ("optimizer", "master"), "zero2": ("optimizer", "master", "gradients"),
-    "zero3": ("optimizer", "master", "gradients", "parameters"), "fsdp2": ("optimizer", "gradients", "parameters"),
+    "zero3": ("optimizer", "master", "gradients", "parameters", "exact_copies"), "fsdp2": ("optimizer", "gradients", "parameters"),
     "fairscale": ("optimizer", "projectors"), "zero_redundancy": ("optimizer", "projectors"),
 }
 # Engines whose optimizer sees rows split across ranks: GaLore projects every matrix from the right there.
@@ -63,8 +63,9 @@ class _Census:
             self.bytes[category] += storage.nbytes()
 
 
-def tensor_census(model: nn.Module, optimizer) -> dict[str, int]:
-    """Bytes this rank holds, by category; first claim wins, in the order of CATEGORIES."""
+def tensor_census(model: nn.Module, optimizer, engine_held: dict[str, list[torch.Tensor]] | None = None) -> dict[str, int]:
+    """Bytes this rank holds, by category; first claim wins, in the order of CATEGORIES. `engine_held`: what the engine
+    keeps beside the module and the optimizer (`Backend.engine_held_tensors`)."""
     census = _Census()
     params = list(model.parameters())
     for p in params:
@@ -87,6 +88,9 @@ def tensor_census(model: nn.Module, optimizer) -> dict[str, int]:
         for grads in (getattr(opt, "averaged_gradients", None) or {}).values():
             for g in grads or ():
                 census.add(g, "gradients")
+    for category, tensors in (engine_held or {}).items():
+        for tensor in tensors:
+            census.add(tensor, category)
     with warnings.catch_warnings():  # isinstance() on some gc-tracked proxies warns
         warnings.simplefilter("ignore")
         for obj in gc.get_objects():
