@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import KILL_DEADLINE_S, REPO, RELORA_RUN, SMALL, exported, max_relative_difference, read_metrics, run_cli
+from relora_dist.ranges import assemble_ranges
 from relora_dist.train.checkpoint import resolve_checkpoint
 from relora_dist.train.faults import FaultPlan, parse_faults
 
@@ -136,6 +137,17 @@ def test_latest_falls_back_to_the_newest_committed_checkpoint(tmp_path):
     (root / "step_0000004").rename(root / "step_0000004.old")
     (root / "latest").write_text("step_0000004")
     assert resolve_checkpoint("latest", tmp_path) == root / "step_0000004.old"
+
+
+def test_ranges_saved_by_several_ranks_are_put_back_together_or_refused():
+    """What resumes at another world size read (optimizer records, DeepSpeed's fp32 copies): any order of the saved
+    ranges gives the whole tensor; a missing rank's range is refused, not filled with zeros."""
+    whole = torch.arange(12.0).view(6, 2)
+    assert torch.equal(assemble_ranges([(4, whole[4:]), (0, whole[:4])], 6, what="rows"), whole)
+    with pytest.raises(ValueError, match="rows misses 2 of 6"):
+        assemble_ranges([(0, whole[:4])], 6, what="rows")
+    with pytest.raises(ValueError, match="no rows"):
+        assemble_ranges([], 6, what="rows")
 
 
 def test_fault_specs_parse_and_select_ranks():

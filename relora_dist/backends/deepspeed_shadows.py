@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..access import Piece
+from ..ranges import assemble_ranges
 
 SHADOW_FILE = "frozen_fp32_rank{}.pt"
 
@@ -97,7 +98,8 @@ class FrozenShadows:
 
     def save(self, directory: Path, rank: int) -> None:
         """This rank's saved ranges, by name (no file where it saves none)."""
-        records = {c.name: (c.saved[0], c.values.narrow(0, c.saved[0] - c.start, c.saved[1] - c.saved[0]).cpu().clone())
+        records = {c.name: {"lo": c.saved[0], "numel": c.numel,
+                            "values": c.values.narrow(0, c.saved[0] - c.start, c.saved[1] - c.saved[0]).cpu().clone()}
                    for c in self.copies.values() if c.saved[1] > c.saved[0]}
         if records:
             torch.save(records, Path(directory) / SHADOW_FILE.format(rank))
@@ -106,16 +108,9 @@ class FrozenShadows:
 def saved_shadows(directory: Path) -> dict[str, torch.Tensor]:
     """Full flat fp32 values by parameter name, put together from every saved rank's ranges (empty: no records)."""
     pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    numels: dict[str, int] = {}
     for file in sorted(Path(directory).glob(SHADOW_FILE.format("*"))):
-        for name, (lo, values) in torch.load(file, map_location="cpu", weights_only=True).items():
-            pieces.setdefault(name, []).append((lo, values))
-    out = {}
-    for name, parts in pieces.items():
-        parts.sort(key=lambda part: part[0])
-        expected = 0
-        for lo, values in parts:
-            if lo != expected:
-                raise ValueError(f"checkpoint {directory}: the fp32 copy of {name} misses elements [{expected}, {lo})")
-            expected += values.numel()
-        out[name] = torch.cat([values for _, values in parts])
-    return out
+        for name, record in torch.load(file, map_location="cpu", weights_only=True).items():
+            pieces.setdefault(name, []).append((record["lo"], record["values"]))
+            numels[name] = record["numel"]
+    return {name: assemble_ranges(parts, numels[name], what=f"fp32 copy of {name}") for name, parts in pieces.items()}

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..ranges import assemble_ranges
+
 
 @dataclass
 class MatrixSlice:
@@ -291,18 +293,11 @@ def _projectors(state: dict, slices: list[MatrixSlice], ranks: list[int]) -> lis
 
 def _assemble_rows(pieces: list[dict], key: str, m: int, r: int) -> torch.Tensor:
     """The whole (m x r) moment `key` of one matrix from the row ranges several ranks saved."""
-    whole, covered = torch.zeros(m, r), torch.zeros(m, dtype=torch.bool)
     for piece in pieces:
-        rows = piece[key]
-        if rows.shape[1] != r:
-            raise ValueError(f"checkpoint's optimizer moments have rank {rows.shape[1]}, this run's is {r}: resume with"
-                             f" the rank it was written with")
-        whole[piece["row0"] : piece["row0"] + rows.shape[0]] = rows.float()
-        covered[piece["row0"] : piece["row0"] + rows.shape[0]] = True
-    if not bool(covered.all()):
-        raise ValueError(f"checkpoint's optimizer state misses {int((~covered).sum())} of {m} rows of a matrix"
-                         f" (a rank's file is missing)")
-    return whole
+        if piece[key].shape[1] != r:
+            raise ValueError(f"checkpoint's optimizer moments have rank {piece[key].shape[1]}, this run's is {r}: resume"
+                             f" with the rank it was written with")
+    return assemble_ranges(((piece["row0"], piece[key]) for piece in pieces), m, what=f"optimizer state ({key} rows of a matrix)")
 
 
 def refresh_owner(partition, index: int) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..ranges import assemble_ranges
 from .closure import evaluate_closure
 
 
@@ -64,12 +65,8 @@ class VectorStepAdamW(torch.optim.Optimizer):
                 lo, hi = part.ranges[self._partition_rank]
                 if hi == lo:
                     continue
-                whole, covered = torch.zeros(part.shape.numel()), torch.zeros(part.shape.numel(), dtype=torch.bool)
-                for record in (r[part.param] for r in records if part.param in r):
-                    end = record["lo"] + record["vector_step"].numel()
-                    whole[record["lo"] : end], covered[record["lo"] : end] = record["vector_step"], True
-                if not bool(covered.all()):
-                    raise ValueError("checkpoint's optimizer step counters miss part of a parameter (a rank's file is missing)")
+                whole = assemble_ranges(((r[part.param]["lo"], r[part.param]["vector_step"]) for r in records
+                                         if part.param in r), part.shape.numel(), what="optimizer step counters of a parameter")
                 steps[part.offset : part.offset + hi - lo] = whole[lo:hi].to(steps.device)
             self.state[flat]["vector_step"] = steps
         return []  # the moments DeepSpeed loaded stay as they are

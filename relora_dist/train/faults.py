@@ -94,9 +94,11 @@ class FaultPlan:
         """`desync`: the model's last persistent buffer (a method's control state, e.g. SwitchLoRA's freeze counters)
         moves on this rank only, by one ulp if floating, by 2^20 if integer (a counter the method counts down would
         otherwise heal), for --check-replicas to catch."""
+        if not self._fires("desync", attempt):  # runs before every update: nothing else unless it fires
+            return
         buffers = [b for m in model.modules() for name, b in m._buffers.items()
                    if b is not None and name not in m._non_persistent_buffers_set]
-        if self._fires("desync", attempt) and buffers:
+        if buffers:
             with torch.no_grad():
                 last = buffers[-1].view(-1)
                 if last.is_floating_point():
