@@ -77,7 +77,9 @@ def train_main(argv: list[str] | None = None) -> int:
 def export_main(argv: list[str] | None = None) -> int:
     _setup_logging()
     parser = argparse.ArgumentParser(prog="relora-export", description="Write a merged HF model from a relora-train checkpoint.")
-    parser.add_argument("checkpoint", help="checkpoint directory (OUT/checkpoints/step_N)")
+    parser.add_argument("checkpoint", help="checkpoint directory (OUT/checkpoints/step_N), the latest pointer"
+                        " (OUT/checkpoints/latest), a checkpoints folder (OUT/checkpoints: its latest) or a run"
+                        " directory (OUT: its latest checkpoint)")
     parser.add_argument("out_dir", help="where to write the merged model (safetensors + tokenizer)")
     args = parser.parse_args(argv)
     from .export import export_checkpoint

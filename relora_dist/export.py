@@ -20,7 +20,7 @@ from .backends.base import error_reason
 from .methods import build_method
 from .models import config_from_dict, save_hf_model
 from .train.arguments import load_yaml
-from .train.checkpoint import STATE_FILE, read_trainer_state
+from .train.checkpoint import STATE_FILE, NotACheckpointError, find_checkpoint, read_trainer_state
 from .train.config import RunConfig
 
 
@@ -48,10 +48,9 @@ def _dense_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """relora-export: a checkpoint directory written by relora-train (any backend) -> merged HF model."""
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise ValueError(f"checkpoint not found: {checkpoint}")
+    """relora-export: a checkpoint written by relora-train (any backend) -> merged HF model. `checkpoint` is a
+    checkpoint directory, the `latest` pointer file, a checkpoints folder or a run directory (`find_checkpoint`)."""
+    path = find_checkpoint(checkpoint)
     state = _dense_state(path)
     config = config_from_dict(json.loads((path / "model_config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer") if (path / "tokenizer").is_dir() else None
@@ -59,16 +58,17 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 
 def merged_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The merged weights (s*B@A folded into W) of a relora-train checkpoint (any backend) or of an HF
-    safetensors model directory (a relora-export output, or any LLaMA)."""
+    """The merged weights (s*B@A folded into W) of a relora-train checkpoint (any backend; given as `find_checkpoint`
+    takes it) or of an HF safetensors model directory (a relora-export output, or any LLaMA)."""
     from safetensors.torch import load_file
 
     path = Path(directory)
-    if not path.is_dir():
-        raise ValueError(f"checkpoint not found: {directory}")
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if files:
         return {k: v for f in files for k, v in load_file(f).items()}
-    if not (path / STATE_FILE).is_file():
-        raise ValueError(f"{directory} is neither a relora-train checkpoint ({STATE_FILE}) nor a safetensors model")
-    return _dense_state(path)
+    try:
+        checkpoint = find_checkpoint(path)
+    except NotACheckpointError:
+        raise ValueError(f"{directory} is neither a relora-train checkpoint ({STATE_FILE}), run directory or"
+                         " checkpoints folder, nor a safetensors model") from None
+    return _dense_state(checkpoint)

@@ -90,6 +90,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _help_text(text: str) -> str:
+    """Docstring text as an argparse help string: argparse %-formats help (`%(default)s`), so a literal `%`
+    must reach it as `%%` (the README's config reference prints the docstring as written)."""
+    return text.replace("%", "%%")
+
+
 def _is_bool(annotation: str) -> bool:
     return annotation.replace(" | None", "").strip() == "bool"
 
@@ -127,6 +133,7 @@ def build_parser(prog: str = "relora-train") -> argparse.ArgumentParser:
                 kwargs.update(type=_one_of("backend", BACKENDS, "--backend"), metavar="{" + ",".join(BACKENDS) + "}")
             else:
                 kwargs.update(type=_converter(str(f.type)), metavar=f.name.upper())
+            kwargs["help"] = _help_text(kwargs["help"])
             group.add_argument(f"--{flag}", **kwargs)
     return parser
 

@@ -104,21 +104,58 @@ def resolve_checkpoint(resume: str, out: Path) -> Path | None:
         return resolve_checkpoint("latest", out) if complete_checkpoints(root) or (root / "latest").is_file() else None
     if resume == "latest":
         root = out / "checkpoints"
-        pointer = root / "latest"
-        path = root / pointer.read_text().strip() if pointer.is_file() else None
-        if path is not None and not (path / STATE_FILE).is_file():
-            path = path.with_name(path.name + ".old")  # killed while a same-update checkpoint replaced it
-        if path is None or not (path / STATE_FILE).is_file():
-            # Killed between a commit and the pointer update: the newest committed checkpoint is the one.
-            found = complete_checkpoints(root)
-            if not found:
-                raise ValueError(f"--resume: no checkpoint found in {root}")
-            path = found[-1]
+        path = latest_checkpoint(root)
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint found in {root}")
     else:
         path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"--resume: {path} is not a complete checkpoint (no {STATE_FILE})")
     return path
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint a checkpoints folder's `latest` pointer names, else (pointer missing, or naming nothing
+    complete) the newest committed one; None when `root` has none."""
+    pointer = root / "latest"
+    path = root / pointer.read_text().strip() if pointer.is_file() else None
+    if path is not None and not (path / STATE_FILE).is_file():
+        path = path.with_name(path.name + ".old")  # killed while a same-update checkpoint replaced it
+    if path is None or not (path / STATE_FILE).is_file():
+        # Killed between a commit and the pointer update: the newest committed checkpoint is the one.
+        found = complete_checkpoints(root)
+        path = found[-1] if found else None
+    return path
+
+
+class NotACheckpointError(ValueError):
+    """`find_checkpoint` was given something that exists but is no checkpoint, checkpoints folder or run."""
+
+
+def find_checkpoint(given: str | Path) -> Path:
+    """The checkpoint meant by a path a user gives (relora-export): a checkpoint directory (OUT/checkpoints/step_N),
+    the `latest` pointer file (OUT/checkpoints/latest), a checkpoints folder (OUT/checkpoints) or a run directory
+    (OUT); the last three resolve like `--resume latest`. One-line ValueError naming `given` otherwise."""
+    path = Path(given)
+    if not path.exists():
+        raise ValueError(f"checkpoint not found: {given}")
+    if (path / STATE_FILE).is_file():
+        return path
+    if path.is_file() and path.name == "latest":
+        root = path.parent
+    elif path.is_dir() and ((path / "latest").is_file() or any(path.glob("step_*"))):
+        root = path
+    elif path.is_dir() and (path / "checkpoints").is_dir():
+        root = path / "checkpoints"
+    elif path.is_dir() and path.name.startswith("step_"):
+        raise ValueError(f"{given} is not a complete checkpoint (no {STATE_FILE})")
+    else:
+        raise NotACheckpointError(f"{given} is neither a checkpoint, a run directory nor a checkpoints folder")
+    found = latest_checkpoint(root)
+    if found is None:
+        raise ValueError(f"no complete checkpoint found in {given}" if root == path
+                         else f"{given}: no complete checkpoint found in {root}")
+    return found
 
 
 # Model config keys that fix parameter shapes, and the flags that set them.
@@ -161,5 +198,5 @@ def load_rng(path: Path, rank: int) -> bool:
     file = path / f"rng_rank{rank}.pt"
     if not file.is_file():
         return False
-    set_rng_state(torch.load(file, weights_only=False))
+    set_rng_state(load_checkpoint_file(file))  # weights_only=True: the states are ByteTensors
     return True
