@@ -45,6 +45,7 @@ setup(
             "relora-memprof=relora_dist.benchmarks.memory:main",
             "relora-spectrum=relora_dist.analysis.cli:main",
             "relora-plot=relora_dist.metrics.plot:main",
+            "relora-data=relora_dist.data.cli:main",
         ]
     },
 )

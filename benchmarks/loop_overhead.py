@@ -8,7 +8,7 @@ Both sides run under torchrun with one CPU thread per rank:
 - **ours**: our trainer as `launch/train.py` runs it (`--method relora`: a full-rank warm start, then ReLoRA), so
   logging, LR schedule, finiteness checks and the method's hooks are inside every update's interval;
 - **bare**: the same model (built by the same method, so the ReLoRA phase has the same LoRA layers), the same data
-  and global batches (`GlobalBatchPlan`), DDP, forward, backward, clip, AdamW step, zero_grad; nothing else.
+  and global batches (`SequenceSampler`), DDP, forward, backward, clip, AdamW step, zero_grad; nothing else.
 
 `--mode interleaved` (the default) runs both in one job: after each of our updates the bare loop takes the same
 update on its own copy of the model, so a box whose speed drifts slows both alike. `--mode separate` runs them as
@@ -53,12 +53,10 @@ class BareLoop:
     def __init__(self, cfg, method, data, *, rank: int, world_size: int):
         import torch
 
-        from relora_dist.data import GlobalBatchPlan
         from relora_dist.models import llama_config
 
         self.cfg, self.method, self.data, self.rank, self.world_size = cfg, method, data, rank, world_size
         t = cfg.train
-        self.plan = GlobalBatchPlan(len(data.train), t.global_batch_size, t.seed)
         config = method.model_config(llama_config(cfg.model.preset, vocab_size=len(data.tokenizer)))
         with torch.random.fork_rng(devices=[]):  # beside our trainer: leave its dropout streams alone
             torch.manual_seed(t.seed)
@@ -85,10 +83,10 @@ class BareLoop:
         if step in self.phase_starts:
             self._setup(step)
         t = self.cfg.train
-        micro = self.plan.local_microbatches(step, rank=self.rank, world_size=self.world_size,
-                                             micro_batch_size=t.micro_batch_size)
-        for i, indices in enumerate(micro):
-            batch = self.data.train[indices]
+        micro = self.data.sampler.local_microbatches(step, rank=self.rank, world_size=self.world_size,
+                                                     micro_batch_size=t.micro_batch_size)
+        for i, pairs in enumerate(micro):
+            batch = self.data.read(pairs)
             with self.model.no_sync() if i < len(micro) - 1 else contextlib.nullcontext():
                 self.model(input_ids=batch, labels=batch, use_cache=False).loss.backward()  # as ours
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from relora_dist.cli import export_main, train_main
+from relora_dist.data.cli import main as data_main
 from conftest import REPO, SMALL, run_cli
 
 BASE = SMALL + ["--steps", "6", "--warm-start-steps", "2", "--merge-every", "2", "--restart-warmup-steps", "1"]
@@ -63,6 +64,7 @@ def bad_files(tmp_path_factory, shared_cache) -> dict[str, Path]:
     files["empty_dir"].mkdir()
     files["a_dir"] = root / "export_out"
     files["finished_run"] = root / "finished"
+    files.update(bad_stores(root))
     assert train_main(BASE + ["--method", "full", "--out", str(files["finished_run"])]) == 0
     checkpoints = files["finished_run"] / "checkpoints"
     files["checkpoint"] = checkpoints / (checkpoints / "latest").read_text().strip()
@@ -71,6 +73,34 @@ def bad_files(tmp_path_factory, shared_cache) -> dict[str, Path]:
                         ("truncated_model", lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:5000]))):
         files[name] = root / name
         shutil.copytree(files["checkpoint"], files[name])
+        spoil(files[name])
+    return files
+
+
+def bad_stores(root: Path) -> dict[str, Path]:
+    """Token stores for the table: good ones (two sharing a tokenizer, one with another) and spoiled copies."""
+    from relora_dist.data import embedded_corpus_documents, prepare_store
+
+    docs = embedded_corpus_documents()
+    files = {"docs_jsonl": root / "docs.jsonl", "full_dir": root / "full_dir"}
+    files["docs_jsonl"].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:60]))
+    (root / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[60:120]))
+    files["full_dir"].mkdir()
+    (files["full_dir"] / "notes.txt").write_text("mine")
+    files["store"] = prepare_store([str(files["docs_jsonl"])], root / "store", vocab_size=1024, progress=False, num_proc=1)
+    files["store_b"] = prepare_store([str(root / "b.jsonl")], root / "store_b", tokenizer=str(files["store"] / "tokenizer"),
+                                     progress=False, num_proc=1)
+    files["store_other"] = prepare_store([str(root / "b.jsonl")], root / "store_other", vocab_size=512, progress=False,
+                                         num_proc=1)
+    files["other_tokenizer"] = files["store_other"] / "tokenizer"
+    shard = Path("train") / "tokens-000000.bin"
+    for name, spoil in (("store_v99", lambda d: (d / "manifest.json").write_text(
+                            json.dumps(json.loads((d / "manifest.json").read_text()) | {"version": 99}))),
+                        ("store_truncated", lambda d: (d / shard).write_bytes((d / shard).read_bytes()[:-2])),
+                        ("store_corrupt", lambda d: (d / shard).write_bytes(bytes([(d / shard).read_bytes()[0] ^ 1]) +
+                                                                            (d / shard).read_bytes()[1:]))):
+        files[name] = root / name
+        shutil.copytree(files["store"], files[name])
         spoil(files[name])
     return files
 
@@ -85,6 +115,8 @@ def test_bad_input_is_one_line(tmp_path, capsys, bad_files, what, command, expec
     try:
         if prog == "relora-train":
             code = train_main(BASE + ([] if "--out" in args else ["--out", str(tmp_path / "run")]) + args)
+        elif prog == "relora-data":
+            code = data_main(args)
         else:
             code = export_main(args)
     except SystemExit as e:  # argparse

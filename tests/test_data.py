@@ -1,24 +1,47 @@
-"""Tests for relora_dist.data: corpus, loading, tokenizer, packing, batch plan."""
+"""Tests for relora_dist.data: sources, the hold-out, tokenizers, the batch plan (the store itself: test_store.py)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from relora_dist.data import (
     EOS_TOKEN,
     GlobalBatchPlan,
-    build_data,
-    build_tokenizer,
+    TokenStore,
     embedded_corpus_documents,
-    load_text_splits,
-    pack_documents,
+    iter_documents,
+    load_tokenizer,
+    prepare_store,
+    train_bpe_tokenizer,
     val_batches,
 )
 from relora_dist.data import corpus as corpus_module
-from relora_dist.data import tokenizer as tokenizer_mod
+
+
+def split_documents(dataset, tmp_path, *, val_fraction=0.05, text_field="text", **kwargs):
+    """(train, val) documents as a store prepared from `dataset` holds them (decoded: the byte-level BPE is exact)."""
+    out = tmp_path / f"store_{len(list(tmp_path.glob('store_*')))}"
+    store = TokenStore(prepare_store([dataset], out, vocab_size=300, val_fraction=val_fraction, text_field=text_field,
+                                     num_proc=1, progress=False, hf_cache_dir=tmp_path / "hf", **kwargs))
+    tok = load_tokenizer(str(out / "tokenizer"))
+    return tuple(store_documents(store, split, tok) for split in ("train", "val"))
+
+
+def store_documents(store, split, tok) -> list[str]:
+    stream = store.splits[split]
+    offsets = stream.document_offsets()
+    tokens = np.empty(stream.num_tokens, dtype=np.int64)
+    stream.read(0, tokens)
+    docs = []
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        ids = tokens[int(lo): int(hi)].tolist()
+        assert ids[-1] == tok.eos_token_id and tok.eos_token_id not in ids[:-1]
+        docs.append(tok.decode(ids[:-1]))
+    return docs
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +64,7 @@ def small_docs(corpus) -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_tokenizer(small_docs, tmp_path_factory):
-    return build_tokenizer(None, small_docs, vocab_size=512, cache_dir=tmp_path_factory.mktemp("tok"))
+    return train_bpe_tokenizer(small_docs, vocab_size=512)
 
 
 # ---- embedded corpus -------------------------------------------------------------------------
@@ -91,21 +114,12 @@ def test_builtin_stdlib_source_holds_whole_files_and_is_cached_apart(corpus, cor
     assert len(list(cache.iterdir())) == 2
     assert embedded_corpus_documents(cache, stdlib=str(stdlib), corpus="stdlib-source") == source  # from its cache
 
-    whole = load_text_splits("builtin:stdlib-source", corpus_cache_dir=corpus_cache)
-    assert "builtin corpus stdlib-source" in whole.source
-    assert sum(map(len, whole.train + whole.val)) > 4 * sum(map(len, corpus))
-    assert load_text_splits("builtin:stdlib-docs", corpus_cache_dir=corpus_cache).train == load_text_splits(
-        None, corpus_cache_dir=corpus_cache).train
+    whole = [d for batch in iter_documents("builtin:stdlib-source", corpus_cache_dir=corpus_cache) for d in batch]
+    assert sum(map(len, whole)) > 4 * sum(map(len, corpus))
+    assert [d for b in iter_documents("builtin:stdlib-docs", corpus_cache_dir=corpus_cache) for d in b] == corpus
+    assert [d for b in iter_documents(None, corpus_cache_dir=corpus_cache, batch_size=7) for d in b] == corpus
     with pytest.raises(ValueError, match="unknown builtin corpus 'nope'"):
-        load_text_splits("builtin:nope")
-
-
-def test_embedded_split_is_document_level_holdout(corpus, corpus_cache):
-    splits = load_text_splits(None, corpus_cache_dir=corpus_cache)
-    assert "embedded" in splits.source
-    assert len(splits.train) + len(splits.val) == len(corpus)
-    assert splits.val == corpus[19::20]  # val_fraction 0.05 -> every 20th document
-    assert not set(splits.val) & set(splits.train)
+        next(iter_documents("builtin:nope"))
 
 
 # ---- local datasets ----------------------------------------------------------------------------
@@ -114,10 +128,10 @@ def test_embedded_split_is_document_level_holdout(corpus, corpus_cache):
 def test_txt_file_paragraphs_are_documents(tmp_path):
     path = tmp_path / "data.txt"
     path.write_text("alpha one\nalpha two\n\nbeta\n\n\ngamma\n\ndelta\n", encoding="utf-8")
-    splits = load_text_splits(str(path), val_fraction=0.5, cache_dir=tmp_path / "hf")
-    assert splits.train == ["alpha one\nalpha two", "gamma"]
-    assert splits.val == ["beta", "delta"]
-    assert str(path) in splits.source
+    train, val = split_documents(str(path), tmp_path, val_fraction=0.5)
+    assert train == ["alpha one\nalpha two", "gamma"]
+    assert val == ["beta", "delta"]
+    assert str(path) in TokenStore(tmp_path / "store_0").manifest["sources"][0]["description"]
 
 
 def test_txt_directory_and_jsonl_and_parquet(tmp_path):
@@ -126,24 +140,22 @@ def test_txt_directory_and_jsonl_and_parquet(tmp_path):
     txt_dir.mkdir()
     for i, t in enumerate(texts):
         (txt_dir / f"{i:02d}.txt").write_text(t, encoding="utf-8")
-    splits = load_text_splits(str(txt_dir), val_fraction=0.2, cache_dir=tmp_path / "hf")
-    assert splits.train + splits.val != texts  # val docs were taken out of the middle
-    assert sorted(splits.train + splits.val) == sorted(texts)
-    assert splits.val == [texts[4], texts[9]]
+    train, val = split_documents(str(txt_dir), tmp_path, val_fraction=0.2)
+    assert train + val != texts  # val docs were taken out of the middle
+    assert sorted(train + val) == sorted(texts)
+    assert val == [texts[4], texts[9]]
 
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts)))
-    splits = load_text_splits(str(jsonl), val_fraction=0.2, text_field="body", cache_dir=tmp_path / "hf")
-    assert splits.val == [texts[4], texts[9]]
+    assert split_documents(str(jsonl), tmp_path, val_fraction=0.2, text_field="body")[1] == [texts[4], texts[9]]
     with pytest.raises(ValueError, match="no 'text' column"):
-        load_text_splits(str(jsonl), cache_dir=tmp_path / "hf")
+        split_documents(str(jsonl), tmp_path)
 
     import datasets
 
     parquet = tmp_path / "data.parquet"
     datasets.Dataset.from_dict({"text": texts}).to_parquet(str(parquet))
-    splits = load_text_splits(str(parquet), val_fraction=0.2, cache_dir=tmp_path / "hf")
-    assert splits.train == [t for i, t in enumerate(texts) if i not in (4, 9)]
+    assert split_documents(str(parquet), tmp_path, val_fraction=0.2)[0] == [t for i, t in enumerate(texts) if i not in (4, 9)]
 
 
 def test_missing_path_raises_without_hub(tmp_path, monkeypatch):
@@ -155,7 +167,7 @@ def test_missing_path_raises_without_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
     for name in [str(tmp_path / "nope"), "./nope", "a/b/c", "corpus.jsonl"]:
         with pytest.raises(ValueError, match="dataset path not found"):
-            load_text_splits(name)
+            next(iter_documents(name))
 
 
 def test_hub_failure_becomes_one_line_value_error(monkeypatch):
@@ -169,7 +181,7 @@ def test_hub_failure_becomes_one_line_value_error(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ValueError, match="not an existing path.*hub") as info:
-        load_text_splits("someone/some-dataset")
+        next(iter_documents("someone/some-dataset"))
     assert calls == ["someone/some-dataset"]
     assert "\n" not in str(info.value)
 
@@ -178,19 +190,20 @@ def test_empty_and_single_document_datasets_raise(tmp_path):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n   \n\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no non-empty texts"):
-        load_text_splits(str(blank), cache_dir=tmp_path / "hf")
+        list(iter_documents(str(blank), cache_dir=tmp_path / "hf"))
     empty_texts = tmp_path / "empty.jsonl"
     empty_texts.write_text('{"text": ""}\n{"text": "  "}\n')
     with pytest.raises(ValueError, match="no non-empty texts"):
-        load_text_splits(str(empty_texts), cache_dir=tmp_path / "hf")
+        list(iter_documents(str(empty_texts), cache_dir=tmp_path / "hf"))
     single = tmp_path / "single.txt"
     single.write_text("only one paragraph", encoding="utf-8")
     with pytest.raises(ValueError, match="at least 2 documents"):
-        load_text_splits(str(single), cache_dir=tmp_path / "hf")
-    two = tmp_path / "two.txt"
-    two.write_text("first\n\nsecond", encoding="utf-8")
-    splits = load_text_splits(str(two), cache_dir=tmp_path / "hf")
-    assert (splits.train, splits.val) == (["first"], ["second"])
+        split_documents(str(single), tmp_path)
+    assert not list(tmp_path.glob(".store_*")), "a failed prepare left its folder"
+    # Fewer documents than the hold-out stride (20): the last one is held out.
+    three = tmp_path / "three.txt"
+    three.write_text("first\n\nsecond\n\nthird", encoding="utf-8")
+    assert split_documents(str(three), tmp_path) == (["first", "second"], ["third"])
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -209,22 +222,12 @@ def test_trained_tokenizer_round_trips_and_has_eos(small_tokenizer):
     assert len(tok("the function returns", add_special_tokens=False)["input_ids"]) < 15
 
 
-def test_tokenizer_cache_hit_and_deterministic_training(small_docs, small_tokenizer, tmp_path, monkeypatch):
-    first = build_tokenizer(None, small_docs, vocab_size=512, cache_dir=tmp_path / "a")
-    again = build_tokenizer(None, small_docs, vocab_size=512, cache_dir=tmp_path / "b")
-    assert first.get_vocab() == again.get_vocab() == small_tokenizer.get_vocab()
-    assert first.backend_tokenizer.to_str() == again.backend_tokenizer.to_str()
-    [cached] = list((tmp_path / "a").glob("*/tokenizer.json"))
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("cache should have been used")
-
-    monkeypatch.setattr(tokenizer_mod, "_train_bpe", no_training)
-    hit = build_tokenizer(None, small_docs, vocab_size=512, cache_dir=tmp_path / "a")
-    assert hit.get_vocab() == first.get_vocab()
-    with pytest.raises(AssertionError, match="cache"):  # different texts -> different key
-        build_tokenizer(None, small_docs[:-1], vocab_size=512, cache_dir=tmp_path / "a")
-    assert cached.is_file() and not list((tmp_path / "a").glob("*/*.tmp"))
+def test_trained_tokenizer_is_deterministic_and_streams(small_docs, small_tokenizer):
+    """Trained from any iterable (a generator: the corpus is never a list), the same texts give the same BPE."""
+    again = train_bpe_tokenizer((d for d in small_docs), vocab_size=512)
+    assert again.backend_tokenizer.to_str() == small_tokenizer.backend_tokenizer.to_str()
+    with pytest.raises(ValueError, match="vocab_size must be at least 257"):
+        train_bpe_tokenizer(small_docs, vocab_size=100)
 
 
 def test_pretrained_tokenizer_paths(small_tokenizer, tmp_path):
@@ -233,46 +236,18 @@ def test_pretrained_tokenizer_paths(small_tokenizer, tmp_path):
     text = "import os\nos.path.join('a', 'b')"
     expected = small_tokenizer(text, add_special_tokens=False)["input_ids"]
     for spec in [str(saved), str(saved / "tokenizer.json")]:
-        loaded = build_tokenizer(spec, [], cache_dir=tmp_path / "unused")
+        loaded = load_tokenizer(spec)
         assert loaded(text, add_special_tokens=False)["input_ids"] == expected
         assert loaded.eos_token_id == small_tokenizer.eos_token_id
     with pytest.raises(ValueError, match="tokenizer path not found"):
-        build_tokenizer(str(tmp_path / "missing" / "tokenizer.json"), [], cache_dir=tmp_path)
+        load_tokenizer(str(tmp_path / "missing" / "tokenizer.json"))
 
     from tokenizers import Tokenizer, models
 
     no_eos = tmp_path / "no_eos.json"
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(no_eos))
     with pytest.raises(ValueError, match="no eos token"):
-        build_tokenizer(str(no_eos), [], cache_dir=tmp_path)
-
-
-# ---- packing -----------------------------------------------------------------------------------
-
-
-def test_pack_documents_shape_separators_and_content(small_docs, small_tokenizer):
-    tok, seq_len = small_tokenizer, 64
-    packed = pack_documents(small_docs, tok, seq_len)
-    ids = tok(small_docs, add_special_tokens=False)["input_ids"]
-    stream = [t for doc in ids for t in doc + [tok.eos_token_id]]
-    assert packed.dtype == torch.int64
-    assert packed.shape == (len(stream) // seq_len, seq_len)
-    assert packed.flatten().tolist() == stream[: packed.numel()]
-    eos_in_prefix = stream[: packed.numel()].count(tok.eos_token_id)
-    assert int((packed == tok.eos_token_id).sum()) == eos_in_prefix > 0
-    assert tok.decode(packed[0].tolist()).startswith(small_docs[0][:20])
-
-
-def test_pack_cache_and_too_few_tokens(small_docs, small_tokenizer, tmp_path, monkeypatch):
-    packed = pack_documents(small_docs[:5], small_tokenizer, 32, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("packed-*.pt"))) == 1
-    from relora_dist.data import packing as packing_mod
-
-    monkeypatch.setattr(packing_mod, "_pack", lambda *a, **k: pytest.fail("cache not used"))
-    assert torch.equal(pack_documents(small_docs[:5], small_tokenizer, 32, cache_dir=tmp_path), packed)
-    monkeypatch.undo()
-    with pytest.raises(ValueError, match="too few tokens.*seq_len 4096"):
-        pack_documents(["tiny doc"], small_tokenizer, 4096)
+        load_tokenizer(str(no_eos))
 
 
 # ---- batch plan --------------------------------------------------------------------------------
@@ -326,31 +301,14 @@ def test_invalid_splits_and_too_few_sequences_raise_with_numbers():
 
 
 def test_val_batches_partition_across_ranks():
-    val = torch.arange(11 * 3).view(11, 3)
     for world_size in (1, 2, 3):
         rows = []
         for rank in range(world_size):
-            batches = val_batches(val, rank=rank, world_size=world_size, batch_size=2)
+            batches = val_batches(11, rank=rank, world_size=world_size, batch_size=2)
             assert all(1 <= len(b) <= 2 for b in batches)
-            rows += [r[0].item() // 3 for b in batches for r in b]
+            rows += [int(i) for b in batches for i in b]
         assert sorted(rows) == list(range(11))
-    rank1 = val_batches(val, rank=1, world_size=2, batch_size=2)
-    assert [r[0].item() // 3 for b in rank1 for r in b] == [1, 3, 5, 7, 9]
-    capped = [val_batches(val, rank=r, world_size=2, batch_size=2, max_batches=2) for r in range(2)]
-    assert sorted(row[0].item() // 3 for bs in capped for b in bs for row in b) == [0, 1, 2, 3]
-
-
-# ---- end to end --------------------------------------------------------------------------------
-
-
-def test_build_data_end_to_end(small_docs, tmp_path):
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_docs))
-    data = build_data(str(path), None, seq_len=32, vocab_size=300, cache_dir=tmp_path / "cache", val_fraction=0.1)
-    assert data.tokens_per_sequence == 32
-    assert data.train.shape[1] == data.val.shape[1] == 32
-    assert 0 < len(data.val) and 4 * len(data.val) < len(data.train)
-    assert int(data.train.max()) < len(data.tokenizer)
-    assert str(path) in data.source
-    again = build_data(str(path), None, seq_len=32, vocab_size=300, cache_dir=tmp_path / "cache", val_fraction=0.1)
-    assert torch.equal(again.train, data.train) and torch.equal(again.val, data.val)
+    rank1 = val_batches(11, rank=1, world_size=2, batch_size=2)
+    assert [int(i) for b in rank1 for i in b] == [1, 3, 5, 7, 9]
+    capped = [val_batches(11, rank=r, world_size=2, batch_size=2, max_batches=2) for r in range(2)]
+    assert sorted(int(i) for bs in capped for b in bs for i in b) == [0, 1, 2, 3]

@@ -1,21 +1,30 @@
-"""Data pipeline: texts -> tokenizer -> packed sequences -> world-size-independent batches."""
+"""Data pipeline: sources -> token store (prepared once, memory-mapped) -> world-size-independent batches."""
 
-from .batches import GlobalBatchPlan, split_batch, val_batches
-from .corpus import TextSplits, embedded_corpus_documents, load_text_splits
-from .packing import pack_documents
-from .pipeline import PackedData, build_data
-from .tokenizer import EOS_TOKEN, build_tokenizer
+from .batches import GlobalBatchPlan, SequenceSampler, split_batch, val_batches
+from .corpus import embedded_corpus_documents, iter_documents
+from .mixture import parse_mixture
+from .pipeline import DataSpec, RunData, check_data_spec, open_run_data
+from .prepare import prepare_store
+from .store import StoreError, TokenStore, is_store
+from .tokenizer import EOS_TOKEN, load_tokenizer, train_bpe_tokenizer
 
 __all__ = [
     "EOS_TOKEN",
+    "DataSpec",
     "GlobalBatchPlan",
-    "PackedData",
-    "TextSplits",
-    "build_data",
-    "build_tokenizer",
+    "RunData",
+    "SequenceSampler",
+    "StoreError",
+    "TokenStore",
+    "check_data_spec",
     "embedded_corpus_documents",
-    "load_text_splits",
-    "pack_documents",
+    "is_store",
+    "iter_documents",
+    "load_tokenizer",
+    "open_run_data",
+    "parse_mixture",
+    "prepare_store",
     "split_batch",
+    "train_bpe_tokenizer",
     "val_batches",
 ]

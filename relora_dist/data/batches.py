@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .mixture import Interleave
+
 
 def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1:
@@ -55,7 +57,9 @@ class GlobalBatchPlan:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._cached_epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cached_perm = torch.randperm(self.num_sequences, generator=gen)
+            # int32 halves a rank's memory for the plan (4 bytes a sequence); the same permutation as int64's.
+            dtype = torch.int32 if self.num_sequences < 2**31 else torch.int64
+            self._cached_perm = torch.randperm(self.num_sequences, generator=gen, dtype=dtype)
             self._cached_epoch = epoch
         return self._cached_perm
 
@@ -65,7 +69,7 @@ class GlobalBatchPlan:
             raise ValueError(f"batch_index must be >= 0, got {batch_index}")
         epoch, within = divmod(batch_index, self.batches_per_epoch)
         start = within * self.global_batch_size
-        return self._permutation(epoch)[start : start + self.global_batch_size].clone()
+        return self._permutation(epoch)[start : start + self.global_batch_size].long()
 
     def local_microbatches(
         self, batch_index: int, *, rank: int, world_size: int, micro_batch_size: int
@@ -84,9 +88,10 @@ class GlobalBatchPlan:
 
 
 def val_batches(
-    val: torch.Tensor, *, rank: int, world_size: int, batch_size: int, max_batches: int | None = None
+    num_sequences: int, *, rank: int, world_size: int, batch_size: int, max_batches: int | None = None
 ) -> list[torch.Tensor]:
-    """This rank's validation token batches: sequences r, r+W, r+2W, ... in chunks of batch_size.
+    """Index tensors of this rank's validation batches: sequences r, r+W, r+2W, ... of the first `num_sequences`,
+    in chunks of batch_size.
 
     `max_batches` caps the evaluated set at the first `max_batches * batch_size` sequences in
     total (not per rank), so the set evaluated does not change with world size. Ranks may get
@@ -99,5 +104,67 @@ def val_batches(
     if max_batches is not None:
         if max_batches < 1:
             raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-        val = val[: max_batches * batch_size]
-    return list(val[rank::world_size].split(batch_size))
+        num_sequences = min(num_sequences, max_batches * batch_size)
+    return list(torch.arange(num_sequences)[rank::world_size].split(batch_size))
+
+
+class SequenceSampler:
+    """The (store, sequence) pairs of each global batch, over one store or a weighted mixture of several.
+
+    One store: `GlobalBatchPlan`'s epoch-wise shuffle. Several: the positions of the run's sequence stream go to the
+    stores by `mixture.Interleave`; store j's d-th draw is sequence `perm_j(e)[d mod U_j]` of its own epoch-wise
+    shuffle (e = d div U_j, U_j its sequences rounded down to whole global batches), so every store cycles through
+    its sequences epoch by epoch at its own pace. Like the single-store plan, it depends only on the sizes, the
+    weights, the global batch size, the seed and the batch index: never on the world size.
+    """
+
+    def __init__(self, sizes: list[int], global_batch_size: int, seed: int, *, weights=None, names=None,
+                 seq_len: int | None = None):
+        names = names or [f"store {j}" for j in range(len(sizes))]
+        for size, name in zip(sizes, names):
+            if size < global_batch_size:
+                tokens = f" of {seq_len} tokens" if seq_len is not None else ""
+                where = f" in {name}" if len(sizes) > 1 else ""
+                raise ValueError(f"too few tokens for one global batch{where}: {size} sequences{tokens}, "
+                                 f"global batch {global_batch_size}")
+        self.global_batch_size = global_batch_size
+        # Store j shuffles with its own seed (the generator keeps only a seed's low 32 bits: the offset must move them).
+        self.plans = [GlobalBatchPlan(size, global_batch_size, seed + 1_000_000_007 * j) for j, size in enumerate(sizes)]
+        self.interleave = Interleave(list(weights)) if len(sizes) > 1 else None
+
+    @property
+    def num_stores(self) -> int:
+        return len(self.plans)
+
+    def _sequence(self, store: int, draw: int) -> int:
+        plan = self.plans[store]
+        usable = plan.batches_per_epoch * plan.global_batch_size
+        epoch, within = divmod(draw, usable)
+        return int(plan._permutation(epoch)[within])
+
+    def global_batch(self, batch_index: int) -> list[tuple[int, int]]:
+        """The G (store, sequence) pairs of global batch `batch_index`, in order."""
+        if self.interleave is None:
+            return [(0, int(i)) for i in self.plans[0].global_indices(batch_index)]
+        G = self.global_batch_size
+        return [(j, self._sequence(j, d)) for j, d in self.interleave.draws(batch_index * G, G)]
+
+    def local_microbatches(self, batch_index: int, *, rank: int, world_size: int,
+                           micro_batch_size: int) -> list[list[tuple[int, int]]]:
+        """This rank's micro-batches: rank r takes the contiguous slice [r*G/W, (r+1)*G/W) of the global batch, split
+        into consecutive micro-batches (as `GlobalBatchPlan.local_microbatches`)."""
+        _check_rank(rank, world_size)
+        split_batch(self.global_batch_size, world_size=world_size, micro_batch_size=micro_batch_size)
+        per_rank = self.global_batch_size // world_size
+        local = self.global_batch(batch_index)[rank * per_rank: (rank + 1) * per_rank]
+        return [local[i: i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+    def shares(self, batch_index: int) -> list[int]:
+        """Sequences of global batch `batch_index` from each store."""
+        counts = [0] * self.num_stores
+        if self.interleave is None:
+            counts[0] = self.global_batch_size
+            return counts
+        G = self.global_batch_size
+        before, after = self.interleave.counts_before(batch_index * G), self.interleave.counts_before((batch_index + 1) * G)
+        return [b - a for a, b in zip(before, after)]

@@ -1,4 +1,4 @@
-"""Text sources: the embedded offline corpus and user datasets, split into train/val."""
+"""Text sources as document streams: the embedded offline corpus, local files and hub datasets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import os
 import sys
 import sysconfig
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -20,13 +20,7 @@ _SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "ensurepip"}
 )
 _LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-@dataclass
-class TextSplits:
-    train: list[str]
-    val: list[str]
-    source: str
+DATA_SUFFIXES = tuple(_LOADERS)
 
 
 def _source_docstrings(source: bytes) -> str:
@@ -166,7 +160,7 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _LOADERS)
     if not files:
-        raise ValueError(f"no .txt/.jsonl/.json/.parquet files found in {path}")
+        raise ValueError(f"no .txt/.jsonl/.json/.parquet files found in {path}, nor is it a token store (no manifest.json)")
     kinds = {_LOADERS.get(p.suffix.lower()) for p in files}
     if None in kinds:
         raise ValueError(f"unsupported dataset file type: {path} (use .txt, .jsonl, .json or .parquet)")
@@ -187,7 +181,8 @@ def _all_blank(files: list[str]) -> bool:
     return True
 
 
-def _load_texts(dataset: str, text_field: str, cache_dir: str | Path | None) -> tuple[list[str], str]:
+def _stream(dataset: str, text_field: str, cache_dir: str | Path | None):
+    """(datasets IterableDataset, the field holding the text, whether to strip newlines, the local files)."""
     import datasets
 
     path = Path(dataset).expanduser()
@@ -196,72 +191,106 @@ def _load_texts(dataset: str, text_field: str, cache_dir: str | Path | None) -> 
         loader, files = _local_files(path)
         # A .txt paragraph (blank-line separated) is one document, so the hold-out is not line noise.
         extra = {"sample_by": "paragraph"} if loader == "text" else {}
-        try:
-            ds = datasets.load_dataset(loader, data_files=files, split="train", cache_dir=cache, **extra)
-        except Exception as exc:  # datasets raises assorted errors for empty or malformed files
-            if _all_blank(files):
-                raise ValueError(f"dataset {dataset} contains no non-empty texts") from exc
-            root = exc.__cause__ or exc  # DatasetGenerationError wraps the parser's own error
-            first_line = str(root).strip().splitlines()[0] if str(root).strip() else ""
-            raise ValueError(f"could not load dataset {dataset}: {type(root).__name__}: {first_line}") from exc
-        source = f"local {loader} dataset {path} ({len(files)} file{'s' if len(files) != 1 else ''})"
-        field = "text" if loader == "text" else text_field
-        strip_newlines = loader == "text"  # paragraph splitting leaves stray leading newlines
-    elif looks_like_local_path(dataset, tuple(_LOADERS)):
+        ds = datasets.load_dataset(loader, data_files=files, split="train", streaming=True, cache_dir=cache, **extra)
+        # paragraph splitting leaves stray leading newlines
+        return ds, ("text" if loader == "text" else text_field), loader == "text", files
+    if looks_like_local_path(dataset, DATA_SUFFIXES):
         raise ValueError(f"dataset path not found: {dataset}")
-    else:
-        try:
-            ds = datasets.load_dataset(dataset, split="train", cache_dir=cache)
-        except Exception as exc:  # network, auth and missing-repo errors all mean the same to the user
-            raise ValueError(
-                f"dataset {dataset!r} is not an existing path and could not be loaded from the hub "
-                f"({type(exc).__name__})"
-            ) from exc
-        source = f"hub dataset {dataset}"
-        field = text_field
-        strip_newlines = False
-    if field not in ds.column_names:
-        raise ValueError(f"dataset {dataset} has no {field!r} column (columns: {ds.column_names})")
-    texts = [t for t in ds[field] if isinstance(t, str) and t.strip()]
-    return [t.strip("\n") for t in texts] if strip_newlines else texts, source
+    try:
+        ds = datasets.load_dataset(dataset, split="train", streaming=True, cache_dir=cache)
+    except Exception as exc:  # network, auth and missing-repo errors all mean the same to the user
+        raise ValueError(
+            f"dataset {dataset!r} is not an existing path and could not be loaded from the hub ({type(exc).__name__})"
+        ) from exc
+    return ds, text_field, False, []
 
 
-def _hold_out(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Every k-th document (k = round(1/val_fraction)) goes to val; always >= 1 of each."""
-    if len(documents) < 2:
-        raise ValueError(f"need at least 2 documents for a train/val split, got {len(documents)}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    k = min(max(2, round(1.0 / val_fraction)), len(documents))
-    train = [d for i, d in enumerate(documents) if i % k != k - 1]
-    val = [d for i, d in enumerate(documents) if i % k == k - 1]
-    return train, val
+def _read_error(dataset: str, files: list[str], exc: Exception) -> ValueError:
+    if files and _all_blank(files):
+        return ValueError(f"dataset {dataset} contains no non-empty texts")
+    root = exc.__cause__ or exc  # DatasetGenerationError wraps the parser's own error
+    first_line = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    return ValueError(f"could not load dataset {dataset}: {type(root).__name__}: {first_line}")
 
 
-def load_text_splits(
-    dataset: str | None,
-    *,
-    val_fraction: float = 0.05,
-    text_field: str = "text",
-    cache_dir: str | Path | None = None,
-    corpus_cache_dir: str | Path | None = None,
-) -> TextSplits:
-    """Load documents and split them into a deterministic document-level train/val hold-out.
+def iter_documents(dataset: str | None, *, text_field: str = "text", cache_dir: str | Path | None = None,
+                   corpus_cache_dir: str | Path | None = None, batch_size: int = 1000) -> Iterator[list[str]]:
+    """The non-empty documents of a source, in order, in lists of up to `batch_size`: never the whole corpus at once.
 
-    `dataset=None` uses the embedded stdlib corpus, `builtin:NAME` another of `BUILTIN_CORPORA`; otherwise a local file/directory
-    (.txt, .jsonl/.json, .parquet) or a hub dataset name. `cache_dir` is handed to
-    `datasets.load_dataset` (None: the datasets library default); `corpus_cache_dir` keeps the embedded
-    corpus's documents (None: extracted every call).
+    `dataset=None` is the embedded stdlib corpus, `builtin:NAME` another of `BUILTIN_CORPORA`; otherwise a local
+    file/directory (.txt: a blank-line separated paragraph a document; .jsonl/.json, .parquet: the `text_field`
+    column), streamed by `datasets`, or a hub dataset name (streamed; online only). `cache_dir` is handed to
+    `datasets.load_dataset`; `corpus_cache_dir` keeps the embedded corpus's documents.
     """
     builtin = builtin_corpus_name(dataset)
     if builtin is not None:
         documents = embedded_corpus_documents(corpus_cache_dir, corpus=builtin)
-        source = (f"embedded Python stdlib documentation ({len(documents)} documents)" if builtin == DEFAULT_CORPUS
-                  else f"builtin corpus {builtin} ({len(documents)} documents)")
+        for start in range(0, len(documents), batch_size):
+            yield documents[start: start + batch_size]
+        return
+    ds, field, strip_newlines, files = _stream(dataset, text_field, cache_dir)
+    batches = ds.iter(batch_size=batch_size)
+    seen = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except Exception as exc:  # pyarrow and datasets raise assorted errors for malformed files
+            raise _read_error(dataset, files, exc) from exc
+        if field not in batch:
+            raise ValueError(f"dataset {dataset} has no {field!r} column (columns: {list(batch)})")
+        texts = [t for t in batch[field] if isinstance(t, str) and t.strip()]
+        if strip_newlines:
+            texts = [t.strip("\n") for t in texts]
+        seen += len(texts)
+        if texts:
+            yield texts
+    if seen == 0:
+        raise ValueError(f"dataset {dataset} contains no non-empty texts")
+
+
+def describe_source(dataset: str | None, documents: int | None = None) -> str:
+    """How logs and the manifest name a source."""
+    builtin = builtin_corpus_name(dataset)
+    count = f" ({documents} documents)" if documents is not None else ""
+    if builtin == DEFAULT_CORPUS:
+        return f"embedded Python stdlib documentation{count}"
+    if builtin is not None:
+        return f"builtin corpus {builtin}{count}"
+    path = Path(dataset).expanduser()
+    if path.exists():
+        loader, files = _local_files(path)
+        return f"local {loader} dataset {path} ({len(files)} file{'s' if len(files) != 1 else ''})"
+    return f"hub dataset {dataset}"
+
+
+def source_fingerprint(dataset: str | None, corpus_cache_dir: str | Path | None = None) -> str:
+    """What a source's documents are a function of, for a stat per file: a builtin corpus's extraction key, a local
+    file's path, size and modification time, a hub dataset's name (a new revision needs --overwrite or a new store)."""
+    builtin = builtin_corpus_name(dataset)
+    if builtin is not None:
+        from pydoc_data import topics as topics_module
+
+        stdlib = sysconfig.get_paths()["stdlib"]
+        return _corpus_key(stdlib, [*_stdlib_sources(stdlib), Path(topics_module.__file__)], builtin)
+    path = Path(dataset).expanduser()
+    digest = hashlib.sha256()
+    if path.exists():
+        _, files = _local_files(path)
+        for name in files:
+            st = Path(name).stat()
+            digest.update(f"{Path(name).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    elif looks_like_local_path(dataset, DATA_SUFFIXES):
+        raise ValueError(f"dataset path not found: {dataset}")
     else:
-        documents, source = _load_texts(dataset, text_field, cache_dir)
-        if not documents:
-            raise ValueError(f"dataset {dataset} contains no non-empty texts")
-    train, val = _hold_out(documents, val_fraction)
-    logger.info("%s: %d train / %d val documents", source, len(train), len(val))
-    return TextSplits(train=train, val=val, source=source)
+        digest.update(f"hub\0{dataset}".encode())
+    return digest.hexdigest()[:24]
+
+
+def hold_out_stride(val_fraction: float) -> int:
+    """Every k-th document (k = round(1/val_fraction), at least 2) is held out for validation; a source with fewer
+    than k documents holds out its last one."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    return max(2, round(1.0 / val_fraction))

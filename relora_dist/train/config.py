@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..backends import BACKENDS, backend_class, option_sections
 from ..data.corpus import builtin_corpus_name
+from ..data.mixture import parse_mixture
 from ..methods import method_class, method_names, method_sections
 from ..metrics.reporters import check_report_to, reporter_names
 
@@ -31,24 +32,33 @@ class ModelConfig:
     """HF LLaMA config JSON used instead of the preset (vocab taken from the tokenizer)."""
     max_positions: int = 1024
     """max_position_embeddings for presets."""
+    vocab_size: int | None = None
+    """Rows of the embedding and the head; default: the tokenizer's vocabulary (a larger value pads them, e.g. to a multiple of 64)."""
 
 
 @dataclass
 class DataConfig:
     dataset: str | None = None
-    """Local text/jsonl/parquet file or directory, a hub name (online only), or builtin:NAME, a corpus this Python holds: builtin:stdlib-docs (the default: stdlib docs, 2.1 MB) or builtin:stdlib-source (stdlib source outside its tests, 11.5 MB)."""
+    """A token store (relora-data prepare), a mixture of stores STORE=WEIGHT,... (relative weights), or raw text, prepared into a store in the cache on first use: a local text/jsonl/parquet file or directory, a hub name (online only), or builtin:NAME, a corpus this Python holds: builtin:stdlib-docs (the default: stdlib docs, 2.1 MB) or builtin:stdlib-source (stdlib source outside its tests, 11.5 MB)."""
     tokenizer: str | None = None
-    """HF tokenizer path or hub name. Default: byte-level BPE trained locally on the training text (cached)."""
+    """HF tokenizer path or hub name. Default: a store's own; for raw text a byte-level BPE trained locally on the training text (cached)."""
     vocab_size: int = 4096
     """Vocabulary size of the locally trained tokenizer."""
     seq_len: int = 128
-    """Tokens per packed training sequence."""
+    """Tokens per training sequence, cut from the store's token stream (documents separated by eos)."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation."""
     text_field: str = "text"
     """Column holding the text in jsonl/parquet/hub datasets."""
     cache_dir: str | None = None
-    """Where the embedded corpus, tokenizers and packed data are cached (default $RELORA_CACHE or ~/.cache/relora_dist)."""
+    """Where the embedded corpus and the stores prepared from raw --dataset text are cached (default $RELORA_CACHE or ~/.cache/relora_dist)."""
+    loader_workers: int | None = None
+    """DataLoader worker processes that read and pin the next updates' batches while a step runs; default 2 on a GPU, 0 on a CPU (the loop reads them itself)."""
+
+    def __post_init__(self):
+        # A YAML mixture may be a mapping {store: weight}: kept as the flag's STORE=WEIGHT,... form.
+        if isinstance(self.dataset, dict):
+            self.dataset = ",".join(f"{store}={weight}" for store, weight in self.dataset.items())
 
 
 @dataclass
@@ -207,7 +217,12 @@ class RunConfig:
             raise ValueError(f"peak_tflops must be > 0, got {t.peak_tflops} (--peak-tflops)")
         if t.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {t.dist_timeout_s} (--dist-timeout-s)")
-        builtin_corpus_name(self.data.dataset)  # an unknown builtin:NAME, before any rank loads data
+        for dataset in _datasets(self.data.dataset):
+            builtin_corpus_name(dataset)  # an unknown builtin:NAME, before any rank loads data
+        if self.data.loader_workers is not None and self.data.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {self.data.loader_workers} (--loader-workers)")
+        if self.model.vocab_size is not None and self.model.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.model.vocab_size} (--model-vocab-size)")
         if self.data.seq_len <= 1:
             raise ValueError(f"seq_len must be > 1, got {self.data.seq_len} (--seq-len)")
         if not 0 < self.data.val_fraction < 1:
@@ -262,6 +277,12 @@ def standalone_method(name: str, *, steps: int = 1000, **settings):
     return cls(RunConfig.from_dict(tree))
 
 
+def _datasets(dataset: str | None) -> list[str | None]:
+    """The datasets --dataset names: one, or a mixture's components (malformed mixtures: one line)."""
+    mixture = parse_mixture(dataset)
+    return [dataset] if mixture is None else [c.spec for c in mixture]
+
+
 def _plain(values: dict) -> dict:
     """YAML-friendly values (tuples as lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
@@ -272,6 +293,7 @@ def _plain(values: dict) -> dict:
 FLAG_NAMES = {
     ("model", "preset"): "model",
     ("model", "config_path"): "model-config",
+    ("model", "vocab_size"): "model-vocab-size",
     ("relora", "alpha"): "lora-alpha",
     ("relora", "dropout"): "lora-dropout",
     ("relora", "dropout_mask"): "lora-dropout-mask",

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..backends import backend_class
 from ..backends.base import NoOptions
-from ..data import split_batch
+from ..data import DataSpec, check_data_spec, split_batch
+from ..data.pipeline import default_cache_dir
 from ..methods import Method, build_method
 from ..models import llama_config
 from .compile import check_compile
@@ -46,7 +48,14 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> RunPlan:
     if t.compile:
         check_compile(t.compile_backend, cuda=torch.cuda.is_available())
     check_model(cfg, method)
+    check_data_spec(data_spec(cfg))
     return RunPlan(method, world_size, accumulation)
+
+
+def data_spec(cfg: RunConfig) -> DataSpec:
+    d = cfg.data
+    return DataSpec(d.dataset, d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction, text_field=d.text_field,
+                    cache_dir=Path(d.cache_dir) if d.cache_dir else default_cache_dir())
 
 
 def check_model(cfg: RunConfig, method: Method) -> None:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,8 @@ from typing import Callable
 import torch
 
 from ..backends import build_backend
-from ..data import GlobalBatchPlan, build_data, val_batches
+from ..data import RunData, open_run_data, val_batches
+from ..data.loader import BatchLoader
 from ..distributed import init_distributed, rank0_first
 from ..host_memory import keep_freed_memory
 from ..methods import Event
@@ -33,21 +33,16 @@ from .config import RunConfig, save_yaml
 from .consistency import check_replicas
 from .faults import FaultPlan
 from .metrics import MetricsWriter, write_summary
-from .preflight import preflight
+from .preflight import data_spec, preflight
 
 logger = logging.getLogger("relora_dist")
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RELORA_CACHE", Path.home() / ".cache" / "relora_dist"))
-
-
-def build_run_data(cfg: RunConfig):
-    """Tokenizer and packed splits of a run (cached: a second call with the same data settings reads the cache)."""
-    d = cfg.data
-    return build_data(d.dataset, d.tokenizer, seq_len=d.seq_len, vocab_size=d.vocab_size,
-                      cache_dir=Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
-                      val_fraction=d.val_fraction, text_field=d.text_field)
+def build_run_data(cfg: RunConfig, *, verify: bool = True, progress: bool = True) -> RunData:
+    """The run's stores (prepared into the cache first where --dataset names raw text), tokenizer and sampler."""
+    t = cfg.train
+    return open_run_data(data_spec(cfg), seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size, seed=t.seed,
+                         verify=verify, progress=progress)
 
 
 class Trainer:
@@ -76,14 +71,20 @@ class Trainer:
                 if saved.get(key) != getattr(t, key):
                     raise ValueError(f"--resume: {resume_dir} was written with {key} {saved.get(key)!r}, this run uses {getattr(t, key)!r}")
 
-        # Rank 0 trains the tokenizer and packs the data; the other ranks then read its caches.
-        self.data = rank0_first(lambda: build_run_data(cfg), rank=self.dist.rank, world_size=self.dist.world_size)
-        self.plan = GlobalBatchPlan(len(self.data.train), t.global_batch_size, t.seed, seq_len=cfg.data.seq_len)
+        # Rank 0 prepares what is missing (a raw --dataset into its store) and verifies the checksums; the other ranks
+        # then open the same stores.
+        clock = time.perf_counter()
+        self.data = rank0_first(lambda: build_run_data(cfg, verify=self.is_main, progress=t.progress and self.is_main),
+                                rank=self.dist.rank, world_size=self.dist.world_size)
+        self.startup = {"data_s": time.perf_counter() - clock}  # seconds of each setup stage (summary.json, benchmarks)
         self.accumulation_steps = plan.accumulation_steps  # the split preflight checked
 
         self._eval_sequences = self._eval_set_size(len(self.data.val))
 
-        vocab = len(self.data.tokenizer)
+        vocab = cfg.model.vocab_size or len(self.data.tokenizer)
+        if vocab < self.data.vocab_size:
+            raise ValueError(f"the data's vocabulary ({self.data.vocab_size} tokens, {self.data.source}) is larger than"
+                             f" the model's embedding ({vocab} rows, --model-vocab-size)")
         self.model_config = self.method.model_config(llama_config(cfg.model.preset, vocab_size=vocab,
                                                                   config_path=cfg.model.config_path,
                                                                   max_positions=cfg.model.max_positions))
@@ -107,17 +108,22 @@ class Trainer:
                         rank=self.dist.rank, world_size=self.dist.world_size)
 
         torch.manual_seed(t.seed)  # identical init on every rank and world size
+        clock = time.perf_counter()
         model = self._build_model(self.step)
+        self.startup["model_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         self.backend = build_backend(t.backend, device=self.dist.device, dtype=t.dtype, micro_batch_size=t.micro_batch_size,
                                      accumulation_steps=self.accumulation_steps, max_norm=cfg.optim.grad_clip,
                                      **_options(cfg.engine_options()))
         self._setup_backend(model)
+        self.startup["engine_s"] = time.perf_counter() - clock
         # Dropout streams differ per rank (methods' own randomness never uses the global RNG).
         torch.manual_seed(t.seed * 1000 + 1 + self.dist.rank)
         if resume_dir is not None:
             self._resume(resume_dir, saved)
         if self.is_main:
             save_yaml(cfg, self.out / "config.yaml")
+            logger.info("set up in %s", ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in self.startup.items()))
 
     def _peak_flops(self) -> float | None:
         """Per rank, for the mfu/hfu columns: --peak-tflops, else the device's (metrics.device_peak_flops)."""
@@ -177,12 +183,11 @@ class Trainer:
         attempt = self.batches_consumed + 1
         self.faults.before_update(attempt)
         self.faults.desync(backend.unwrapped_model, attempt)
-        micro = self.plan.local_microbatches(self.batches_consumed, rank=self.dist.rank,
-                                             world_size=self.dist.world_size, micro_batch_size=t.micro_batch_size)
+        index, micro = next(self.loader)
+        assert index == self.batches_consumed, (index, self.batches_consumed)
         backend.model.train()
         loss_sum = torch.zeros((), device=self.dist.device)
-        for i, indices in enumerate(micro):
-            batch = self.data.train[indices].to(self.dist.device)
+        for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
             with (contextlib.nullcontext() if sync else backend.no_sync()):
                 with backend.forward_context():
@@ -229,12 +234,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.train
-        val = self.data.val[: self._eval_sequences]
         model = self.backend.model
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
-        for batch in val_batches(val, rank=self.dist.rank, world_size=self.dist.world_size, batch_size=t.micro_batch_size):
-            batch = batch.to(self.dist.device)
+        for indices in val_batches(self._eval_sequences, rank=self.dist.rank, world_size=self.dist.world_size,
+                                   batch_size=t.micro_batch_size):
+            batch = self.data.val[indices].to(self.dist.device)
             with self.backend.forward_context():
                 loss = causal_lm_loss(model, batch)
             tokens = batch.numel() - batch.shape[0]  # labels are shifted by one inside the model
@@ -282,6 +287,9 @@ class Trainer:
         tokens_per_update = t.global_batch_size * self.cfg.data.seq_len
         first_batch = self.batches_consumed
         target = min(t.steps, t.stop_after) if t.stop_after else t.steps
+        self.loader = BatchLoader(self.data, rank=self.dist.rank, world_size=self.dist.world_size,
+                                  micro_batch_size=t.micro_batch_size, device=self.dist.device,
+                                  start=self.batches_consumed, workers=self.cfg.data.loader_workers)
         try:
             while self.step < target:
                 metrics.restart_clock()
@@ -307,6 +315,7 @@ class Trainer:
                     "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **speed,
                     **self.utilization.fields(speed["tokens_per_s_per_rank"]),
                     **self.method.log_fields(step), "skipped": self.skipped_total, **timing,
+                    **self.data.share_fields(self.batches_consumed - 1),
                 }
                 if self.is_main:  # only rank 0 logs the record: no /proc read elsewhere
                     record.update(memory_fields(self.dist.device))
@@ -332,6 +341,7 @@ class Trainer:
             elif not finished:
                 metrics.event(f"stopped after update {self.step} of {t.steps}; continue with --resume")
         finally:
+            self.loader.close()
             metrics.close()
         summary = {
             "finished": finished, "method": t.method, "backend": t.backend, "world_size": self.dist.world_size, "steps": self.step,
@@ -343,7 +353,7 @@ class Trainer:
             "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
             "accumulation_steps": self.accumulation_steps, "seq_len": self.cfg.data.seq_len,
             "tokens_per_s": (self.batches_consumed - first_batch) * tokens_per_update / max(wall_s - self.elapsed_before, 1e-9),
-            "device": str(self.dist.device), "dataset": self.data.source,
+            "device": str(self.dist.device), "dataset": self.data.source, "startup": self.startup,
         }
         if t.compile:
             summary["compiled_graphs"] = compiled_graphs()
