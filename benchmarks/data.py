@@ -160,6 +160,7 @@ def write_random_store(path: Path, tokens: int, tokenizer: Path) -> None:
 
     from relora_dist.data import load_tokenizer
     from relora_dist.data.store import StoreWriter
+    from relora_dist.data.prepare import tokenizer_manifest
     from relora_dist.data.tokenizer import tokenizer_fingerprint
 
     tok = load_tokenizer(str(tokenizer))
@@ -181,10 +182,9 @@ def write_random_store(path: Path, tokens: int, tokenizer: Path) -> None:
             if pieces:
                 writer.add(split, np.concatenate(pieces), lengths[mask])
         written += n
-    fingerprint = tokenizer_fingerprint(load_tokenizer(str(writer.tokenizer_dir)))
-    writer.commit({"vocab_size": len(tok), "eos_id": tok.eos_token_id, "max_token_id": len(tok) - 1,
-                   "tokenizer": {"fingerprint": fingerprint, "source_fingerprint": fingerprint, "dir": "tokenizer",
-                                 "name": str(tokenizer), "trained": None},
+    saved = load_tokenizer(str(writer.tokenizer_dir))
+    writer.commit({**tokenizer_manifest(saved, name=str(tokenizer), trained=None, given=tokenizer_fingerprint(saved)),
+                   "max_token_id": len(tok) - 1,
                    "holdout": {"rule": "every 20th document", "k": 20, "val_fraction": 0.05},
                    "sources": [{"spec": "random", "description": f"{tokens} random ids", "fingerprint": "", "documents": 0}]})
 
@@ -199,7 +199,7 @@ def _process_age() -> float:
 def startup_worker(argv: list[str], result: str, loader_updates: int) -> None:
     """One rank of a start-up run (under torchrun): set up, train; record the first update, then time the reads of
     this rank's micro-batches against the updates."""
-    from relora_dist.data.loader import _UpdateBatches
+    from relora_dist.data.loader import UpdateBatches
     from relora_dist.train.arguments import parse_run_config
     from relora_dist.train.trainer import Trainer
 
@@ -213,7 +213,7 @@ def startup_worker(argv: list[str], result: str, loader_updates: int) -> None:
 
     summary = trainer.train(on_update=on_update)
     t = cfg.train
-    reads = _UpdateBatches(trainer.data, rank=trainer.dist.rank, world_size=trainer.dist.world_size,
+    reads = UpdateBatches(trainer.data, rank=trainer.dist.rank, world_size=trainer.dist.world_size,
                            micro_batch_size=t.micro_batch_size)
     start = time.perf_counter()
     for b in range(1000, 1000 + loader_updates):

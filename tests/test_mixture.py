@@ -84,6 +84,9 @@ def test_mixture_proportions_chi_square_and_determinism():
     assert SequenceSampler(sizes, 16, seed=6, weights=weights).global_batch(0) != batches[0]
     twins = SequenceSampler([64, 64], 16, seed=5, weights=[Fraction(1, 2)] * 2).global_batch(0)
     assert [i for j, i in twins if j == 0] != [i for j, i in twins if j == 1]  # each store its own shuffle
+    # Each store's draws follow its own plan's stream, as if alone (the first store with the run's seed), across epochs.
+    alone = [GlobalBatchPlan(50, 16, seed=5).global_indices(b).tolist() for b in range(totals[0] // 16 + 1)]
+    assert [i for batch in batches for j, i in batch if j == 0] == sum(alone, [])[: totals[0]]
     store0 = [i for batch in batches for j, i in batch if j == 0]
     usable = sizes[0] // 16 * 16
     assert sorted(store0[:usable]) == sorted(set(store0[:usable])) and len(set(store0[:usable])) == usable

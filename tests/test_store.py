@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from relora_dist.data import store as store_module
 from relora_dist.data.cli import main as data_main
 from relora_dist.data.store import MANIFEST, StoreError
 from relora_dist.data.tokenizer import EOS_TOKEN
-from conftest import REPO, launch_env
+from conftest import launch_env
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,11 @@ class GlobalBatchPlan:
         start = within * self.global_batch_size
         return self._permutation(epoch)[start : start + self.global_batch_size].long()
 
+    def draw(self, index: int) -> int:
+        """The `index`-th sequence of the plan's stream (global batch b is draws b*G .. b*G+G-1)."""
+        epoch, within = divmod(index, self.batches_per_epoch * self.global_batch_size)
+        return int(self._permutation(epoch)[within])
+
     def local_microbatches(
         self, batch_index: int, *, rank: int, world_size: int, micro_batch_size: int
     ) -> list[torch.Tensor]:
@@ -136,18 +141,12 @@ class SequenceSampler:
     def num_stores(self) -> int:
         return len(self.plans)
 
-    def _sequence(self, store: int, draw: int) -> int:
-        plan = self.plans[store]
-        usable = plan.batches_per_epoch * plan.global_batch_size
-        epoch, within = divmod(draw, usable)
-        return int(plan._permutation(epoch)[within])
-
     def global_batch(self, batch_index: int) -> list[tuple[int, int]]:
         """The G (store, sequence) pairs of global batch `batch_index`, in order."""
         if self.interleave is None:
             return [(0, int(i)) for i in self.plans[0].global_indices(batch_index)]
         G = self.global_batch_size
-        return [(j, self._sequence(j, d)) for j, d in self.interleave.draws(batch_index * G, G)]
+        return [(j, self.plans[j].draw(d)) for j, d in self.interleave.draws(batch_index * G, G)]
 
     def local_microbatches(self, batch_index: int, *, rank: int, world_size: int,
                            micro_batch_size: int) -> list[list[tuple[int, int]]]:

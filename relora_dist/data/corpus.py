@@ -111,6 +111,13 @@ def _corpus_key(stdlib: str, sources: list[Path], corpus: str = DEFAULT_CORPUS) 
     return digest.hexdigest()[:24]
 
 
+def _builtin_key(stdlib: str, sources: list[Path], corpus: str) -> str:
+    """`_corpus_key` of a builtin corpus: its source files and the pydoc topics module."""
+    from pydoc_data import topics as topics_module
+
+    return _corpus_key(stdlib, [*sources, Path(topics_module.__file__)], corpus)
+
+
 def embedded_corpus_documents(cache_dir: str | Path | None = None, *, stdlib: str | None = None,
                                corpus: str = DEFAULT_CORPUS) -> list[str]:
     """A builtin corpus (`BUILTIN_CORPORA`); by default the standard library's own documentation: pydoc topics,
@@ -128,8 +135,7 @@ def embedded_corpus_documents(cache_dir: str | Path | None = None, *, stdlib: st
     sources = _stdlib_sources(stdlib)
     cached = None
     if cache_dir is not None:
-        key = _corpus_key(stdlib, [*sources, Path(topics_module.__file__)], corpus)
-        cached = Path(cache_dir) / f"embedded-{key}.json"
+        cached = Path(cache_dir) / f"embedded-{_builtin_key(stdlib, sources, corpus)}.json"
         if cached.is_file():
             return json.loads(cached.read_text(encoding="utf-8"))
     documents = _extract_documents(topics_module.topics, sources, BUILTIN_CORPORA[corpus][0])
@@ -265,15 +271,13 @@ def describe_source(dataset: str | None, documents: int | None = None) -> str:
     return f"hub dataset {dataset}"
 
 
-def source_fingerprint(dataset: str | None, corpus_cache_dir: str | Path | None = None) -> str:
+def source_fingerprint(dataset: str | None) -> str:
     """What a source's documents are a function of, for a stat per file: a builtin corpus's extraction key, a local
     file's path, size and modification time, a hub dataset's name (a new revision needs --overwrite or a new store)."""
     builtin = builtin_corpus_name(dataset)
     if builtin is not None:
-        from pydoc_data import topics as topics_module
-
         stdlib = sysconfig.get_paths()["stdlib"]
-        return _corpus_key(stdlib, [*_stdlib_sources(stdlib), Path(topics_module.__file__)], builtin)
+        return _builtin_key(stdlib, _stdlib_sources(stdlib), builtin)
     path = Path(dataset).expanduser()
     digest = hashlib.sha256()
     if path.exists():

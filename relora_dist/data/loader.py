@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from .pipeline import RunData
 
 
-class _UpdateBatches(Dataset):
+class UpdateBatches(Dataset):
+    """Item b: (b, this rank's micro-batches of update b), read from the stores."""
+
     def __init__(self, data: RunData, *, rank: int, world_size: int, micro_batch_size: int):
         self.data, self.rank, self.world_size, self.micro_batch_size = data, rank, world_size, micro_batch_size
 
@@ -48,7 +50,7 @@ class BatchLoader:
                  start: int, workers: int | None = None):
         self.device = device
         self.workers = default_workers(device) if workers is None else workers
-        batches = _UpdateBatches(data, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size)
+        batches = UpdateBatches(data, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size)
         if self.workers == 0:
             self._iter = (batches[b] for b in itertools.count(start))
             self._loader = None

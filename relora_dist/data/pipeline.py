@@ -121,7 +121,7 @@ class RunData:
 def store_key(dataset: str | None, spec: DataSpec, tokenizer_id: str) -> str:
     """The cache key of the store a raw source is prepared into: the source (a stat per file), the tokenizer, the
     hold-out and the store format."""
-    text = "\0".join([str(VERSION), source_fingerprint(dataset, spec.cache_dir / "corpus"), tokenizer_id,
+    text = "\0".join([str(VERSION), source_fingerprint(dataset), tokenizer_id,
                       repr(spec.val_fraction), spec.text_field])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -130,11 +130,8 @@ def resolve_store(dataset: str | None, spec: DataSpec, *, progress: bool = True)
     """The store of a dataset: itself when it is one, else its store in the cache, prepared now if missing."""
     if _is_store_spec(dataset):
         return Path(dataset).expanduser()
-    if spec.tokenizer is None:
-        check_bpe_vocab(spec.vocab_size)
-        tokenizer_id = f"bpe:{spec.vocab_size}"
-    else:
-        tokenizer_id = tokenizer_fingerprint(load_tokenizer(spec.tokenizer))
+    tokenizer_id = (f"bpe:{spec.vocab_size}" if spec.tokenizer is None
+                    else tokenizer_fingerprint(load_tokenizer(spec.tokenizer)))
     path = spec.cache_dir / "stores" / store_key(dataset, spec, tokenizer_id)
     if not is_store(path):
         logger.info("preparing a token store of %s in %s (once; relora-data prepare does it ahead)",

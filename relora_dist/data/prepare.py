@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .corpus import describe_source, hold_out_stride, iter_documents, source_fingerprint
-from .store import DEFAULT_SHARD_TOKENS, StoreWriter, token_dtype
+from .store import DEFAULT_SHARD_TOKENS, StoreWriter
 from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class _Documents:
         self.counts = [0] * len(sources)
 
     def batches(self) -> Iterator[list[str]]:
+        self.counts = [0] * len(self.sources)  # each pass counts afresh
         for i, source in enumerate(self.sources):
             for batch in iter_documents(source, text_field=self.text_field, cache_dir=self.hf_cache_dir,
                                         corpus_cache_dir=self.corpus_cache_dir):
@@ -188,7 +189,7 @@ def prepare_store(
         raise ValueError(f"num_proc must be >= 1, got {num_proc} (--num-proc)")
     if tokenizer_sample_mchars <= 0:
         raise ValueError(f"tokenizer_sample_mchars must be > 0, got {tokenizer_sample_mchars} (--tokenizer-sample-mchars)")
-    fingerprints = [source_fingerprint(s, corpus_cache_dir) for s in sources]  # bad paths fail here, before any work
+    fingerprints = [source_fingerprint(s) for s in sources]  # bad paths fail here, before any work
     documents = _Documents(sources, text_field=text_field, hf_cache_dir=hf_cache_dir, corpus_cache_dir=corpus_cache_dir)
 
     trained = None
@@ -196,10 +197,9 @@ def prepare_store(
         tok = train_bpe_tokenizer(training_sample(itertools.chain.from_iterable(documents.batches()), stride=stride,
                                                   max_chars=tokenizer_sample_mchars * 1e6), vocab_size=vocab_size)
         trained = {"vocab_size": vocab_size, "sample_mchars": tokenizer_sample_mchars}
-        documents.counts = [0] * len(sources)
     else:
         tok = load_tokenizer(tokenizer)
-    given_fingerprint = tokenizer_fingerprint(tok)
+    given = tokenizer_fingerprint(tok)
     writer = StoreWriter(out, vocab_size=len(tok), shard_tokens=shard_tokens, overwrite=overwrite)
     pool = None
     try:
@@ -213,10 +213,7 @@ def prepare_store(
         seconds = time.perf_counter() - start
         tokens = sum(w.tokens for w in writer.splits.values())
         path = writer.commit({
-            "vocab_size": len(tok), "eos_id": tok.eos_token_id, "max_token_id": max_id,
-            "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "source_fingerprint": given_fingerprint,
-                          "dir": "tokenizer", "name": tokenizer,
-                          "trained": trained},
+            **tokenizer_manifest(tok, name=tokenizer, trained=trained, given=given), "max_token_id": max_id,
             "holdout": {"rule": "every k-th document of the sources in order; the last one with fewer than k",
                         "k": stride, "val_fraction": val_fraction},
             "sources": [{"spec": s, "description": describe_source(s, n), "fingerprint": f, "documents": n}
@@ -237,6 +234,14 @@ def prepare_store(
                 val.documents, len(tok), writer.dtype.name, seconds, tokens / seconds, num_proc,
                 "es" if num_proc > 1 else "")
     return path
+
+
+def tokenizer_manifest(tok, *, name: str | None, trained: dict | None, given: str) -> dict:
+    """The manifest's tokenizer fields for `tok` (as saved in the store and loaded back); `given`: the fingerprint of
+    the tokenizer it was saved from."""
+    return {"vocab_size": len(tok), "eos_id": tok.eos_token_id,
+            "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "source_fingerprint": given, "dir": "tokenizer",
+                          "name": name, "trained": trained}}
 
 
 def _write_documents(results: Iterator[dict], writer: StoreWriter, progress: bool) -> tuple[int, int]:

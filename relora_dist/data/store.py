@@ -122,9 +122,12 @@ class _SplitWriter:
         self.documents += len(document_lengths)
         self._write_offsets(ends)
 
-    def finish(self) -> dict:
+    def close(self) -> None:
         self._close_shard()
         self._offsets.close()
+
+    def finish(self) -> dict:
+        self.close()
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards,
                 "offsets": {"file": f"{self.name}/{OFFSETS_FILE}", "sha256": self._offsets_hash.hexdigest()}}
 
@@ -193,8 +196,7 @@ class StoreWriter:
 
     def abort(self) -> None:
         for writer in self.splits.values():
-            writer._close_shard()
-            writer._offsets.close()
+            writer.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -179,7 +179,7 @@ class Trainer:
 
     def _train_update(self) -> tuple[float, float, bool]:
         """Forward/backward over this rank's micro-batches, clip, step if finite. Returns (loss, grad_norm, stepped)."""
-        t, backend = self.cfg.train, self.backend
+        backend = self.backend
         attempt = self.batches_consumed + 1
         self.faults.before_update(attempt)
         self.faults.desync(backend.unwrapped_model, attempt)
