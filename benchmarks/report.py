@@ -471,9 +471,12 @@ def data_section(data: dict) -> str:
             a, b = by[(sizes[0], "second")], by[(sizes[-1], "second")]
             fa, fb = by[(sizes[0], "first")], by[(sizes[-1], "first")]
             growth = max(y - x for x, y in zip(a["max_rss_mib"], b["max_rss_mib"]))
-            lines += ["", f"From {sizes[0]} to {sizes[-1]} tokens: start-up {b['startup_s'] - a['startup_s']:+.2f} s"
-                      f" (first launches, checksums verified: {fb['startup_s'] - fa['startup_s']:+.2f} s), peak RSS per"
-                      f" rank {growth:+.0f} MiB at most."]
+            lines += ["", f"From {sizes[0]} to {sizes[-1]} tokens: the data stage {b['data_s'] - a['data_s']:+.2f} s (first"
+                      f" launches, checksums verified: {fb['data_s'] - fa['data_s']:+.2f} s); start-up"
+                      f" {b['startup_s'] - a['startup_s']:+.2f} s (first launches {fb['startup_s'] - fa['startup_s']:+.2f} s);"
+                      f" peak RSS per rank {growth:+.0f} MiB at most. One launch per row: a repeated launch on one store"
+                      " has moved start-up by up to 0.9 s and peak RSS by up to 35 MiB on this box, so the data stage is"
+                      " the precise measure of what the store's size costs."]
     return "\n".join(lines)
 
 
