@@ -80,13 +80,13 @@ def test_round_trip_equals_tokenizing_the_documents_directly(documents, jsonl, t
     assert stream_tokens(TokenStore(tmp_path / "one"), "train") == stream_tokens(store, "train")
 
 
-def test_the_old_packed_path_is_reproduced_bit_for_bit(tmp_path):
-    """The embedded corpus: the tokenizer the old path trained on the training documents (every 20th held out), and
-    its packed [N, seq_len] sequences, are the store's (a transcription of the old packing, not the new code)."""
+def test_the_old_packed_path_is_reproduced_bit_for_bit(documents, jsonl, tmp_path):
+    """The tokenizer the old path trained on the training documents (every 20th held out), and its packed
+    [N, seq_len] sequences, are the store's (a transcription of the old packing, not the new code). 300 documents of
+    the embedded corpus, from a JSONL file; numerics_fingerprint.py compared the whole embedded corpus end to end."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    documents = embedded_corpus_documents()
     k = 20
     train = [d for i, d in enumerate(documents) if i % k != k - 1]
     val = [d for i, d in enumerate(documents) if i % k == k - 1]
@@ -98,7 +98,7 @@ def test_the_old_packed_path_is_reproduced_bit_for_bit(tmp_path):
         show_progress=False), length=len(train))
     old = PreTrainedTokenizerFast(tokenizer_object=old, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
-    store = TokenStore(prepare_store([None], tmp_path / "s", vocab_size=512, progress=False))
+    store = TokenStore(prepare_store([str(jsonl)], tmp_path / "s", vocab_size=512, progress=False))
     new = load_tokenizer(str(tmp_path / "s" / "tokenizer"))
     assert new.backend_tokenizer.to_str() == old.backend_tokenizer.to_str() and len(new) == len(old) == 512
     for split, texts in (("train", train), ("val", val)):
