@@ -37,15 +37,15 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "relora-train=relora_dist.cli:train_main",
-            "relora-export=relora_dist.cli:export_main",
-            "relora-perfmodel=relora_dist.perf.perfmodel_cli:main",
-            "relora-bench=relora_dist.benchmarks.throughput:main",
-            "relora-compare=relora_dist.benchmarks.compare:main",
-            "relora-memprof=relora_dist.benchmarks.memory:main",
-            "relora-spectrum=relora_dist.analysis.cli:main",
-            "relora-plot=relora_dist.metrics.plot:main",
-            "relora-data=relora_dist.data.cli:main",
+            "relora-train=relora_dist.cli.train:train_main",
+            "relora-export=relora_dist.cli.train:export_main",
+            "relora-perfmodel=relora_dist.cli.perfmodel:main",
+            "relora-bench=relora_dist.cli.bench:bench_main",
+            "relora-compare=relora_dist.cli.bench:compare_main",
+            "relora-memprof=relora_dist.cli.bench:memprof_main",
+            "relora-spectrum=relora_dist.cli.spectrum:main",
+            "relora-plot=relora_dist.cli.plot:main",
+            "relora-data=relora_dist.cli.data:main",
         ]
     },
 )

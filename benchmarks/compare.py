@@ -165,7 +165,7 @@ def train(job: tuple[str, float, int], preset: Preset, out: Path, extra: list[st
     if known is not None:  # finished in an earlier invocation: sweeps extend without retraining
         return known
     directory = run_directory(out, name, lr, seed)
-    command = [sys.executable, "-m", "relora_dist.cli", *run_arguments(name, lr, seed, preset, directory), *extra]
+    command = [sys.executable, "-m", "relora_dist.cli.train", *run_arguments(name, lr, seed, preset, directory), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     device = devices.get()
     if device is not None:
@@ -304,7 +304,7 @@ def probe(runner: Runner, name: str, lr: float, preset: Preset) -> tuple[float, 
     for flag, value in short.items():
         args[args.index(flag) + 1] = str(value)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "relora_dist.cli", *args, *runner.extra, "--eval-batches", "1"], check=True,
+    subprocess.run([sys.executable, "-m", "relora_dist.cli.train", *args, *runner.extra, "--eval-batches", "1"], check=True,
                    capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     whole = time.perf_counter() - start
     summary = json.loads((directory / "summary.json").read_text())

@@ -117,7 +117,7 @@ def bench_prepare(corpora: list[str], work: Path, num_proc: int, repeats: int) -
         ours_s, theirs_s, ours_in, theirs_in = [], [], [], []
         for repeat in range(repeats):
             store = work / "ours"
-            ours_s.append(_timed([sys.executable, "-m", "relora_dist.data.cli", "prepare", corpus, "--out", str(store),
+            ours_s.append(_timed([sys.executable, "-m", "relora_dist.cli.data", "prepare", corpus, "--out", str(store),
                                   "--tokenizer", str(tokenizer), "--num-proc", str(num_proc), "--overwrite",
                                   "--no-progress"]))
             ours_in.append(TokenStore(store).manifest["prepare"]["seconds"])

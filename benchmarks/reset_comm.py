@@ -23,7 +23,7 @@ from relora_dist.benchmarks.common import build_engine, write_results
 from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.models import build_model, causal_lm_loss, llama_config
-from relora_dist.prune import prune_states
+from relora_dist.methods.relora.prune import prune_states
 
 
 ENGINES = ("zero0", "zero1", "zero2", "zero3", "fsdp2", "fairscale", "zero_redundancy")

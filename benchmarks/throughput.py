@@ -34,7 +34,7 @@ import torch
 from relora_dist.benchmarks.common import (ENGINES, Stopwatch, build_engine, cases, keep_host_memory, synchronize,
                                            torchrun_command, write_results)
 from relora_dist.comm import CollectiveCounter
-from relora_dist.config import DROPOUT_MASKS
+from relora_dist.methods.relora.config import DROPOUT_MASKS
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.methods import method_names
 from relora_dist.perf.accounting import LOW_RANK

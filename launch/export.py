@@ -2,7 +2,7 @@
 
 import sys
 
-from relora_dist.cli import export_main
+from relora_dist.cli.train import export_main
 
 if __name__ == "__main__":
     sys.exit(export_main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from relora_dist.cli import train_main
+from relora_dist.cli.train import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -6,11 +6,11 @@ example); `relora-train` runs every registered method on every engine.
 """
 
 from . import architectures  # noqa: F401  (CoLA, CoLA-M: registered with transformers' Auto classes)
-from .config import LLAMA_PROJECTIONS, ReLoRAConfig
-from .layer import ReLoRALinear, lora_parameters, relora_layers, wrap
-from .merge import merge_and_reinit, merge_and_reinit_layers
-from .prune import prune_adam_states, prune_states
-from .schedule import Actions, ReLoRAController, jagged_cosine
+from .methods.relora.config import LLAMA_PROJECTIONS, ReLoRAConfig
+from .methods.relora.layer import ReLoRALinear, lora_parameters, relora_layers, wrap
+from .methods.relora.merge import merge_and_reinit, merge_and_reinit_layers
+from .methods.relora.prune import prune_adam_states, prune_states
+from .methods.relora.schedule import Actions, ReLoRAController, jagged_cosine
 
 __version__ = "0.1.0"
 

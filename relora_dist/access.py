@@ -308,3 +308,12 @@ class FlatRangeShards(PartitionedAccess):
 
 __all__ = ["OPTIMIZER_LAYOUTS", "FlatPartition", "Piece", "Range", "TensorAccess", "ReplicatedAccess", "PartitionedAccess", "FlatRangeShards",
            "write_pieces", "range_key"]
+
+
+def add_in_fp32(view: torch.Tensor, delta: torch.Tensor) -> None:
+    """`view += delta`, added in fp32 and rounded once, so a bf16 holder sees one rounding per write (ReLoRA's merge,
+    SwitchLoRA's fold)."""
+    if view.dtype == torch.float32:
+        view.add_(delta.to(view.device))
+    else:
+        view.copy_(view.float().add_(delta.to(view.device)))

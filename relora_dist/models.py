@@ -24,6 +24,10 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+# The projections of a LLaMA decoder layer, attention then MLP: what low-rank methods re-parameterise or replace.
+LLAMA_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_PROJECTIONS, MLP_PROJECTIONS = LLAMA_PROJECTIONS[:4], LLAMA_PROJECTIONS[4:]
+
 # Sibling projections of one block that read the same input tensor (HF LLaMA and the models built like it):
 # ReLoRA's shared_lora_input gives each group one dropout mask and one down-projection GEMM.
 SHARED_INPUT_PROJECTIONS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from relora_dist.analysis import spectrum_stats, update_spectra
-from relora_dist.analysis.cli import main as spectrum_main
+from relora_dist.cli.spectrum import main as spectrum_main
 from relora_dist.analysis.spectrum import pooled_stats, singular_values
 from relora_dist.models import build_model, llama_config_from_shape
 

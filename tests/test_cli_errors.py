@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from relora_dist.cli import export_main, train_main
-from relora_dist.data.cli import main as data_main
+from relora_dist.cli.train import export_main, train_main
+from relora_dist.cli.data import main as data_main
 from conftest import REPO, SMALL, run_cli
 
 BASE = SMALL + ["--steps", "6", "--warm-start-steps", "2", "--merge-every", "2", "--restart-warmup-steps", "1"]

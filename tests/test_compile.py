@@ -14,8 +14,8 @@ import torch
 
 from conftest import REPO, RELORA_RUN, SMALL, assert_run_equals_reference, read_metrics, run_cli
 from relora_dist import ReLoRAConfig, wrap
-from relora_dist.dropout import input_dropout
-from relora_dist.layer import lora_parameters
+from relora_dist.methods.relora.dropout import input_dropout
+from relora_dist.methods.relora.layer import lora_parameters
 from relora_dist.models import build_model, causal_lm_loss, llama_config
 from relora_dist.train.compile import compile_decoder_layers, compiled_graphs
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from relora_dist import ReLoRAConfig, wrap
-from relora_dist.dropout import bits16_dropout, bits16_keep_mask, bits16_threshold, lora_input_dropout
+from relora_dist.methods.relora.dropout import bits16_dropout, bits16_keep_mask, bits16_threshold, lora_input_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 1 / 3])

@@ -6,7 +6,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from relora_dist.cli import export_main, train_main
+from relora_dist.cli.train import export_main, train_main
 from relora_dist.export import merged_weights
 from conftest import SMALL
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from relora_dist.optim.projected_adamw import ProjectedAdamW, fira_scaling, fix_signs
+from relora_dist.methods.galore.optimizer import ProjectedAdamW, fira_scaling, fix_signs
 
 BETAS, EPS = (0.9, 0.999), 1e-6
 
@@ -222,7 +222,7 @@ def test_fira_limiter_bounds_the_residuals_growth_every_step():
 
 
 def test_method_groups_put_every_projection_in_the_projected_group():
-    from relora_dist.methods.galore import projected_weights
+    from relora_dist.methods.galore.method import projected_weights
     from relora_dist.models import build_model, llama_config
 
     model = build_model(llama_config("debug", vocab_size=64))
@@ -256,7 +256,7 @@ def test_the_optimizer_state_is_what_the_accounting_counts(method):
 
 def test_flat_partitions_are_seen_as_whole_rows_and_the_cut_rows_are_listed_once():
     from relora_dist.access import FlatPartition
-    from relora_dist.optim.flat_rows import MatrixSlice, cut_rows
+    from relora_dist.methods.galore.flat_partition import MatrixSlice, cut_rows
 
     # a (3 x 4) matrix split at flat 5 (inside row 1) and a (2 x 3) one at 3 (a row boundary) between 2 ranks
     parts = [FlatPartition(None, (3, 4), [(0, 5), (5, 12)], 2), FlatPartition(None, (2, 3), [(0, 3), (3, 6)], 7)]
@@ -273,7 +273,7 @@ def test_flat_partitions_are_seen_as_whole_rows_and_the_cut_rows_are_listed_once
 
 def test_a_refresh_is_computed_by_the_rank_holding_most_of_the_matrix():
     from relora_dist.access import FlatPartition
-    from relora_dist.optim.flat_rows import refresh_owner
+    from relora_dist.methods.galore.flat_partition import refresh_owner
 
     assert refresh_owner(FlatPartition(None, (4, 4), [(0, 16), (16, 16)], 0), 1) == 0  # whole on rank 0: no gather
     assert refresh_owner(FlatPartition(None, (4, 4), [(0, 3), (3, 16)], 0), 0) == 1
@@ -284,7 +284,7 @@ def test_moments_that_are_not_element_wise_leave_deepspeed_a_sliceable_placehold
     """DeepSpeed's universal conversion slices exp_avg by each parameter's fragment of the flat tensor: GaLore's
     smaller moments go aside in the saved dict (the live state untouched), with a zero-stride placeholder of the
     flat size (no bytes), and a load swaps them back."""
-    from relora_dist.backends.deepspeed_portable import keep_state_convertible
+    from relora_dist.backends.deepspeed.portable_state import keep_state_convertible
 
     flat, dense = torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(10))
     optimizer = torch.optim.AdamW([flat, dense])

@@ -179,7 +179,7 @@ def test_merge_refuses_non_finite_and_leaves_W():
 def test_merge_of_flat_pieces_matches_full_merge():
     """The sharded-merge math: adding s*B@A only on flat ranges (as ZeRO-3/FSDP2 will) equals the full merge."""
     from relora_dist.access import Piece, ReplicatedAccess
-    from relora_dist.merge import merge_and_reinit_layers
+    from relora_dist.methods.relora.merge import merge_and_reinit_layers
 
     torch.manual_seed(0)
     layer = rd.ReLoRALinear(7, 5, rank=2, alpha=4.0, relora_name="m")

@@ -50,11 +50,11 @@ def test_tensorboard_has_one_scalar_per_step_after_a_resume(resumed_run):
 
 def test_relora_plot(resumed_run, tmp_path):
     png = tmp_path / "curves.png"
-    done = subprocess.run([sys.executable, "-m", "relora_dist.metrics.plot", str(resumed_run), str(resumed_run),
+    done = subprocess.run([sys.executable, "-m", "relora_dist.cli.plot", str(resumed_run), str(resumed_run),
                            "--out", str(png)], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = subprocess.run([sys.executable, "-m", "relora_dist.metrics.plot", str(tmp_path), "--out", str(png)],
+    bad = subprocess.run([sys.executable, "-m", "relora_dist.cli.plot", str(tmp_path), "--out", str(png)],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "holds no metrics.jsonl" in bad.stderr
 

@@ -22,7 +22,7 @@ from relora_dist.perf import (
 )
 from relora_dist.perf.hardware import ProbeSizes
 from relora_dist.perf.model import PAPER_SETUPS, ActivationCoefficients, paper_workload
-from relora_dist.perf.perfmodel_cli import main
+from relora_dist.cli.perfmodel import main
 
 A100 = PROFILES["a100_40gb"]
 EFF = Efficiency(0.3, 0.75, 0.0)

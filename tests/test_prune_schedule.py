@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import relora_dist as rd
-from relora_dist.quantile import abs_quantiles
+from relora_dist.methods.relora.quantile import abs_quantiles
 
 
 def adam_with_state(shapes=((6, 40), (30, 6)), seed=0):

@@ -15,7 +15,7 @@ import torch
 from relora_dist.data import TokenStore, embedded_corpus_documents, load_tokenizer, prepare_store
 from relora_dist.data import prepare as prepare_module
 from relora_dist.data import store as store_module
-from relora_dist.data.cli import main as data_main
+from relora_dist.cli.data import main as data_main
 from relora_dist.data.store import MANIFEST, StoreError
 from relora_dist.data.tokenizer import EOS_TOKEN
 from conftest import launch_env

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from relora_dist.access import ReplicatedAccess
-from relora_dist.optim.vector_step_adamw import VectorStepAdamW
-from relora_dist.switch_layer import SwitchLoRALinear, init_bounds, switchlora_dense_state
-from relora_dist.switching import SwitchSchedule, _switch_layer, available, switch
+from relora_dist.methods.switchlora.optimizer import VectorStepAdamW
+from relora_dist.methods.switchlora.layer import SwitchLoRALinear, init_bounds, switchlora_dense_state
+from relora_dist.methods.switchlora.switching import SwitchSchedule, _switch_layer, available, switch
 
 M, N, R = 24, 20, 8  # pool c = 20: 12 free slots
 

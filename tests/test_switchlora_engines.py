@@ -14,8 +14,8 @@ import json
 import pytest
 import torch
 
-from relora_dist.backends.deepspeed import DeepSpeedBackend, saved_frozen_parameters
-from relora_dist.backends.deepspeed_shadows import saved_shadows
+from relora_dist.backends.deepspeed.backend import DeepSpeedBackend, saved_frozen_parameters
+from relora_dist.backends.deepspeed.fp32_copies import saved_shadows
 from relora_dist.export import export_checkpoint
 
 from conftest import (ENGINE_FLAGS, SMALL, distance, exported, initial_weights, launch_runs, max_relative_difference,

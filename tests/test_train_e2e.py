@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import relora_dist as rd
-from relora_dist.cli import export_main
+from relora_dist.cli.train import export_main
 from relora_dist.models import count_parameters, llama_config, relora_trainable_parameters
 from conftest import SMALL, load_run, run_cli
 

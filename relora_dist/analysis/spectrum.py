@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..config import LLAMA_PROJECTIONS
+from ..methods.relora.config import LLAMA_PROJECTIONS
 
 
 @dataclass(frozen=True)

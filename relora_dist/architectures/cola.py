@@ -29,10 +29,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from ..models import ATTENTION_PROJECTIONS as ATTENTION
+from ..models import MLP_PROJECTIONS as MLP
 from .attention import AttentionCore, llama_shape
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 # The official configs' ranks by hidden size (cola_configs/cola_{60m,130m,350m,1b,7b}.json); other sizes take
 # ColaConfig's own default, hidden // 4.

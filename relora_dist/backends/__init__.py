@@ -16,7 +16,7 @@ from .base import Backend
 # name -> "module:Class", imported on first use
 _REGISTRY = {
     "ddp": f"{__name__}.ddp:DDPBackend",
-    "deepspeed": f"{__name__}.deepspeed:DeepSpeedBackend",
+    "deepspeed": f"{__name__}.deepspeed.backend:DeepSpeedBackend",
     "fsdp2": f"{__name__}.fsdp2:FSDP2Backend",
     "fairscale": f"{__name__}.fairscale:FairscaleBackend",
     "zero_redundancy": f"{__name__}.zero_redundancy:ZeroRedundancyBackend",

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..access import TensorAccess
 from ..models import build_model
-from ..schedule import jagged_cosine
+from .lr_schedule import jagged_cosine
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from ..models import LLAMA_PROJECTIONS as PROJECTIONS
+
 # How a method's parameters, FLOPs and bytes are counted (relora_dist.methods.Method.cost_structure): every weight
 # trains; frozen projections plus trainable low-rank factors; every projection a trainable bottleneck (CoLA), and
 # that with every layer's forward recomputed in backward (CoLA-M).

@@ -25,6 +25,7 @@ from ..distributed import init_distributed, rank0_first
 from ..host_memory import keep_freed_memory
 from ..methods import Event
 from ..metrics import Utilization, build_reporters, device_peak_flops, memory_fields, reporter_names, throughput_fields
+from ..metrics.writer import MetricsWriter, write_summary
 from ..models import causal_lm_loss, llama_config, save_hf_model
 from .checkpoint import (check_model_fits, claim_run_directory, load_method_state, load_rng, read_trainer_state,
                          resolve_checkpoint, save_checkpoint, save_method_state)
@@ -32,7 +33,6 @@ from .compile import compile_decoder_layers, compiled_graphs
 from .config import RunConfig, save_yaml
 from .consistency import check_replicas
 from .faults import FaultPlan
-from .metrics import MetricsWriter, write_summary
 from .preflight import data_spec, preflight
 
 logger = logging.getLogger("relora_dist")

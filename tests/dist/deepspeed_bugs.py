@@ -17,7 +17,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 import relora_dist as rd
-from relora_dist.backends.deepspeed import DeepSpeedBackend
+from relora_dist.backends.deepspeed.backend import DeepSpeedBackend
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.models import build_model, llama_config_from_shape
 

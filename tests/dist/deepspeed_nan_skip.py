@@ -12,8 +12,8 @@ import argparse
 import torch
 
 import relora_dist as rd
-from relora_dist.backends.deepspeed import DeepSpeedBackend
-from relora_dist.backends.deepspeed_layout import full_parameters
+from relora_dist.backends.deepspeed.backend import DeepSpeedBackend
+from relora_dist.backends.deepspeed.layout import full_parameters
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.models import build_model, llama_config_from_shape
 

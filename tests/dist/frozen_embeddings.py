@@ -11,9 +11,9 @@ import sys
 
 import torch
 
-from relora_dist.cli import train_main
+from relora_dist.cli.train import train_main
 from relora_dist.methods import register_method
-from relora_dist.methods.relora import ReLoRA
+from relora_dist.methods.relora.method import ReLoRA
 
 
 @register_method

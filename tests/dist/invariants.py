@@ -17,7 +17,7 @@ from relora_dist.backends import build_backend
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.access import ReplicatedAccess
 from relora_dist.models import build_model, llama_config_from_shape
-from relora_dist.prune import prune_states
+from relora_dist.methods.relora.prune import prune_states
 from relora_dist.train.consistency import replica_mismatches
 from reset_reference import LR, MERGE_AT, STEPS, VOCAB, global_batch, make_optimizer
 

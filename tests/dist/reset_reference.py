@@ -8,8 +8,9 @@ import types
 import torch
 
 from relora_dist.access import ReplicatedAccess
-from relora_dist.merge import add_in_fp32, lora_delta
-from relora_dist.prune import ADAM_KEYS, prune_states
+from relora_dist.access import add_in_fp32
+from relora_dist.methods.relora.merge import lora_delta
+from relora_dist.methods.relora.prune import ADAM_KEYS, prune_states
 from relora_dist.randomness import kaiming_uniform_A
 
 VOCAB, SEQ, GLOBAL_BATCH, STEPS, MERGE_AT = 97, 16, 4, 7, (2, 4, 6)

@@ -27,7 +27,7 @@ from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.access import ReplicatedAccess
 from relora_dist.models import build_model, llama_config_from_shape
-from relora_dist.prune import ADAM_KEYS, prune_states
+from relora_dist.methods.relora.prune import ADAM_KEYS, prune_states
 from relora_dist.train.consistency import replica_mismatches
 from reset_reference import MERGE_AT, STEPS, VOCAB, expected_after_reset, global_batch, make_optimizer, relative, train_both
 

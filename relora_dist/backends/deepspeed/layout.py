@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..access import FlatPartition, FlatRangeShards, PartitionedAccess, Piece, ReplicatedAccess, TensorAccess
-from .deepspeed_shadows import FrozenShadows
+from ...access import FlatPartition, FlatRangeShards, PartitionedAccess, Piece, ReplicatedAccess, TensorAccess
+from .fp32_copies import FrozenShadows
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .randomness import keyed_generator
+from ...randomness import keyed_generator
 
 
 def init_bounds(in_features: int, out_features: int, rank: int) -> tuple[float, float]:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .spectrum import plot_spectra, pooled_stats, update_spectra
+from ..analysis.spectrum import plot_spectra, pooled_stats, update_spectra
 
 
 def main(argv=None) -> int:

@@ -1,19 +1,40 @@
-"""LoRA (from scratch) and LoRA after a full-rank warm start: every target projection becomes a frozen W plus
-a trainable s·B@A (`relora_dist.layer`), never merged. ReLoRA (`relora.py`) extends this with restarts.
+"""The LoRA family, one config section (`relora:`): LoRA from scratch (`lora`), LoRA after a full-rank warm start
+(`lora_ws`), ReLoRA (Lialin et al., `relora`) and the paper's full-rank Control (`control`).
 
-The knobs live in the `relora:` config section (--rank, --lora-alpha, --lora-dropout, --target-modules,
---warm-start-steps, ...), shared by the whole family.
+LoRA and LoRA-WS turn every target projection into a frozen W plus a trainable s·B@A (`layer.py`), never merged.
+ReLoRA adds, every --merge-every updates, a merge of s·B@A into W, a fresh A and B = 0, a prune of the A/B optimizer
+states and an LR restart on the jagged cosine; merge and prune are written once on the access layer (`merge.py`,
+`prune.py`), and the ablation switches (--restarts, --optimizer-reset, --jagged-schedule) turn off one mechanism
+each. Control is a full-rank model with the same depth whose size matches what ReLoRA trains at --rank.
+
+The knobs (--rank, --lora-alpha, --lora-dropout, --target-modules, --warm-start-steps, --merge-every, ...) are
+`config.ReLoRAConfig`'s.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from ..config import RELORA_RUN_DEFAULTS, ReLoRAConfig
-from ..layer import lora_parameters, relora_layers, wrap
-from ..merge import merged_state_dict
-from ..schedule import ReLoRAController
-from .base import Event, Method, register_method
+from ...models import control_config
+from ..base import Event, Method, register_method
+from ..full import FullRank
+from .config import RELORA_RUN_DEFAULTS, ReLoRAConfig
+from .layer import lora_parameters, relora_layers, wrap
+from .merge import merge_and_reinit_layers, merged_state_dict
+from .prune import prune_states
+from .schedule import ReLoRAController
+
+
+@register_method
+class Control(FullRank):
+    name = "control"
+    description = "a full-rank model with the same depth whose size matches what ReLoRA trains at --rank"
+    config_section = "relora"  # sized from the ReLoRA rank
+    config_class = ReLoRAConfig
+    config_defaults = RELORA_RUN_DEFAULTS
+
+    def model_config(self, config):
+        return control_config(config, self.settings.rank)
 
 
 class LowRankAdapters(Method):
@@ -91,3 +112,36 @@ class LoRAWarmStart(LowRankAdapters):
     name = "lora_ws"
     layout = "lora_ws"
     description = "full rank for --warm-start-steps, then LoRA without restarts"
+
+
+@register_method
+class ReLoRA(LowRankAdapters):
+    name = "relora"
+    layout = "relora"
+    description = "full rank for --warm-start-steps, then ReLoRA in the same run (merges, resets, LR restarts)"
+
+    def after_update(self, step):
+        events = super().after_update(step)  # the warm-start switch
+        actions = self.controller.actions_after(step - 1)
+        if actions.merge:
+            events.append(Event("merge", actions.merge_index))
+        if actions.reset:
+            events.append(Event("reset", actions.reset_index))
+        return events
+
+    def apply(self, event, model, access):
+        r = self.settings
+        if event.name == "merge":
+            layers = relora_layers(model)
+            merge_and_reinit_layers(layers, access, restart_index=event.index)
+            return f"merge #{event.index} ({len(layers)} layers)"
+        if event.name == "reset":
+            info = prune_states(lora_parameters(model), access, rule=r.prune, ratio=r.prune_ratio, seed=r.seed,
+                                restart_index=event.index, reference=r.reference_prune_semantics)
+            return f"optimizer reset #{event.index} ({r.prune}, {100 * info['zeroed']:.1f}% of A/B states zero)"
+        return super().apply(event, model, access)
+
+    def periodic_events(self):
+        r = self.settings
+        events = [(Event("merge", 1), r.merge_every)] if r.restarts else []
+        return events + ([(Event("reset", 1), r.reset_period)] if r.optimizer_reset else [])

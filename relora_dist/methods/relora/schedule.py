@@ -1,4 +1,4 @@
-"""The jagged cosine schedule and the ReLoRA-family controller that drives the warm-start switch, merges,
+"""The ReLoRA-family controller that drives the warm-start switch, merges,
 resets and LR restarts (used by the lora, lora_ws and relora methods).
 
 One counter (successful optimizer updates) decides everything, so a skipped NaN step can never
@@ -7,44 +7,15 @@ desynchronise merges from LR restarts (the reference code's B10).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from ..lr_schedule import jagged_cosine
 from .config import ReLoRAConfig
 
 # Phase layouts of the ReLoRA paper's runs: when the low-rank phase starts, and whether it restarts.
 #   full / control: never low-rank; lora: low-rank from update 0; lora_ws: after the warm start;
 #   relora: after the warm start (0: from scratch), with merges, resets and LR restarts.
 LAYOUTS = ("full", "relora", "lora", "lora_ws", "control")
-
-
-def jagged_cosine(
-    step: int,
-    *,
-    total_steps: int,
-    first_warmup: int,
-    restart_warmup: int = 0,
-    cycle_length: int | None = None,
-    min_lr_ratio: float = 0.1,
-) -> float:
-    """LR factor at update `step` (0-based) of a schedule over `total_steps` updates (SPEC section 1).
-
-    Linear warm-up over `first_warmup`, one global cosine down to `min_lr_ratio`; at every multiple
-    of `cycle_length` the factor drops to exactly 0 and climbs linearly back to the envelope in
-    `restart_warmup` steps. `cycle_length=None` gives a plain warm-up + cosine.
-    """
-
-    def envelope(u: float) -> float:
-        progress = (u - first_warmup) / max(1, total_steps - first_warmup)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    if step < first_warmup:
-        return step / max(1, first_warmup)
-    if cycle_length:
-        since_restart, restart = step % cycle_length, step // cycle_length
-        if step >= cycle_length and since_restart < restart_warmup:
-            return since_restart / max(1, restart_warmup) * envelope(restart * cycle_length + restart_warmup)
-    return envelope(step)
 
 
 @dataclass

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ranges import assemble_ranges
-from .closure import evaluate_closure
+from ...ranges import assemble_ranges
+from ..closure import evaluate_closure
 
 
 class VectorStepAdamW(torch.optim.Optimizer):

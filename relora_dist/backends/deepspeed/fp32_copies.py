@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..access import Piece
-from ..ranges import assemble_ranges
+from ...access import Piece
+from ...ranges import assemble_ranges
 
 SHADOW_FILE = "frozen_fp32_rank{}.pt"
 

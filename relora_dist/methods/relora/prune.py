@@ -12,9 +12,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .access import Piece, ReplicatedAccess, TensorAccess
+from ...access import Piece, ReplicatedAccess, TensorAccess
+from ...randomness import keep_mask
 from .quantile import abs_quantiles
-from .randomness import keep_mask
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 

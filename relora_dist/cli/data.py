@@ -7,8 +7,8 @@ import json
 import logging
 import sys
 
-from .prepare import DEFAULT_TOKENIZER_SAMPLE_MCHARS, available_cores
-from .store import DEFAULT_SHARD_TOKENS
+from ..data.prepare import DEFAULT_TOKENIZER_SAMPLE_MCHARS, available_cores
+from ..data.store import DEFAULT_SHARD_TOKENS
 
 PROG = "relora-data"
 
@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args) -> int:
-    from .pipeline import default_cache_dir
-    from .prepare import prepare_store
     from pathlib import Path
+
+    from ..data.pipeline import default_cache_dir
+    from ..data.prepare import prepare_store
 
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     path = prepare_store(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
@@ -71,7 +72,7 @@ def _prepare(args) -> int:
 
 
 def summary(path) -> str:
-    from .store import TokenStore
+    from ..data.store import TokenStore
 
     store = TokenStore(path)
     m = store.manifest
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    from .store import TokenStore
+    from ..data.store import TokenStore
 
     try:
         if args.command == "prepare":

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from ...models import LLAMA_PROJECTIONS
+
 PRUNE_RULES = ("reset", "random", "magnitude")
 FUSED_MODES = ("auto", "on", "off")
 DROPOUT_MASKS = ("aten", "bits16")  # relora_dist.dropout

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .access import TensorAccess
-from .merge import add_in_fp32
-from .switch_layer import SwitchLoRALinear
+from ...access import TensorAccess, add_in_fp32
+from .layer import SwitchLoRALinear
 
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq", "vector_step")  # the per-element state a switch zeroes
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..ranges import assemble_ranges
+from ...ranges import assemble_ranges
 
 
 @dataclass
@@ -177,7 +177,7 @@ class FlatPartitionSteps:
         return replaced
 
     def _step_flat(self, group: dict, flat: torch.Tensor, partitions: list) -> None:
-        from .projected_adamw import adam_moments, fira_scaling, step_size
+        from .optimizer import adam_moments, fira_scaling, step_size
 
         pg = self._partition_group
         slices, ranks = self._slices(group, partitions)

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ..access import dormant_modules, external_parameters, fp32_frozen_parameters, write_pieces
-from ..distributed import rank0_first
-from .base import Backend, checkpoint_must_fit, clip_replicated_gradients, set_group_lrs
-from .deepspeed_layout import full_parameters, shard_access_for
-from .deepspeed_portable import has_portable_state, keep_state_convertible, load_portable_state, save_portable_state
-from .deepspeed_shadows import FrozenShadows, saved_shadows
+from ...access import dormant_modules, external_parameters, fp32_frozen_parameters, write_pieces
+from ...distributed import rank0_first
+from ..base import Backend, checkpoint_must_fit, clip_replicated_gradients, set_group_lrs
+from .fp32_copies import FrozenShadows, saved_shadows
+from .layout import full_parameters, shard_access_for
+from .portable_state import has_portable_state, keep_state_convertible, load_portable_state, save_portable_state
 
 logger = logging.getLogger("relora_dist")
 

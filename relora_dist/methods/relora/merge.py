@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .access import ReplicatedAccess, TensorAccess, range_key, write_pieces
+from ...access import ReplicatedAccess, TensorAccess, add_in_fp32, range_key, write_pieces
+from ...randomness import kaiming_uniform_A
 from .layer import ReLoRALinear, relora_layers
-from .randomness import kaiming_uniform_A
 
 ROW_BLOCK = 64
 
@@ -43,14 +43,6 @@ def lora_delta(B32: torch.Tensor, A32: torch.Tensor, scale: float, start: int = 
     block = torch.cat(blocks).mul_(scale).view(-1) if blocks else A32.new_zeros(0)
     offset = start - row0 * in_features
     return block[offset : offset + numel]
-
-
-def add_in_fp32(view: torch.Tensor, delta: torch.Tensor) -> None:
-    # Add in fp32 and round once, so a bf16 W sees one rounding per merge.
-    if view.dtype == torch.float32:
-        view.add_(delta.to(view.device))
-    else:
-        view.copy_(view.float().add_(delta.to(view.device)))
 
 
 def lora_factors(layers: list[ReLoRALinear], access: TensorAccess) -> list[tuple[torch.Tensor, torch.Tensor, int]]:

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from .closure import evaluate_closure
-from .flat_rows import FlatPartitionSteps, broadcast_from_owners, gather_to_owners
+from ..closure import evaluate_closure
+from .flat_partition import FlatPartitionSteps, broadcast_from_owners, gather_to_owners
 
 PROJECTIONS = ("std", "right", "left")
 RESIDUALS = ("none", "fira")

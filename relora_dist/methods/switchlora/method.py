@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..access import ReplicatedAccess
-from ..optim.vector_step_adamw import VectorStepAdamW
-from ..switch_layer import switch_layers, switchlora_dense_state, wrap_switchlora
-from ..switching import SwitchSchedule, switch
-from .base import Event, Method, register_method
+from ...access import ReplicatedAccess
+from ..base import Event, Method, register_method
+from .layer import switch_layers, switchlora_dense_state, wrap_switchlora
+from .optimizer import VectorStepAdamW
+from .switching import SwitchSchedule, switch
 
 SWITCHES = ("continuous", "discontinuous")
 

@@ -35,8 +35,8 @@ def _lost_peer(error: BaseException) -> bool:
 
 def train_main(argv: list[str] | None = None) -> int:
     _setup_logging()
-    from .distributed import close_distributed
-    from .train.arguments import parse_run_config
+    from ..distributed import close_distributed
+    from ..train.arguments import parse_run_config
 
     clean_exit = False
     try:
@@ -44,14 +44,14 @@ def train_main(argv: list[str] | None = None) -> int:
         if getattr(args, "dry_run", False):
             import yaml
 
-            from .train.preflight import preflight
+            from ..train.preflight import preflight
 
             plan = preflight(cfg)
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             print(f"# ok: method {cfg.train.method}, backend {cfg.train.backend}, {plan.world_size} rank(s),"
                   f" {plan.accumulation_steps} micro-batch(es) per rank per update")
             return 0
-        from .train.trainer import Trainer
+        from ..train.trainer import Trainer
 
         summary = Trainer(cfg).train()
         if int(os.environ.get("RANK", "0")) == 0:
@@ -64,7 +64,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         if not _lost_peer(e):
             raise
-        from .backends.base import error_reason
+        from ..backends.base import error_reason
 
         # Every rank says it: the one still alive may not be rank 0.
         print(f"relora-train: error: rank {os.environ.get('RANK', '0')} lost contact with a peer ({error_reason(e)}); "
@@ -82,7 +82,7 @@ def export_main(argv: list[str] | None = None) -> int:
                         " directory (OUT: its latest checkpoint)")
     parser.add_argument("out_dir", help="where to write the merged model (safetensors + tokenizer)")
     args = parser.parse_args(argv)
-    from .export import export_checkpoint
+    from ..export import export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir)

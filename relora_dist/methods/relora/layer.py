@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models import SHARED_INPUT_PROJECTIONS
+from ...randomness import kaiming_uniform_A
 from .config import ReLoRAConfig
 from .dropout import lora_input_dropout
-from .models import SHARED_INPUT_PROJECTIONS
-from .randomness import kaiming_uniform_A
 
 
 @functools.cache
@@ -91,7 +91,7 @@ class ReLoRALinear(nn.Module):
         return True
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import fused_relora_linear
+        from ...kernels import fused_relora_linear
 
         if torch.is_autocast_enabled(x.device.type):  # the custom op is not autocast: cast like F.linear would
             x = x.to(torch.get_autocast_dtype(x.device.type))

@@ -15,9 +15,9 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..access import OPTIMIZER_LAYOUTS
-from ..optim.projected_adamw import PROJECTIONS, ProjectedAdamW
-from .base import Method, register_method
+from ...access import OPTIMIZER_LAYOUTS
+from ..base import Method, register_method
+from .optimizer import PROJECTIONS, ProjectedAdamW
 
 # The official scripts' rank by hidden size (60M, 130M, 350M, 1B; the GaLore paper's 1B row uses 512).
 OFFICIAL_RANKS = {512: 128, 768: 256, 1024: 256, 2048: 512}

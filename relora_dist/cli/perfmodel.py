@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _default_efficiency(hardware: str):
     """S5 fit where the GPU has a paper point; a priori otherwise; efficiencies of 1 for the measured CPU."""
-    from .model import PAPER_SETUPS, Efficiency, fit_paper_setup
+    from ..perf.model import PAPER_SETUPS, Efficiency, fit_paper_setup
 
     if hardware == "cpu":
         return Efficiency(1.0, 1.0, 0.0), "measured CPU profile, efficiencies 1"
@@ -112,8 +112,8 @@ def _default_efficiency(hardware: str):
 
 def _predict(args) -> str:
     from ..models import llama_config
-    from .hardware import PROFILES, measure_cpu_profile
-    from .model import Workload, predict
+    from ..perf.hardware import PROFILES, measure_cpu_profile
+    from ..perf.model import Workload, predict
 
     if args.hardware != "cpu" and args.hardware not in PROFILES:
         raise ValueError(f"unknown hardware {args.hardware!r}; choose cpu or one of {', '.join(PROFILES)} (--hardware)")
@@ -159,7 +159,7 @@ def _predict(args) -> str:
 
 
 def _cpu(args) -> str:
-    from .hardware import measure_cpu_profile
+    from ..perf.hardware import measure_cpu_profile
 
     hw = measure_cpu_profile(threads=args.threads, world_size=args.world_size)
     if args.json:
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # argparse prints its own one-line error and exits 2
     try:
         if args.command == "table4":
-            from .model import paper_table4
+            from ..perf.model import paper_table4
 
             table = paper_table4()
             print(json.dumps(table.rows, indent=1) if args.json else format_table4(table))
