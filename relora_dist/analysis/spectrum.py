@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..methods.relora.config import LLAMA_PROJECTIONS
+from ..models import LLAMA_PROJECTIONS
 
 
 @dataclass(frozen=True)

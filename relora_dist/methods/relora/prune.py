@@ -7,6 +7,7 @@ code: independent masks per state key, magnitude thresholds per key.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -98,17 +99,26 @@ def prune_adam_states(
     optimizer: torch.optim.Optimizer,
     params: Iterable[nn.Parameter | tuple[str, nn.Parameter]],
     *,
-    rule: str,
+    rule: str | None = None,
     ratio: float,
     restart_index: int,
     seed: int = 0,
     reference: bool = False,
+    method: str | None = None,
 ) -> dict[str, float]:
     """Replicated case (single process, DDP): prune the Adam states of `params` held by `optimizer`.
 
     `params` are parameters or (name, parameter) pairs; names key the random masks, so pass the same
-    names on every rank (relora_dist.lora_parameters(model) gives stable ones).
+    names on every rank (relora_dist.lora_parameters(model) gives stable ones). `method=` is the keyword's old
+    name (before the training methods took that word), still accepted with a DeprecationWarning.
     """
+    if method is not None:
+        if rule is not None:
+            raise TypeError("prune_adam_states got both rule= and its deprecated alias method=")
+        warnings.warn("prune_adam_states(method=...) is deprecated: use rule=", DeprecationWarning, stacklevel=2)
+        rule = method
+    if rule is None:
+        raise TypeError("prune_adam_states() missing the keyword argument 'rule'")
     named = [p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(params)]
     return prune_states(
         named, ReplicatedAccess(optimizer), rule=rule, ratio=ratio, seed=seed, restart_index=restart_index, reference=reference
