@@ -14,13 +14,14 @@ import torch
 
 from relora_dist import host_memory
 from relora_dist.backends import build_backend
+from relora_dist.backends.labels import ENGINE_LABELS, engine_label
 
-ENGINES = ("ddp", "zero0", "zero1", "zero2", "zero3", "fsdp2", "fairscale", "zero_redundancy")
+ENGINES = tuple(ENGINE_LABELS)
 
 
 def engine_backend(engine: str) -> str:
     """The relora-train --backend a harness engine name runs (zeroN: deepspeed)."""
-    return "deepspeed" if engine.startswith("zero") and engine[4:].isdigit() else engine
+    return engine_label(engine).backend
 
 
 def cases(methods: list[str], engines: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -41,13 +42,13 @@ def cases(methods: list[str], engines: list[str]) -> tuple[list[tuple[str, str]]
 
 def build_engine(engine: str, dtype: str, device, *, micro_batch_size: int = 1, accumulation_steps: int = 1,
                  max_norm: float = 1.0, **options):
-    """`zeroN` is DeepSpeed at ZeRO stage N (a minimal engine config: the run's own settings fill the rest)."""
-    if engine.startswith("zero") and engine[4:].isdigit():
-        return build_backend("deepspeed", device=device, dtype=dtype, config={"zero_optimization": {"stage": int(engine[4:])}},
-                             micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps, max_norm=max_norm)
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    return build_backend(engine, device=device, dtype=dtype, **options)
+    """The engine labelled `engine` (backends/labels.py; `zeroN` is DeepSpeed at ZeRO stage N with a minimal config:
+    the run's own settings fill the rest). `options` are the engine's own (DDP's harness switches)."""
+    label = engine_label(engine)
+    if label.backend == "deepspeed":
+        options = label.backend_options()
+    return build_backend(label.backend, device=device, dtype=dtype, micro_batch_size=micro_batch_size,
+                         accumulation_steps=accumulation_steps, max_norm=max_norm, **options)
 
 
 def torchrun_command(nproc: int, *args) -> list[str]:

@@ -23,11 +23,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from relora_dist.backends.labels import ENGINE_LABELS
+
 ROOT = Path(__file__).resolve().parent.parent
-ENGINES = {"ddp": ["--backend", "ddp"],
-           "zero2": ["--backend", "deepspeed", "--deepspeed", "launch/configs/zero2.json"],
-           "zero3": ["--backend", "deepspeed", "--deepspeed", "launch/configs/zero3.json"],
-           "fsdp2": ["--backend", "fsdp2"]}
+ENGINES = {name: ENGINE_LABELS[name].train_flags() for name in ("ddp", "zero2", "zero3", "fsdp2")}
 MODEL = {"preset": "350m", "vocab_size": 4096, "seq_len": 512, "rank": 128}
 RUN_ARGS = ["--model", MODEL["preset"], "--vocab-size", str(MODEL["vocab_size"]), "--seq-len", str(MODEL["seq_len"]),
             "--global-batch-size", "16", "--micro-batch-size", "16", "--dtype", "bf16", "--rank", str(MODEL["rank"]),

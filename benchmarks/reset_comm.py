@@ -19,6 +19,7 @@ import time
 import torch
 
 import relora_dist as rd
+from relora_dist.backends.labels import ENGINE_LABELS
 from relora_dist.benchmarks.common import build_engine, write_results
 from relora_dist.comm import CollectiveCounter
 from relora_dist.distributed import close_distributed, init_distributed
@@ -26,7 +27,7 @@ from relora_dist.models import build_model, causal_lm_loss, llama_config
 from relora_dist.methods.relora.prune import prune_states
 
 
-ENGINES = ("zero0", "zero1", "zero2", "zero3", "fsdp2", "fairscale", "zero_redundancy")
+ENGINES = tuple(name for name in ENGINE_LABELS if name != "ddp")  # the sharded engines
 
 
 def measure(preset: str, engine: str, dtype: str, prune: str, rank: int, info) -> dict:

@@ -38,9 +38,9 @@ from relora_dist.methods.relora.config import DROPOUT_MASKS
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.methods import method_names
 from relora_dist.perf.accounting import LOW_RANK
-from relora_dist.train.compile import compile_decoder_layers
+from relora_dist.train.build import build_and_set_up, run_model_config
 from relora_dist.train.config import standalone_method
-from relora_dist.models import causal_lm_loss, llama_config
+from relora_dist.models import causal_lm_loss
 from relora_dist.metrics import Utilization, device_peak_flops, memory_fields, throughput_fields
 
 DDP_LOOP_ENGINES = ("ddp", "zero_redundancy")  # engines whose gradient all-reduce the harness can count and pad
@@ -134,18 +134,18 @@ class Case:
     def __init__(self, args, info, method: str, engine: str, busbw_gbs: float):
         self.args, self.info, self.engine, self.busbw_gbs = args, info, engine, busbw_gbs
         self.method_name, self.method = method, bench_method(args, method)
-        self.config = self.method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len))
-        torch.manual_seed(0)
-        model = self.method.prepare_model(self.method.build_model(self.config), self.method.phases()[-1][0])
-        if args.compile:
-            compile_decoder_layers(model, "inductor")
+        self.config = run_model_config(self.method, args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len)
         # DDP's reducer all-reduces in C++; the counting hook routes it through dist.all_reduce, which the
         # CollectiveCounter sees like every other engine's collectives.
         ddp_loop = {"count_gradient_bytes": True, "allreduce_every_microbatch": args.allreduce_every_microbatch,
                     "emulate_busbw": busbw_gbs * 1e9 or None} if engine in DDP_LOOP_ENGINES else {}
-        self.backend = build_engine(engine, args.dtype, info.device, micro_batch_size=args.micro_batch_size,
-                                    accumulation_steps=args.accumulation_steps, max_norm=1.0, **ddp_loop)
-        self.backend.setup(model, self.method.make_optimizer, self.method.param_groups(model))  # GaLore's is its own
+        torch.manual_seed(0)
+        # the trainer's build sequence, in the method's last phase
+        self.backend, model, _ = build_and_set_up(
+            self.method, self.config, self.method.phases()[-1][0],
+            lambda: build_engine(engine, args.dtype, info.device, micro_batch_size=args.micro_batch_size,
+                                 accumulation_steps=args.accumulation_steps, max_norm=1.0, **ddp_loop),
+            compile=args.compile, compile_backend="inductor")
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.updates_run = 0
 

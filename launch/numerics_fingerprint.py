@@ -8,7 +8,15 @@ and a SHA-256 of every tensor of the merged export. Run it before and after a re
     ... change the code ...
     python launch/numerics_fingerprint.py --out /tmp/after.json --compare /tmp/before.json
 
-Exit status 1 when a compared entry differs (bit for bit). `--methods` / `--engines` pick a subset.
+Exit status 1 when a compared entry differs (bit for bit) or is missing. `--methods` / `--engines` pick a subset.
+
+`launch/fingerprint_baseline.json` is the committed baseline of every method on every engine (its `_meta` says the
+commit, command and machine that recorded it); compare a change against it without rebuilding it first:
+
+    python launch/numerics_fingerprint.py --out /tmp/after.json --compare launch/fingerprint_baseline.json
+
+The figures are bit-exact on one machine type and torch build (the CPU box CI and development use); elsewhere,
+record a baseline from a clean checkout first.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's relora_dist, for the engine labels
+
+from relora_dist.backends.labels import ENGINE_LABELS  # noqa: E402
 TRAIN = str(REPO / "launch" / "train.py")
 
 COMMON = ["--model", "debug", "--seq-len", "64", "--vocab-size", "1024", "--global-batch-size", "8",
@@ -47,14 +58,10 @@ METHOD_ARGS = {
     # a switch of up to 2 vectors a side before most updates
     "switchlora": ["--switchlora-interval", "2", "--switchlora-freeze-steps", "1", "--switchlora-descent-rate", "100"],
 }
-ENGINES = {
-    "single": (1, "python", []),
-    "ddp": (2, "torchrun", []),
-    "zero2": (2, "deepspeed", ["--deepspeed", str(REPO / "launch/configs/zero2.json")]),
-    "zero3": (2, "deepspeed", ["--deepspeed", str(REPO / "launch/configs/zero3.json")]),
-    "fsdp2": (2, "torchrun", ["--backend", "fsdp2"]),
-    "fairscale": (2, "torchrun", ["--backend", "fairscale"]),
-}
+# single process, then 2 ranks of each engine label (relora_dist/backends/labels.py)
+ENGINES = {"single": (1, "python", []),
+           **{name: (2, ENGINE_LABELS[name].launcher, ENGINE_LABELS[name].train_flags(REPO / "launch" / "configs"))
+              for name in ("ddp", "zero2", "zero3", "fsdp2", "fairscale")}}
 
 
 def _port() -> int:
@@ -99,6 +106,18 @@ def fingerprint(method: str, engine: str, work: Path, extra: list[str]) -> dict:
     }
 
 
+def recording_meta() -> dict:
+    """Who recorded a fingerprint file: the numbers are bit-exact only on the same machine type and torch build."""
+    import platform
+
+    import torch
+
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"command": " ".join(["python", "launch/numerics_fingerprint.py", *sys.argv[1:]]), "commit": commit,
+            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+            "torch": torch.__version__}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -116,16 +135,19 @@ def main() -> int:
                 results[f"{method}/{engine}"] = fingerprint(method, engine, Path(tmp), args.extra.split())
                 status = "error " + str(results[f"{method}/{engine}"]["error"]) if "error" in results[f"{method}/{engine}"] else "ok"
                 print(f"{method:>8} {engine:>9}: {status} ({time.perf_counter() - start:.0f} s)", flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1, sort_keys=True))
+    Path(args.out).write_text(json.dumps({"_meta": recording_meta(), **results}, indent=1, sort_keys=True))
     print(f"wrote {args.out} (cache {cache})")
     if not args.compare:
         return 0
     before = json.loads(Path(args.compare).read_text())
     differing = [key for key in results if key in before and results[key] != before[key]]
+    missing = [key for key in results if key not in before]
+    if missing:
+        print(f"not in {args.compare}: {', '.join(missing)}")
     for key in differing:
         print(f"DIFFERS {key}")
-    print(f"{len(results) - len(differing)} of {len(results)} entries identical to {args.compare}")
-    return 1 if differing else 0
+    print(f"{len(results) - len(differing) - len(missing)} of {len(results)} entries identical to {args.compare}")
+    return 1 if differing or missing else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from relora_dist.backends.labels import ENGINE_LABELS
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -153,16 +155,7 @@ def killed_run(args, out: Path, *, nproc=2, launcher="torchrun") -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Several relora-train runs in one launch (tests/dist/method_runs.py): the engine tests of the non-ReLoRA methods.
 METHOD_RUNS = REPO / "tests" / "dist" / "method_runs.py"
-ENGINE_FLAGS = {
-    "ddp": ["--backend", "ddp"],
-    "zero0": ["--deepspeed", REPO / "launch" / "configs" / "zero0.json"],
-    "zero1": ["--deepspeed", REPO / "launch" / "configs" / "zero1.json"],
-    "zero2": ["--deepspeed", REPO / "launch" / "configs" / "zero2.json"],
-    "zero3": ["--deepspeed", REPO / "launch" / "configs" / "zero3.json"],
-    "fsdp2": ["--backend", "fsdp2"],
-    "fairscale": ["--backend", "fairscale"],
-    "zero_redundancy": ["--backend", "zero_redundancy"],
-}
+ENGINE_FLAGS = {name: label.train_flags(REPO / "launch" / "configs") for name, label in ENGINE_LABELS.items()}
 
 
 def launch_runs(cases: list[dict], common: list, *, nproc: int, tmp_path) -> str:

@@ -12,7 +12,8 @@ import copy
 import pytest
 import torch
 
-from conftest import REPO, RELORA_RUN, SMALL, assert_run_equals_reference, read_metrics, run_cli
+from conftest import ENGINE_FLAGS, RELORA_RUN, SMALL, assert_run_equals_reference, read_metrics, run_cli
+from relora_dist.backends.labels import ENGINE_LABELS
 from relora_dist import ReLoRAConfig, wrap
 from relora_dist.methods.relora.dropout import input_dropout
 from relora_dist.methods.relora.layer import lora_parameters
@@ -24,14 +25,9 @@ AOT = ["--compile-backend", "aot_eager"]
 # q/k/v and gate/up share one LoRA down-projection (no dropout here: the same function as per-module GEMMs)
 SHARED = ["--shared-lora-input", "true"]
 # case: (flags, launcher, the backend summary.json names)
-ENGINES = {
-    "ddp": ([], "torchrun", "ddp"),
-    "fsdp2": (["--backend", "fsdp2", *SHARED], "torchrun", "fsdp2"),
-    "fairscale": (["--backend", "fairscale", *AOT], "torchrun", "fairscale"),
-    "zero_redundancy": (["--backend", "zero_redundancy", *AOT], "torchrun", "zero_redundancy"),
-    "zero2": (["--deepspeed", REPO / "launch" / "configs" / "zero2.json", *AOT], "deepspeed", "deepspeed"),
-    "zero3": (["--deepspeed", REPO / "launch" / "configs" / "zero3.json", *AOT, *SHARED], "deepspeed", "deepspeed"),
-}
+EXTRA = {"ddp": [], "fsdp2": SHARED, "fairscale": AOT, "zero_redundancy": AOT, "zero2": AOT, "zero3": [*AOT, *SHARED]}
+ENGINES = {name: ([*ENGINE_FLAGS[name], *extra], ENGINE_LABELS[name].launcher, ENGINE_LABELS[name].backend)
+           for name, extra in EXTRA.items()}
 
 
 @pytest.fixture(scope="module", autouse=True)

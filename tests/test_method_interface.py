@@ -1,8 +1,12 @@
-"""The method interface: a new method is one module (tests/dist/frozen_embeddings.py, registered from the
-test's own entry point) that trains on 2 gloo ranks under DDP and FSDP2 exactly like a single process, with
-its state checkpointed; the registry drives --method; method state is weights_only- and DCP-loadable."""
+"""The method interface: a new method is one folder (tests/plugins/frozen_embeddings/: registered by a plug-in
+launcher, tests/dist/train_with_plugin.py, or dropped into relora_dist/methods/ with nothing else changed) that trains
+on 2 gloo ranks under DDP and FSDP2 exactly like a single process, with its state checkpointed; the registry drives
+--method; method state is weights_only- and DCP-loadable."""
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -12,8 +16,10 @@ from conftest import REPO, RELORA_RUN, SMALL, assert_run_equals_reference, expor
 from relora_dist.methods import Method, method_class, method_names, register_method
 from relora_dist.models import build_model, llama_config
 from relora_dist.train.arguments import parse_run_config
+from test_layering import violations
 
-PLUGIN = REPO / "tests" / "dist" / "frozen_embeddings.py"
+PLUGIN = REPO / "tests" / "dist" / "train_with_plugin.py"
+PLUGIN_FAMILY = REPO / "tests" / "plugins" / "frozen_embeddings"
 FROZEN = RELORA_RUN[:1] + ["relora_frozen_embeddings"] + RELORA_RUN[2:]
 BUILT_IN = ("full", "control", "lora", "lora_ws", "relora")
 
@@ -31,11 +37,11 @@ def test_loop_and_engines_never_name_a_method():
     loop = (REPO / "relora_dist" / "train" / "trainer.py").read_text()
     for name in BUILT_IN:
         assert f'"{name}"' not in loop, name
-    for path in (REPO / "relora_dist" / "backends").glob("*.py"):
+    for path in (REPO / "relora_dist" / "backends").rglob("*.py"):
         text = path.read_text()
         for forbidden in ("..methods", "..merge", "..prune", "..layer", "relora_layers", "lora_A", "lora_B"):
             assert forbidden not in text, (path.name, forbidden)
-    for path in (REPO / "relora_dist" / "methods").glob("*.py"):
+    for path in (REPO / "relora_dist" / "methods").rglob("*.py"):
         assert "..backends" not in path.read_text(), path.name
 
 
@@ -53,7 +59,24 @@ def test_a_registered_method_gets_its_flag_and_config_section():
         base._REGISTRY.pop("probe_method")
 
 
-def test_a_new_method_is_one_module_and_trains_exactly_on_ddp_and_fsdp2(tmp_path):
+def test_a_new_method_is_one_folder_under_methods(tmp_path):
+    """The test-only family copied into a copy of relora_dist/methods/ registers itself: --method lists it, its
+    --dry-run plans a run, and the layer rules hold for it (it reaches ReLoRA through the family's public names)."""
+    shutil.copytree(REPO / "relora_dist", tmp_path / "relora_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PLUGIN_FAMILY, tmp_path / "relora_dist" / "methods" / PLUGIN_FAMILY.name)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    listed = subprocess.run([sys.executable, "-c", "from relora_dist.methods import method_names; print(method_names())"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
+    assert "relora_frozen_embeddings" in listed
+    planned = subprocess.run([sys.executable, "-m", "relora_dist.cli.train", *map(str, SMALL + FROZEN), "--dry-run",
+                              "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert planned.returncode == 0 and "relora_frozen_embeddings" in planned.stdout + planned.stderr, planned.stderr[-2000:]
+    for folder in ("docs", "benchmarks", "kernels"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    assert violations(tmp_path, tmp_path / "docs" / "ARCHITECTURE.md") == []
+
+
+def test_a_new_method_is_one_folder_and_trains_exactly_on_ddp_and_fsdp2(tmp_path):
     """The test-only method, 1 process vs 2 ranks under DDP and FSDP2: same losses, merges at updates 7 and 10 at
     LR 0, the same merged model with the embeddings exactly as initialised; a run resumed mid-cycle restores the
     method's own state (its per-update log fields match the uninterrupted run)."""
@@ -86,7 +109,7 @@ def test_a_new_method_is_one_module_and_trains_exactly_on_ddp_and_fsdp2(tmp_path
 
 def test_method_state_loads_with_weights_only_and_through_dcp(tmp_path):
     """What a method's state_dict may hold (tensors and primitives) survives torch.save/weights_only and DCP."""
-    sys.path.insert(0, str(PLUGIN.parent))
+    sys.path.insert(0, str(PLUGIN_FAMILY.parent))
     try:
         import frozen_embeddings  # noqa: F401  (registers the test-only method)
     finally:
@@ -97,7 +120,8 @@ def test_method_state_loads_with_weights_only_and_through_dcp(tmp_path):
         from relora_dist.methods import base
 
         base._REGISTRY.pop("relora_frozen_embeddings", None)
-        sys.modules.pop("frozen_embeddings", None)
+        for name in [m for m in sys.modules if m == "frozen_embeddings" or m.startswith("frozen_embeddings.")]:
+            sys.modules.pop(name)
 
 
 def _method_state_round_trips(tmp_path):

@@ -25,7 +25,7 @@ RUN = ["--method", "switchlora", "--steps", "10", "--lr", "0.01", "--grad-clip",
        "--switchlora-interval", "2", "--switchlora-freeze-steps", "1", "--switchlora-descent-rate", "100"]
 UNEVEN = {"hidden_size": 36, "intermediate_size": 91, "num_hidden_layers": 3, "num_attention_heads": 2,
           "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
-ENGINES = ("ddp", "zero0", "zero1", "zero2", "zero3", "fsdp2", "fairscale", "zero_redundancy")
+ENGINES = tuple(ENGINE_FLAGS)  # every engine
 HOPS = ("ddp", "fsdp2", "zero3")  # stopped on 2 ranks, resumed on 1
 GROWS = ("zero1",)  # stopped on 1 rank, resumed on 2
 STILL_RUN = ["--dtype", "bf16", "--lr", "1e-30"]

@@ -26,10 +26,11 @@ from ..host_memory import keep_freed_memory
 from ..methods import Event
 from ..metrics import Utilization, build_reporters, device_peak_flops, memory_fields, reporter_names, throughput_fields
 from ..metrics.writer import MetricsWriter, write_summary
-from ..models import causal_lm_loss, llama_config, save_hf_model
+from ..models import causal_lm_loss, save_hf_model
 from .checkpoint import (check_model_fits, claim_run_directory, load_method_state, load_rng, read_trainer_state,
                          resolve_checkpoint, save_checkpoint, save_method_state)
-from .compile import compile_decoder_layers, compiled_graphs
+from .build import build_and_set_up, build_method_model, run_model_config, set_up_engine
+from .compile import compiled_graphs
 from .config import RunConfig, save_yaml
 from .consistency import check_replicas
 from .faults import FaultPlan
@@ -85,9 +86,8 @@ class Trainer:
         if vocab < self.data.vocab_size:
             raise ValueError(f"the data's vocabulary ({self.data.vocab_size} tokens, {self.data.source}) is larger than"
                              f" the model's embedding ({vocab} rows, --model-vocab-size)")
-        self.model_config = self.method.model_config(llama_config(cfg.model.preset, vocab_size=vocab,
-                                                                  config_path=cfg.model.config_path,
-                                                                  max_positions=cfg.model.max_positions))
+        self.model_config = run_model_config(self.method, cfg.model.preset, vocab_size=vocab, config_path=cfg.model.config_path,
+                                             max_positions=cfg.model.max_positions)
         self.utilization = Utilization(self.model_config, seq_len=cfg.data.seq_len, cost_structure=self.method.cost_structure,
                                        rank=getattr(self.method.settings, "rank", 0), peak_flops=self._peak_flops())
         self.step = 0  # successful optimizer updates: the one counter the method's schedule and events follow
@@ -108,15 +108,13 @@ class Trainer:
                         rank=self.dist.rank, world_size=self.dist.world_size)
 
         torch.manual_seed(t.seed)  # identical init on every rank and world size
-        clock = time.perf_counter()
-        model = self._build_model(self.step)
-        self.startup["model_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        self.backend = build_backend(t.backend, device=self.dist.device, dtype=t.dtype, micro_batch_size=t.micro_batch_size,
-                                     accumulation_steps=self.accumulation_steps, max_norm=cfg.optim.grad_clip,
-                                     **_options(cfg.engine_options()))
-        self._setup_backend(model)
-        self.startup["engine_s"] = time.perf_counter() - clock
+        self.backend, _, self.group_names = build_and_set_up(
+            self.method, self.model_config, self.step,
+            lambda: build_backend(t.backend, device=self.dist.device, dtype=t.dtype, micro_batch_size=t.micro_batch_size,
+                                  accumulation_steps=self.accumulation_steps, max_norm=cfg.optim.grad_clip,
+                                  **_options(cfg.engine_options())),
+            activation_checkpointing=t.activation_checkpointing, compile=t.compile, compile_backend=t.compile_backend,
+            timings=self.startup)
         # Dropout streams differ per rank (methods' own randomness never uses the global RNG).
         torch.manual_seed(t.seed * 1000 + 1 + self.dist.rank)
         if resume_dir is not None:
@@ -144,20 +142,12 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------------
     def _build_model(self, step: int):
-        """The model as the method structures it for update `step` (0-based), before an engine wraps it."""
-        model = self.method.build_model(self.model_config)
-        if self.cfg.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return self.method.prepare_model(model, step)
+        return build_method_model(self.method, self.model_config, step,
+                                  activation_checkpointing=self.cfg.train.activation_checkpointing)
 
     def _setup_backend(self, model) -> None:
-        """Hand the model, in its final structure for this phase, to the engine (compiled first with --compile)."""
         t = self.cfg.train
-        if t.compile:
-            compile_decoder_layers(model, t.compile_backend)
-        groups = self.method.param_groups(model)
-        self.group_names = [g["name"] for g in groups]
-        self.backend.setup(model, self.method.make_optimizer, groups)
+        self.group_names = set_up_engine(self.backend, self.method, model, compile=t.compile, compile_backend=t.compile_backend)
 
     def _resume(self, path: Path, state: dict) -> None:
         self.backend.load(path)

@@ -1,4 +1,6 @@
 """The LoRA family (`relora:` config section): lora, lora_ws, relora and control, their layer, merge, prune and
-schedule. Importing it registers the four methods."""
+schedule. Importing it registers the four methods; its public names are what another family may extend."""
 
-from . import method  # noqa: F401  (registration, in --method order: control, lora, lora_ws, relora)
+from .method import Control, LoRA, LoRAWarmStart, LowRankAdapters, ReLoRA
+
+__all__ = ["Control", "LoRA", "LoRAWarmStart", "LowRankAdapters", "ReLoRA"]

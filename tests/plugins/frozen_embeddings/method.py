@@ -1,19 +1,10 @@
-"""A method that lives only in the tests: ReLoRA with the input embeddings frozen, registered by this module.
-
-It proves that a new method is one module: nothing in the loop, the engines or the schedule names it.
-It keeps a little state of its own (events applied so far, a tensor of the steps they ran at) so that its
-checkpointing is exercised too, and logs it with every update.
-
-    torchrun --nproc_per_node 2 tests/dist/frozen_embeddings.py --method relora_frozen_embeddings ...
-"""
-
-import sys
+"""ReLoRA with the input embeddings frozen, keeping a little state of its own (a tensor of the restart indices of the
+events applied so far) so that its checkpointing is exercised too, and logging it with every update."""
 
 import torch
 
-from relora_dist.cli.train import train_main
-from relora_dist.methods import register_method
-from relora_dist.methods.relora.method import ReLoRA
+from relora_dist.methods.base import register_method
+from relora_dist.methods.relora import ReLoRA
 
 
 @register_method
@@ -43,7 +34,3 @@ class FrozenEmbeddingsReLoRA(ReLoRA):
 
     def load_state_dict(self, state):
         self.event_steps = state["event_steps"].clone()
-
-
-if __name__ == "__main__":
-    sys.exit(train_main())
