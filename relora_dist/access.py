@@ -2,8 +2,8 @@
 
 Engines (`backends/`) implement `TensorAccess`: where this rank's pieces of each parameter and optimizer
 state live, and the few collectives a method's events need (all-reduce, a fetch of named flat ranges
-through one all_to_all, a gather of small tensors). Methods (`methods/`, and the ReLoRA operations in
-`merge.py` / `prune.py`) use it and never look inside an engine; engines know nothing of methods.
+through one all_to_all, a gather of small tensors). Methods (`methods/`: ReLoRA's merge and prune, SwitchLoRA's
+switch) use it and never look inside an engine; engines know nothing of methods.
 
 A piece is a flat range of the *full* flattened tensor: replicated engines hand out one piece starting
 at 0; ZeRO-1/2 fragments, ZeRO-3 `ds_tensor` slices and FSDP2 row shards are flat ranges too.

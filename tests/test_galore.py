@@ -1,4 +1,4 @@
-"""GaLore / Fira's projected AdamW (relora_dist.optim.ProjectedAdamW) against the oracles of research/peers_impl.md
+"""GaLore / Fira's projected AdamW (relora_dist.methods.galore.optimizer.ProjectedAdamW) against the oracles of research/peers_impl.md
 sections 2.5 and 3.5: the official update transcribed, an identity projector, Adam on the rotated weights, the row
 space, the refresh schedule, Fira's residual, scaling and limiter; and the method's groups and refusals."""
 

@@ -9,7 +9,7 @@ from ...models import LLAMA_PROJECTIONS
 
 PRUNE_RULES = ("reset", "random", "magnitude")
 FUSED_MODES = ("auto", "on", "off")
-DROPOUT_MASKS = ("aten", "bits16")  # relora_dist.dropout
+DROPOUT_MASKS = ("aten", "bits16")  # dropout.py
 
 PruneRule = Literal["reset", "random", "magnitude"]
 

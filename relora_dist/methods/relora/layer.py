@@ -69,7 +69,7 @@ class ReLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.dropout_mask = dropout_mask  # "aten" | "bits16" (relora_dist.dropout); the fused path draws its own
+        self.dropout_mask = dropout_mask  # "aten" | "bits16" (dropout.py); the fused path draws its own
         self.shared_input: SharedLoRAInput | None = None  # set by wrap() with shared_lora_input
         self.shared_index = 0  # this module's place in shared_input.members
         self.reset_lora(restart_index=0)

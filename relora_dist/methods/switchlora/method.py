@@ -1,9 +1,8 @@
 """SwitchLoRA (Zhou & Wang, arXiv 2406.06564; v1 "Revolutionizing Large Language Model Training through Dynamic
 Parameter Adjustment"): LoRA whose vectors are switched a few at a time before every update, each switched vector's
 contribution folded into the frozen W and the vector parked in a candidate pool, its counterpart frozen for
---switchlora-freeze-steps updates with its Adam state restarted. The layer is `relora_dist.switch_layer`, the switch
-`relora_dist.switching` (on the access layer), the optimizer `relora_dist.optim.VectorStepAdamW` (a step counter
-per vector, as the official StepAdamW).
+--switchlora-freeze-steps updates with its Adam state restarted. The layer is `layer.py`, the switch `switching.py` (on the
+access layer), the optimizer `optimizer.VectorStepAdamW` (a step counter per vector, as the official StepAdamW).
 
 The knobs live in the `switchlora:` config section (--rank, --switchlora-interval, --switchlora-descent-rate,
 --switchlora-freeze-steps, --switchlora-switch, --switchlora-alpha, --switchlora-warm-start-steps); defaults are the
