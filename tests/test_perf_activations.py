@@ -9,7 +9,8 @@ import relora_dist as rd
 from relora_dist.architectures.cola import cola_config
 from relora_dist.architectures.crnet import crnet_config
 from relora_dist.models import llama_config_from_shape
-from relora_dist.perf.activations import SavedActivations, head_bytes_per_token, layer_bytes_per_token
+from relora_dist.perf.activations import (SavedActivations, crnet_recompute_layer_bytes, head_bytes_per_token,
+                                          layer_bytes_per_token)
 
 HIDDEN, FFN, HEADS, RANK, BATCH, SEQ = 48, 136, 6, 6, 3, 24
 
@@ -60,6 +61,16 @@ def test_crnet_layer_bytes_are_exact(dtype):
     assert per_layer == expected * BATCH * SEQ + 14 * e
     first = saved_bytes(2, method="crnet", dtype=dtype) - saved_bytes(1, method="crnet", dtype=dtype)
     assert first == per_layer  # the second layer of 2 is a CR-Net layer too; layer 0 is a full-rank layer
+
+
+def test_crnet_recompute_keeps_a_rebuilding_layers_two_tensors():
+    """With its inverse recomputation a CR-Net layer keeps its input and its attention output (measured in
+    tests/test_crnet.py), not the adapters' r-wide intermediates nor any dropout state."""
+    for e in (2, 4):
+        rebuilding = crnet_recompute_layer_bytes(HIDDEN, FFN, element_size=e, keeps_previous=False)
+        for dropout in (False, True):
+            assert layer_bytes_per_token(HIDDEN, FFN, HEADS, method="crnet_recompute", element_size=e, rank=RANK,
+                                         dropout=dropout) == rebuilding == 2 * e * HIDDEN
 
 
 def test_cola_m_saves_less_than_cola_by_the_segment_accounting_and_the_same_outside_the_layers():

@@ -63,7 +63,9 @@ def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, method: str, ele
     inputs: the residual stream twice and seven r-wide activations, e(2h + 7r). CR-Net, layers >= 1: full rank's, the
     r-wide x A of every projection, and the previous layer's outputs that β Y_prev needs for β's gradient where
     nothing else keeps them (q, k, o, down: 4h; v, gate and up are kept already), e(4h + 7r) more (and 14e bytes a
-    layer for the β scalars, independent of the tokens). Layer 0 is a full-rank layer.
+    layer for the β scalars, independent of the tokens). Layer 0 is a full-rank layer. CR-Net with its inverse
+    recomputation keeps a rebuilding layer's input and attention output, e 2h (`crnet_recompute_layer_bytes`; the
+    layers that keep the previous layer's outputs keep more).
     """
     e, h, f = element_size, hidden, ffn
     full = e * (8 * h + 4 * f) + 8 * h + 4 * heads + 8
@@ -75,6 +77,8 @@ def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, method: str, ele
         return e * (2 * h + 7 * rank)
     if method == "crnet":
         return full + e * (4 * h + 7 * rank)
+    if method == "crnet_recompute":
+        return e * 2 * h
     return full + 7 * e * rank + (e * (10 * h + f) if dropout else 0)
 
 
