@@ -7,9 +7,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import relora_dist as rd
-from relora_dist.methods import method_class
+from relora_dist.methods import Method, method_class
 from relora_dist.models import build_model, llama_config_from_shape
-from relora_dist.perf import ModelCounts, Precision, gradient_bytes_per_update, static_bytes
+from relora_dist.perf import CostTraits, ModelCounts, Precision, gradient_bytes_per_update, static_bytes
 from relora_dist.train.config import standalone_method
 
 SEQ, BATCH, RANK = 16, 2, 4
@@ -76,6 +76,61 @@ def test_architecture_flops_per_token_are_exact(name, settings):
     with FlopCounterMode(display=False) as counter:
         model(input_ids=tokens, labels=tokens).loss.backward()
     assert counter.get_total_flops() == counts.executed_flops_per_token(traits, attention=False) * BATCH * SEQ
+
+
+class JointAdapters(Method):
+    """A plug-in method perf has never heard of: LoRA factors beside projections that keep training (W is not
+    frozen). It declares its costs and nothing else; no built-in method declares this combination."""
+
+    name = "joint_adapters"
+    cost_traits = CostTraits(low_rank_factors=True)
+
+    def prepare_model(self, model, step):
+        rd.wrap(model, rd.ReLoRAConfig(rank=RANK, alpha=8, dropout=0.0))
+        for layer in rd.relora_layers(model):
+            layer.weight.requires_grad_(True)
+        return model
+
+
+def test_a_plug_in_method_is_counted_by_the_traits_it_declares():
+    """Held and trained parameters, executed FLOPs (dW for W and the factors' GEMMs: 6 N_lin + 6 N_lora + 6 N_head)
+    and static bytes after a real AdamW step, all as its traits imply: the dense projections train as full rank's
+    and the factors come on top."""
+    config = tiny()
+    method = JointAdapters(standalone_method("full").cfg)  # a run's config; the method is not even registered
+    traits = method.cost_traits
+    torch.manual_seed(0)
+    model = method.prepare_model(build_model(config), 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    counts = ModelCounts.from_config(config, rank=RANK, seq_len=SEQ, traits=traits)
+    assert counts.trainable(traits) == sum(p.numel() for p in params) == counts.n_full + counts.n_lora
+    assert counts.held(traits) == sum(p.numel() for p in model.parameters()) == counts.trainable(traits)
+    tokens = torch.randint(0, 97, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    addmm_ = {torch.ops.aten.addmm_: lambda _self, a, b, **_: 2 * a[0] * a[1] * b[1]}  # ReLoRALinear's in-place add
+    optimizer = torch.optim.AdamW(params)
+    with FlopCounterMode(display=False, custom_mapping=addmm_) as counter:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    executed = counts.executed_flops_per_token(traits, attention=False)
+    assert counter.get_total_flops() == executed * BATCH * SEQ
+    assert executed == counts.executed_flops_per_token(FULL, attention=False) + 6 * counts.n_lora
+    optimizer.step()
+    measured = sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items()
+                   if k in ("exp_avg", "exp_avg_sq"))
+    expected = static_bytes(counts, traits, Precision.named("fp32"))
+    assert expected["optimizer"] == measured and expected["gradients"] == sum(4 * p.numel() for p in params)
+    assert expected["parameters"] == 4 * counts.held(traits) and expected["exact_copies"] == expected["projectors"] == 0
+
+
+def test_cost_traits_refuse_contradictions_and_perf_refuses_names():
+    with pytest.raises(ValueError, match="frozen_weights holds the dense projections"):
+        CostTraits(frozen_weights=True, low_rank_factors=True, replaces_dense=True)
+    with pytest.raises(ValueError, match="candidate_pools need low_rank_factors"):
+        CostTraits(candidate_pools=True)
+    with pytest.raises(ValueError, match="recompute_at_factors needs recompute"):
+        CostTraits(low_rank_factors=True, recompute_at_factors=True)
+    counts = ModelCounts.from_config(tiny(), rank=RANK, seq_len=SEQ, traits=FULL)
+    with pytest.raises(TypeError, match="cost traits"):
+        counts.trainable("relora")  # a name counts nothing: the method's cost_traits do
 
 
 def test_static_bytes_match_a_real_optimizer():
