@@ -66,7 +66,7 @@ class Row:
 def factors_scoped(method: str) -> bool:
     """Low-rank methods of the ReLoRA family, whose A and B take --lora-lr when --lora-lr-scope factors."""
     cls = method_class(method)
-    return cls.cost_structure == "relora" and cls.config_section == "relora"
+    return cls.cost_traits.adapters and cls.config_section == "relora"
 
 
 def rows() -> dict[str, Row]:

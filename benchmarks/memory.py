@@ -26,7 +26,7 @@ from relora_dist.benchmarks.common import cases, keep_host_memory, write_results
 from relora_dist.benchmarks.throughput import Case, bench_method, parse_args, spawn
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.models import llama_config
-from relora_dist.perf import ModelCounts
+from relora_dist.perf import CostTraits, ModelCounts
 from relora_dist.perf.activations import layer_bytes_per_token, saved_bytes_per_token
 from relora_dist.perf.memory import CATEGORIES, PeakSampler, expected_static_bytes, tensor_census
 
@@ -52,10 +52,10 @@ def activation_bytes_per_token(args, name: str) -> float:
     return saved_bytes_per_token(model.to(device), tokens, autocast_dtype=autocast)
 
 
-def layer_activation_bytes(args, config, structure: str, rank: int | None) -> int:
+def layer_activation_bytes(args, config, traits: CostTraits, rank: int | None) -> int:
     """The decoder layers' part of the measured figure, by the exact per-layer accounting (CPU eager path)."""
     per_layer = layer_bytes_per_token(config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                                      method=structure, element_size=2 if args.dtype == "bf16" else 4, rank=rank or 0,
+                                      traits=traits, element_size=2 if args.dtype == "bf16" else 4, rank=rank or 0,
                                       dropout=args.lora_dropout > 0, only_lr_act=getattr(config, "only_lr_act", False))
     return config.num_hidden_layers * per_layer
 
@@ -77,10 +77,10 @@ def profile_case(args, info, method: str, engine: str, act_per_token: float) -> 
         case.update()  # optimizer states exist from here on
         case.update(before_step=lambda: census.update(tensor_census(case.backend.unwrapped_model, case.backend.optimizer,
                                                                     case.backend.engine_held_tensors())))
-    counts = ModelCounts.from_config(case.config, rank=args.rank, seq_len=args.seq_len)
-    structure = case.method.cost_structure
+    traits = case.method.cost_traits
+    counts = ModelCounts.from_config(case.config, rank=args.rank, seq_len=args.seq_len, traits=traits)
     rank = case.method.resolved_rank(case.config)
-    expected = expected_static_bytes(counts, structure, engine, args.dtype, info.world_size)
+    expected = expected_static_bytes(counts, traits, engine, args.dtype, info.world_size)
     static_measured = sum(v for k, v in census.items() if k != "other")
     per_example = act_per_token * args.seq_len
     row = {
@@ -90,7 +90,7 @@ def profile_case(args, info, method: str, engine: str, act_per_token: float) -> 
         **{f"expected_{k}": expected[k] for k in expected},
         "static_census": static_measured, "static_expected": sum(expected.values()),
         "activation_bytes_per_token": act_per_token, "activation_bytes_per_example": per_example,
-        "layer_activation_bytes_per_token": layer_activation_bytes(args, case.config, structure, rank),
+        "layer_activation_bytes_per_token": layer_activation_bytes(args, case.config, traits, rank),
         "peak_sampled": sampler.peak, "peak_source": sampler.source,
         "gpu_memory_gb": args.gpu_memory_gb,
         "largest_micro_batch": largest_micro_batch(static_measured, per_example, args.gpu_memory_gb * 1e9),

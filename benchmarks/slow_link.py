@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import replace
 
 from relora_dist.benchmarks.common import write_results
+from relora_dist.methods import method_class
 from relora_dist.models import llama_config
 from relora_dist.perf import Efficiency, Workload, fit_efficiency, measure_cpu_profile, predict
 
@@ -57,13 +58,17 @@ def main(argv=None) -> int:
                                 global_batch=2 * args.micro_batch_size * args.accumulation_steps,
                                 micro_batch=args.micro_batch_size, dropout_path="cpu")
     real_full = next(r for r in measured if r["method"] == "full" and not r["emulated_busbw_gbs"])
-    efficiency = fit_efficiency(replace(base, method="full"), cpu, real_full["examples_per_s"], eta_bw=1.0, phi=0.0)
+
+    def workload(method: str):  # a plain LLaMA's counts: the same layout for full rank and ReLoRA
+        return replace(base, traits=method_class(method).cost_traits, label=method)
+
+    efficiency = fit_efficiency(workload("full"), cpu, real_full["examples_per_s"], eta_bw=1.0, phi=0.0)
 
     rows = []
     for r in measured:
         link = r["emulated_busbw_gbs"]
         hardware = replace(cpu, busbw=link * 1e9) if link else cpu
-        prediction = predict(replace(base, method=r["method"]), hardware, Efficiency(efficiency.eta_mm, 1.0, 0.0))
+        prediction = predict(workload(r["method"]), hardware, Efficiency(efficiency.eta_mm, 1.0, 0.0))
         rows.append({"method": r["method"], "busbw_gbs": link or cpu.busbw / 1e9, "emulated": bool(link),
                      "measured_update_s": r["update_s"], "predicted_update_s": prediction.t_update,
                      "error": prediction.t_update / r["update_s"] - 1, "measured_exposed_comm_s": r["exposed_comm_s"],

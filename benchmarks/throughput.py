@@ -37,7 +37,6 @@ from relora_dist.comm import CollectiveCounter
 from relora_dist.methods.relora.config import DROPOUT_MASKS
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.methods import method_names
-from relora_dist.perf.accounting import LOW_RANK
 from relora_dist.train.build import build_and_set_up, run_model_config
 from relora_dist.train.config import standalone_method
 from relora_dist.models import causal_lm_loss
@@ -229,13 +228,13 @@ def summarize(args, info, case: Case, measured: list[dict], busbw_gbs: float, pe
         baseline = statistics.median(case.compute_only_seconds() for _ in range(max(1, args.updates // 2)))
         exposed = max(0.0, median["forward"] + median["backward"] - baseline)
     merge_s, merge_amortised_s, merge_bytes = case.periodic_events()
-    structure = case.method.cost_structure
-    low_rank = structure in LOW_RANK
+    traits = case.method.cost_traits
+    low_rank = traits.adapters  # the adapter knobs (rank, dropout, input sharing) apply
     global_batch = args.micro_batch_size * args.accumulation_steps * info.world_size
     update_s, n = median["update_s"], info.world_size
     speed = throughput_fields(tokens=global_batch * args.seq_len, examples=global_batch, seconds=update_s, world_size=n)
     peak_flops, peak_source = peak
-    utilization = Utilization(case.config, seq_len=args.seq_len, rank=args.rank, cost_structure=structure,
+    utilization = Utilization(case.config, seq_len=args.seq_len, rank=args.rank, cost_traits=traits,
                               peak_flops=peak_flops)
     amortised_s = update_s + merge_amortised_s
     row = {
@@ -251,8 +250,9 @@ def summarize(args, info, case: Case, measured: list[dict], busbw_gbs: float, pe
         "tokens_per_s": speed["tokens_per_s"], "tokens_per_s_per_gpu": speed["tokens_per_s_per_rank"],
         "forward_s": median["forward"], "backward_s": median["backward"], "optimizer_s": median["optimizer"],
         "exposed_comm_s": exposed, "bytes_per_update": int(median["bytes"]), "collectives": measured[-1]["by_op"],
-        "trainable_parameters": case.trainable, "model_flops_per_token": utilization.counts.model_flops_per_token(structure),
-        "executed_flops_per_token": utilization.counts.executed_flops_per_token(structure),
+        "trainable_parameters": case.trainable,
+        "model_flops_per_token": utilization.counts.model_flops_per_token(traits),
+        "executed_flops_per_token": utilization.counts.executed_flops_per_token(traits),
         "peak_flops_per_gpu": peak_flops, "peak_source": peak_source,
         **utilization.fields(speed["tokens_per_s_per_rank"]),
         "merge_reset_s": merge_s, "merge_reset_bytes": merge_bytes, "merge_every": args.merge_every,

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from relora_dist.architectures.cola import (ColaForCausalLM, ColaLinear, ColaMForCausalLM, cola_config,
                                             cola_m_state_from_cola, cola_state_from_cola_m)
 from relora_dist.models import llama_config
+from relora_dist.methods import method_class
 from relora_dist.perf.accounting import ModelCounts
 
 VOCAB = 96
@@ -112,9 +113,9 @@ def test_parameter_count_is_the_bottlenecks_plus_the_dense_parts(memory_efficien
     shapes = [(h, h)] * 4 + [(h, f), (h, f), (f, h)]  # q, k, v, o, gate, up, down (in, out)
     expected = layers * sum(r * (m + n) for m, n in shapes) + 2 * VOCAB * h + (2 * layers + 1) * h
     assert sum(p.numel() for p in model.parameters()) == expected
-    counts = ModelCounts.from_config(config, rank=None, seq_len=16)
-    structure = "cola_m" if memory_efficient else "cola"
-    assert counts.trainable(structure) == counts.held(structure) == expected
+    traits = method_class("cola_m" if memory_efficient else "cola").cost_traits
+    counts = ModelCounts.from_config(config, rank=None, seq_len=16, traits=traits)
+    assert counts.trainable(traits) == counts.held(traits) == expected
 
 
 def test_defaults_follow_the_official_configs():

@@ -12,7 +12,6 @@ import pytest
 from conftest import launch_env
 from relora_dist.benchmarks.compare import PRESETS, factors_scoped, rows, run_arguments, sweep_extension
 from relora_dist.methods import method_class, method_names
-from relora_dist.perf.accounting import PROJECTED_STATE
 
 
 def compare(*args):
@@ -35,8 +34,9 @@ def test_smoke_comparison_every_row_one_budget_and_chunks_reuse_finished_runs(tm
     assert sorted(len(r["seeds"]) for r in data["rows"].values()) == [1] * (len(default) - 2) + [2, 2]  # top 2 repeat
     for name, r in data["rows"].items():
         adam_bytes = 8 * r["trainable_parameters"]  # Adam fp32; GaLore-style methods keep projected moments instead
-        projected = method_class(r["method"]).cost_structure in PROJECTED_STATE
-        if r["method"] == "switchlora":  # plus a step counter per LoRA element (VectorStepAdamW)
+        traits = method_class(r["method"]).cost_traits
+        projected = traits.projected_state
+        if traits.factor_step_counters:  # plus a step counter per LoRA element (SwitchLoRA's VectorStepAdamW)
             assert adam_bytes < r["optimizer_state_bytes"] < 12 * r["trainable_parameters"], name
         else:
             assert r["trainable_parameters"] > 0 and (r["optimizer_state_bytes"] < adam_bytes if projected
@@ -80,7 +80,7 @@ def test_every_registered_method_has_rows_and_every_row_is_a_valid_relora_train_
     every = rows()
     assert set(method_names()) <= set(every)
     assert {n for n in every if n.endswith("@factors")} == {f"{m}@factors" for m in method_names()
-                                                           if method_class(m).cost_structure == "relora"
+                                                           if method_class(m).cost_traits.adapters
                                                            and method_class(m).config_section == "relora"}
     for name, row in every.items():
         config, _ = parse_run_config(run_arguments(name, 1e-3, 1, PRESETS["cpu"], tmp_path))

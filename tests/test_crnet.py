@@ -6,6 +6,7 @@ from torch import nn
 
 from relora_dist.architectures.crnet import PROJECTIONS, CRNetForCausalLM, CRNetLinear, crnet_config, effective_beta
 from relora_dist.models import llama_config
+from relora_dist.methods import method_class
 from relora_dist.perf.accounting import ModelCounts
 
 VOCAB, LAYERS = 96, 4
@@ -90,7 +91,8 @@ def test_layer_zero_is_hf_llamas_and_the_rest_count_r_times_in_plus_out():
     low_rank = (LAYERS - 1) * (sum(r * (m + n) for m, n in shapes) + len(PROJECTIONS))  # + one β a projection
     expected = dense_layer + low_rank + 2 * VOCAB * h + (2 * LAYERS + 1) * h
     assert sum(p.numel() for p in model.parameters()) == expected
-    assert ModelCounts.from_config(config, rank=None, seq_len=8).trainable("crnet") == expected
+    traits = method_class("crnet").cost_traits
+    assert ModelCounts.from_config(config, rank=None, seq_len=8, traits=traits).trainable(traits) == expected
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
     assert "model.layers.0.mlp.down_proj.weight" in model.state_dict()
 

@@ -248,8 +248,8 @@ def test_the_optimizer_state_is_what_the_accounting_counts(method):
     def held(*keys):
         return sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k in keys)
 
-    counts = ModelCounts.from_config(config, rank=4, seq_len=64)
-    expected = static_bytes(counts, method_obj.cost_structure, Precision.named("fp32"))
+    counts = ModelCounts.from_config(config, rank=4, seq_len=64, traits=method_obj.cost_traits)
+    expected = static_bytes(counts, method_obj.cost_traits, Precision.named("fp32"))
     assert held("exp_avg", "exp_avg_sq") == expected["optimizer"] and held("projector") == expected["projectors"] > 0
     assert held("exp_avg", "exp_avg_sq", "projector") < 8 * counts.n_full
 

@@ -21,7 +21,7 @@ from relora_dist.perf import (
     warm_start_adjusted,
 )
 from relora_dist.perf.hardware import ProbeSizes
-from relora_dist.perf.model import PAPER_SETUPS, ActivationCoefficients, paper_workload
+from relora_dist.perf.model import PAPER_METHODS, PAPER_SETUPS, ActivationCoefficients, paper_workload
 from relora_dist.cli.perfmodel import main
 
 A100 = PROFILES["a100_40gb"]
@@ -45,7 +45,7 @@ def test_static_memory_of_the_paper_model():
     full, relora = paper_workload("full"), paper_workload("relora")
     static_full, static_relora = memory_bytes(full, 0)["static"], memory_bytes(relora, 0)["static"]
     assert round(static_full / 1e9, 2) == 13.39 and round(static_relora / 1e9, 2) == 4.93
-    assert static_full == 2 * full.counts.held("full") + 8 * full.counts.trainable("full")
+    assert static_full == 2 * full.counts.held(full.traits) + 8 * full.counts.trainable(full.traits)
     assert memory_bytes(replace(full, gradient_as_bucket_view=True), 0)["static"] == static_full - 2 * full.counts.n_full
 
 
@@ -53,13 +53,22 @@ def test_activation_bytes_of_the_paper_model():
     """1.29 GB per 512-token example full-rank, 1.73 ReLoRA on the CUDA dropout path; the gap is (14h + ff + 14r)
     per token per layer, all LoRA dropout."""
     full, relora = paper_workload("full"), paper_workload("relora")
-    per_ex = {w.method: activation_bytes_per_token(w.counts, w.method, ffn=w.ffn, rank=w.rank,
+    per_ex = {w.label: activation_bytes_per_token(w.counts, w.traits, ffn=w.ffn, rank=w.rank,
                                                    coefficients=w.coefficients()) * 512 for w in (full, relora)}
     assert round(per_ex["full"] / 1e9, 2) == 1.29 and round(per_ex["relora"] / 1e9, 2) == 1.73
     assert per_ex["relora"] - per_ex["full"] == 512 * 24 * (14 * 2048 + 5461 + 14 * 128)
-    cpu = ActivationCoefficients.measured("relora", dropout_path="cpu")
-    no_dropout = ActivationCoefficients.measured("relora", dropout=0)
+    cpu = ActivationCoefficients.measured(relora.traits, dropout_path="cpu")
+    no_dropout = ActivationCoefficients.measured(relora.traits, dropout=0)
     assert (cpu.h, cpu.ff, cpu.r) == (48, 10, 14) and (no_dropout.h, no_dropout.ff, no_dropout.r) == (28, 8, 14)
+
+
+def test_the_paper_rows_are_counted_by_their_methods_traits():
+    """The table's rows are labels; what they are counted by is the registered methods' own cost traits."""
+    from relora_dist.methods import method_class
+
+    assert {label: method_class(label).cost_traits for label in PAPER_METHODS} == PAPER_METHODS
+    with pytest.raises(ValueError, match="no 'cola' row"):
+        paper_workload("cola")
 
 
 def test_max_micro_batch_is_the_largest_that_fits():
@@ -144,6 +153,8 @@ def test_cli_predict_and_errors(capsys):
                  "--no-sync", "--method", "full", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["micro_batch"] == 8 and out["allreduces_per_update"] == 1
+    assert main(["predict", "--preset", "60m", "--method", "lora", "--micro-batch", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "lora"  # the method's name; ReLoRA's traits count it
     assert main(["predict", "--hardware", "tpu"]) == 2
     assert "unknown hardware 'tpu'" in capsys.readouterr().err
     assert main(["predict", "--world-size", "0"]) == 2
@@ -172,22 +183,25 @@ def test_cola_costs_its_bottlenecks_and_cola_m_trades_a_forward_for_activations(
     """CoLA runs no dense projection (its bottleneck GEMMs are costed as LoRA's), CoLA-M adds one forward of the
     layers to backward and keeps e(2h + 7r) bytes a token and layer, so a larger micro-batch fits."""
     from relora_dist.architectures.cola import cola_config
+    from relora_dist.methods import method_class
     from relora_dist.models import llama_config
     from relora_dist.perf.model import Workload
 
     config = cola_config(llama_config("1b", vocab_size=32100, max_positions=1024), rank=None, only_lr_act=None)
-    cola = Workload.from_config(config, rank=None, seq_len=512, method="cola", world_size=8)
-    cola_m = replace(cola, method="cola_m")
+    traits = {name: method_class(name).cost_traits for name in ("cola", "cola_m")}
+    cola = Workload.from_config(config, rank=None, seq_len=512, traits=traits["cola"], label="cola", world_size=8)
+    cola_m = replace(cola, traits=traits["cola_m"], label="cola_m")
     c, h, layers, r = cola.counts, config.hidden_size, config.num_hidden_layers, config.rank
     assert (cola.rank, cola.only_lr_act) == (512, True)
     one, many = predict(cola, A100, EFF), predict(cola_m, A100, EFF)
     attention_f = 2 * 512 * h * layers
     assert one.terms["gemm_f"] == 2 * c.n_head + attention_f and one.terms["lora_f"] == 2 * c.n_lora
     assert many.terms["lora_b"] == 6 * c.n_lora and many.terms["gemm_b"] == one.terms["gemm_b"] + attention_f
-    per_layer = (activation_bytes_per_token(c, "cola_m", ffn=cola.ffn, rank=r, coefficients=cola_m.coefficients())
-                 - activation_bytes_per_token(replace(c, layers=0), "cola_m", ffn=cola.ffn, rank=r,
+    per_layer = (activation_bytes_per_token(c, cola_m.traits, ffn=cola.ffn, rank=r, coefficients=cola_m.coefficients())
+                 - activation_bytes_per_token(replace(c, layers=0), cola_m.traits, ffn=cola.ffn, rank=r,
                                               coefficients=cola_m.coefficients())) / layers
     assert per_layer == 2 * (2 * h + 7 * r)  # bf16
     assert many.micro_batch > one.micro_batch and many.t_bwd > one.t_bwd
-    for p, structure in ((one, "cola"), (many, "cola_m")):
-        assert p.hfu / p.mfu == pytest.approx(c.executed_flops_per_token(structure) / c.model_flops_per_token(structure))
+    for p, w in ((one, cola), (many, cola_m)):
+        assert p.method == w.label
+        assert p.hfu / p.mfu == pytest.approx(c.executed_flops_per_token(w.traits) / c.model_flops_per_token(w.traits))

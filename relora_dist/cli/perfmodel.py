@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--hardware", default="a100_40gb", help="a profile name, or 'cpu' to measure this machine")
     pred.add_argument("--world-size", type=int, default=8)
     pred.add_argument("--method", choices=method_names(), default="relora",
-                      help="a registered training method (its cost structure and, for control, its smaller model)")
+                      help="a registered training method (its cost traits and, for control, its smaller model)")
     pred.add_argument("--micro-batch", type=int, default=None, help="default: the largest that fits")
     pred.add_argument("--global-batch", type=int, default=1152)
     pred.add_argument("--seq-len", type=int, default=512)
@@ -129,8 +129,8 @@ def _predict(args) -> str:
     config = method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=max(1024, args.seq_len)))
     rank = method.resolved_rank(config) if args.rank is None else rank
     workload = Workload.from_config(
-        config, rank=rank, seq_len=args.seq_len, method=method.cost_structure, world_size=args.world_size,
-        global_batch=args.global_batch, micro_batch=args.micro_batch, precision=args.precision,
+        config, rank=rank, seq_len=args.seq_len, traits=method.cost_traits, label=args.method,
+        world_size=args.world_size, global_batch=args.global_batch, micro_batch=args.micro_batch, precision=args.precision,
         allreduce_every_microbatch=not args.no_sync, lora_dropout=args.lora_dropout)
     eff, source = _default_efficiency(args.hardware)
     given = {"eta_mm": args.eta_mm, "eta_bw": args.eta_bw, "phi": args.phi}

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..access import TensorAccess
 from ..models import build_model
+from ..perf.accounting import FULL_RANK, CostTraits
 from .lr_schedule import jagged_cosine
 
 
@@ -55,9 +56,11 @@ class Method:
     """relora-train's defaults for that section where they differ from the dataclass's own."""
     engines: ClassVar[tuple[str, ...] | None] = None
     """Engines this method supports (None: every engine); checked while the config is validated."""
-    cost_structure: ClassVar[str] = "full"
-    """How relora_dist.perf counts its parameters, FLOPs and bytes: 'full' (every weight trains) or 'relora'
-    (frozen projections plus trainable low-rank factors)."""
+    cost_traits: ClassVar[CostTraits] = FULL_RANK
+    """How relora_dist.perf counts its parameters, FLOPs, bytes and activations (MFU/HFU, the memory and throughput
+    harnesses' expectations, the performance model): the costs the method causes (frozen W, low-rank factors,
+    projected optimizer state, recomputation, ...), never its name. Default: every weight trains. A method whose
+    traits depend on its settings sets the instance attribute in `__init__`."""
 
     def __init__(self, cfg):
         self.cfg = cfg

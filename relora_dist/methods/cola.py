@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..architectures.cola import ColaForCausalLM, ColaMForCausalLM, cola_config
+from ..perf.accounting import CostTraits
 from .base import Method, register_method
 
 
@@ -37,7 +38,7 @@ class CoLA(Method):
     description = "CoLA: every projection a low-rank bottleneck σ(xA)B (Liu et al. 2025)"
     config_section = "cola"
     config_class = CoLAConfig
-    cost_structure = "cola"
+    cost_traits = CostTraits(low_rank_factors=True, replaces_dense=True, factor_activation=True)  # σ(x A) B
     architecture: ClassVar[type] = ColaForCausalLM
 
     def model_config(self, config):
@@ -53,7 +54,9 @@ class CoLA(Method):
 class CoLAM(CoLA):
     name = "cola_m"
     description = "CoLA-M: CoLA with layers re-cut at the low-rank activations and recomputed in backward"
-    cost_structure = "cola_m"
+    # every layer's forward again in backward, in segments cut at the r-wide activations
+    cost_traits = CostTraits(low_rank_factors=True, replaces_dense=True, factor_activation=True, recompute=True,
+                             recompute_at_factors=True)
     architecture = ColaMForCausalLM
 
     def validate(self):

@@ -8,9 +8,10 @@ not be fetched; docs/METHODS.md lists what follows the paper and what is our cho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..architectures.crnet import CRNetForCausalLM, crnet_config
+from ..perf.accounting import CostTraits
 from .base import Method, register_method
 
 
@@ -44,12 +45,13 @@ class CRNet(Method):
     description = "CR-Net: later layers carry the previous layer's projection outputs plus a low-rank difference"
     config_section = "crnet"
     config_class = CRNetSettings
-    cost_structure = "crnet"
+    # layer 0 dense, the later layers' low-rank differences in place of their projections, β Y_prev carried
+    cost_traits = CostTraits(low_rank_factors=True, replaces_dense=True, dense_first_layer=True, carried_outputs=True)
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if self.settings.recompute_every:
-            self.cost_structure = "crnet_recompute"  # every layer's forward runs again in backward
+        if self.settings.recompute_every:  # every layer's forward runs again in backward
+            self.cost_traits = replace(CRNet.cost_traits, recompute=True)
 
     def validate(self):
         super().validate()

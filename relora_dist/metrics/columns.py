@@ -2,8 +2,8 @@
 and the benchmarks (relora-bench rows).
 
 MFU follows the PaLM / nanoGPT / torchtitan convention (6N + 12 L h s FLOPs per token, N the full-rank model's
-parameters, CoLA's own for CoLA); HFU counts the FLOPs the method executes (no dW for a frozen W):
-`relora_dist.perf.accounting`.
+parameters, CoLA's own for CoLA); HFU counts the FLOPs the method executes (no dW for a frozen W): both by the cost
+traits the method declares (`relora_dist.perf.accounting.CostTraits`, `Method.cost_traits`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import resource
 
 import torch
 
-from ..perf.accounting import ModelCounts
+from ..perf.accounting import CostTraits, ModelCounts
 
 # Record keys -> TensorBoard / W&B tags (grouped as the dashboards show them); other numeric keys go under "other/".
 TAGS = {
@@ -45,17 +45,18 @@ def device_peak_flops(device: torch.device, dtype: str) -> tuple[float | None, s
 
 
 class Utilization:
-    """MFU and HFU of a run from its model config and the device's peak FLOP/s (None: the columns are left out)."""
+    """MFU and HFU of a run from its model config, its method's cost traits and the device's peak FLOP/s (None: the
+    columns are left out)."""
 
-    def __init__(self, config, *, seq_len: int, rank: int, cost_structure: str, peak_flops: float | None):
-        self.counts = ModelCounts.from_config(config, rank=rank, seq_len=seq_len)
-        self.cost_structure, self.peak_flops = cost_structure, peak_flops
+    def __init__(self, config, *, seq_len: int, rank: int, cost_traits: CostTraits, peak_flops: float | None):
+        self.counts = ModelCounts.from_config(config, rank=rank, seq_len=seq_len, traits=cost_traits)
+        self.cost_traits, self.peak_flops = cost_traits, peak_flops
 
     def fields(self, tokens_per_s_per_rank: float) -> dict:
         if not self.peak_flops:
             return {}
-        return {"mfu": tokens_per_s_per_rank * self.counts.model_flops_per_token(self.cost_structure) / self.peak_flops,
-                "hfu": tokens_per_s_per_rank * self.counts.executed_flops_per_token(self.cost_structure) / self.peak_flops}
+        return {"mfu": tokens_per_s_per_rank * self.counts.model_flops_per_token(self.cost_traits) / self.peak_flops,
+                "hfu": tokens_per_s_per_rank * self.counts.executed_flops_per_token(self.cost_traits) / self.peak_flops}
 
 
 def memory_fields(device: torch.device) -> dict:

@@ -1,24 +1,26 @@
-"""Exact per-token FLOPs, static bytes and gradient traffic of a LLaMA config trained full rank, with ReLoRA, or
-as CoLA / CoLA-M (a method's `cost_structure`).
+"""Exact per-token FLOPs, static bytes and gradient traffic of a LLaMA config, by the cost traits a training method
+declares (`CostTraits`: relora_dist.methods.Method.cost_traits). Nothing here names a method: a new method declares its
+traits and is counted by them.
 
 These are the identities the throughput harness reports and the performance model builds on
 (SPEC section 4, research/perf_model.md section 2). They are tested against FlopCounterMode and
 real optimizer state (tests/test_perf_accounting.py).
-- N_lin: the projections ReLoRA wraps (frozen W); N_other: projections it leaves full rank; N_head; N_emb;
+- N_lin: the projections the low-rank factors wrap (frozen W); N_other: projections left full rank; N_head; N_emb;
   N_norm; N_lora = sum over wrapped projections of r(in + out).
-- Executed FLOPs per token: full 6(N_lin + N_other + N_head); ReLoRA 4 N_lin + 6 N_lora + 6(N_other + N_head)
-  (no dW for a frozen W). Attention comes on top as causal flash attention executes it: 2 s h per layer
-  forward, 5 s h backward (recompute included); FlopCounterMode does not see the CPU SDPA kernel.
-- CoLA: every projection is the bottleneck sigma(x A) B and nothing is frozen: N_lora (= sum r(in + out)) replaces
-  N_lin, executed 6 N_lora + 6(N_other + N_head); CoLA-M recomputes every layer's forward in backward: 8 N_lora
-  (less the last layer's final B, 2 r h, which needs no recompute), and the attention products' forward once more
-  (9 s h per layer).
-- CR-Net: layer 0 dense (N_other), the later layers' low-rank differences (N_lora) and one β per projection (counted
-  with the norms); executed as CoLA, or with its inverse recomputation every layer's forward once more:
-  8(N_lora + N_other) + 6 N_head and 9 s h per layer. N_lin is then the dense projections CR-Net replaced, for
-  reference only.
+- Executed FLOPs per token: 6 per trained weight, 4 per frozen one (no dW), none for a dense projection the factors
+  replace: full rank 6(N_lin + N_other + N_head); frozen W plus factors (ReLoRA) 4 N_lin + 6 N_lora + 6(N_other +
+  N_head). Attention comes on top as causal flash attention executes it: 2 s h per layer forward, 5 s h backward
+  (recompute included); FlopCounterMode does not see the CPU SDPA kernel.
+- Factors replacing the dense projections (CoLA's bottleneck sigma(x A) B, CR-Net's differences): nothing frozen,
+  N_lora in place of N_lin, executed 6 N_lora + 6(N_other + N_head). Recomputing every layer's forward in backward
+  adds 2 per layer weight (8 N_lora, 8 N_other) and the attention products' forward once more (9 s h per layer); cut
+  at the factors' r-wide activations (CoLA-M) the last layer's final factor needs none (2 r h less).
+- A dense first layer (CR-Net): layer 0 keeps its dense projections (N_other), the later layers hold the factors,
+  with a carried output one β per projection (counted with the norms); N_lin is then the dense projections the
+  factors replaced, for reference only.
 - MFU convention (PaLM / nanoGPT / torchtitan): 6 N + 12 L h s FLOPs per token, N = the full-rank model's
-  parameters (CoLA's: its own, smaller model). HFU uses the executed FLOPs.
+  parameters (a model whose factors replace its dense projections: its own, smaller model). HFU uses the executed
+  FLOPs.
 """
 
 from __future__ import annotations
@@ -29,16 +31,71 @@ from transformers import LlamaConfig
 
 from ..models import LLAMA_PROJECTIONS as PROJECTIONS
 
-# How a method's parameters, FLOPs and bytes are counted (relora_dist.methods.Method.cost_structure): every weight
-# trains; frozen projections plus trainable low-rank factors; every projection a trainable bottleneck (CoLA), and
-# that with every layer's forward recomputed in backward (CoLA-M).
-COST_STRUCTURES = ("full", "relora", "switchlora", "cola", "cola_m", "crnet", "crnet_recompute", "galore", "fira")
-# Frozen projections plus trainable low-rank factors; SwitchLoRA also holds its candidate pools (frozen) and a step
-# counter per factor element in the optimizer.
-LOW_RANK = ("relora", "switchlora")
-# Full-rank models whose optimizer keeps rank-r projected moments and a projector per projection (GaLore, Fira).
-PROJECTED_STATE = ("galore", "fira")
-BOTTLENECK = ("cola", "cola_m", "crnet", "crnet_recompute")  # nothing frozen: every parameter held trains
+
+@dataclass(frozen=True)
+class CostTraits:
+    """What a training method's parameters, FLOPs and bytes cost, by trait (each named after the cost it causes).
+    Every figure in relora_dist.perf reads these and nothing else of a method; the default is full-rank training."""
+
+    frozen_weights: bool = False
+    """The wrapped dense projections are held but frozen: no dW GEMM (4 FLOPs per weight and token, not 6), no
+    gradient, no optimizer state."""
+    low_rank_factors: bool = False
+    """Trainable rank-r factors A (in x r), B (r x out) per wrapped projection (N_lora): their small GEMMs, costed
+    memory- or compute-bound, and an r-wide intermediate per projection kept for backward."""
+    replaces_dense: bool = False
+    """The factors are the projections (a bottleneck): no dense W is held or run for a wrapped projection, and MFU
+    counts this model's own parameters."""
+    factor_activation: bool = False
+    """σ between A and B (σ(x A) B): backward keeps σ(x A) as well, a second r-wide tensor per projection."""
+    projected_state: bool = False
+    """The optimizer keeps the projections' Adam moments in a rank-r projection of their gradients, plus a projector
+    per matrix, in place of full moments."""
+    candidate_pools: bool = False
+    """Frozen candidate vectors held beside the factors (N_pools)."""
+    rewrites_frozen: bool = False
+    """The frozen weights (and pools) are written in place every update: an engine holding low-precision
+    parameters keeps an exact fp32 copy of them."""
+    factor_step_counters: bool = False
+    """The optimizer keeps a step counter per factor element (fp32: half a moment pair each)."""
+    dense_first_layer: bool = False
+    """Layer 0 keeps its dense projections (counted in N_other); only the later layers hold factors. The pool and
+    projected-state counts (a dense LLaMA's) are not counted for such a model."""
+    carried_outputs: bool = False
+    """Each factored projection adds β times the previous layer's output of that projection: a trainable scalar per
+    projection (counted with the norms), and the previous outputs β's gradient needs kept for backward (e 4h per
+    token and layer)."""
+    recompute: bool = False
+    """Backward runs every decoder layer's forward again (2 more FLOPs per layer weight, the attention products'
+    forward once more) and keeps only the recomputation's boundaries: the layer's input and its attention output
+    (e 2h per token and layer)."""
+    recompute_at_factors: bool = False
+    """The recomputed segments are cut at the factors' r-wide activations: backward keeps those 7 as well (e 7r per
+    token and layer), and the last layer's final factor, whose input a boundary keeps, is not recomputed (2 r h
+    FLOPs per token less)."""
+
+    def __post_init__(self):
+        if self.frozen_weights and self.replaces_dense:
+            raise ValueError("cost traits: frozen_weights holds the dense projections, replaces_dense holds none")
+        needs_factors = ("replaces_dense", "factor_activation", "candidate_pools", "factor_step_counters",
+                         "recompute_at_factors")
+        missing = [name for name in needs_factors if getattr(self, name) and not self.low_rank_factors]
+        if missing:
+            raise ValueError(f"cost traits: {', '.join(missing)} need low_rank_factors")
+        if self.recompute_at_factors and not self.recompute:
+            raise ValueError("cost traits: recompute_at_factors needs recompute")
+
+    @property
+    def adapters(self) -> bool:
+        """Factors beside a held dense projection (LoRA-style): their output scaled and added to the projection's,
+        and dropout on their input when the workload has one."""
+        return self.low_rank_factors and not self.replaces_dense
+
+
+FULL_RANK = CostTraits()
+"""Every weight trains (the default of relora_dist.methods.Method)."""
+FROZEN_WITH_ADAPTERS = CostTraits(frozen_weights=True, low_rank_factors=True)
+"""Frozen projections plus trainable low-rank factors beside them (the ReLoRA family)."""
 
 
 @dataclass(frozen=True)
@@ -65,29 +122,34 @@ class ModelCounts:
     """SwitchLoRA's candidate pools: min(m, n) (m + n) per wrapped matrix."""
 
     @classmethod
-    def from_config(cls, config: LlamaConfig, *, rank: int | None, seq_len: int, targets=PROJECTIONS) -> "ModelCounts":
-        """`rank`: the low-rank factors' (a CoLA config's own `rank` wins)."""
+    def from_config(cls, config: LlamaConfig, *, rank: int | None, seq_len: int, traits: CostTraits,
+                    targets=PROJECTIONS) -> "ModelCounts":
+        """`rank`: the low-rank factors' (a CoLA or CR-Net config's own `rank` wins); `traits`: the method's, for the
+        layout they imply (a dense first layer, a carried-output scalar per projection). The queries below take the
+        traits to count by."""
+        check_traits(traits)
         rank = getattr(config, "rank", None) or rank or 0
         h, f, L, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
         kv = h * config.num_key_value_heads // config.num_attention_heads
         shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
                   "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}  # (in, out)
         wrapped = [shapes[name] for name in PROJECTIONS if any(t in name for t in targets)]
-        if getattr(config, "model_type", "llama") == "crnet":  # layer 0 dense, the others low rank with one β each
-            dense = sum(i * o for i, o in shapes.values())
-            return cls(layers=L, hidden=h, seq_len=seq_len, n_lin=(L - 1) * dense, n_other=dense,
-                       n_lora=(L - 1) * sum(rank * (i + o) for i, o in shapes.values()),
-                       n_head=0 if config.tie_word_embeddings else v * h, n_emb=v * h,
-                       n_norm=(2 * L + 1) * h + (L - 1) * len(shapes), rank=rank)
-        return cls(
+        factored = L - 1 if traits.dense_first_layer else L  # the layers whose wrapped projections hold factors
+        dense, wrapped_dense = sum(i * o for i, o in shapes.values()), sum(i * o for i, o in wrapped)
+        layout = dict(
             layers=L, hidden=h, seq_len=seq_len,
-            n_lin=L * sum(i * o for i, o in wrapped),
-            n_other=L * sum(i * o for i, o in shapes.values()) - L * sum(i * o for i, o in wrapped),
-            n_lora=L * sum(rank * (i + o) for i, o in wrapped),
+            n_lin=factored * wrapped_dense,
+            n_other=L * dense - factored * wrapped_dense,
+            n_lora=factored * sum(rank * (i + o) for i, o in wrapped),
             n_head=0 if config.tie_word_embeddings else v * h,
             n_emb=v * h,
-            n_norm=(2 * L + 1) * h,
+            n_norm=(2 * L + 1) * h + (factored * len(wrapped) if traits.carried_outputs else 0),  # and one β each
             rank=rank,
+        )
+        if traits.dense_first_layer:
+            return cls(**layout)
+        return cls(
+            **layout,
             n_pools=L * sum(min(i, o) * (i + o) for i, o in wrapped),
             n_projected_moments=L * sum(_projected_moments(i, o, rank) for i, o in shapes.values()),
             n_projectors=L * sum(min(rank, i, o) * min(i, o) for i, o in shapes.values()),
@@ -100,64 +162,68 @@ class ModelCounts:
         """Parameters of the full-rank model."""
         return self.n_lin + self.n_other + self.n_head + self.n_emb + self.n_norm
 
-    def trainable(self, method: str) -> int:
-        _check(method)
-        return self.n_full if method in ("full", *PROJECTED_STATE) else self.n_lora + self.n_other + self.n_head + self.n_emb + self.n_norm
+    def trainable(self, traits: CostTraits) -> int:
+        check_traits(traits)
+        if not (traits.frozen_weights or traits.replaces_dense):  # the dense projections train
+            return self.n_full + (self.n_lora if traits.low_rank_factors else 0)
+        return (self.n_lora if traits.low_rank_factors else 0) + self.n_other + self.n_head + self.n_emb + self.n_norm
 
-    def held(self, method: str) -> int:
-        """Parameters resident on a replica (frozen W included)."""
-        if method in BOTTLENECK:
-            return self.trainable(method)
-        if method == "switchlora":
-            return self.n_full + self.n_lora + self.n_pools
-        return self.n_full if method in ("full", *PROJECTED_STATE) else self.n_full + self.n_lora
+    def held(self, traits: CostTraits) -> int:
+        """Parameters resident on a replica (frozen W and candidate pools included)."""
+        check_traits(traits)
+        held = self.trainable(traits) + (self.n_lin if traits.frozen_weights else 0)
+        return held + (self.n_pools if traits.candidate_pools else 0)
 
-    def written_frozen(self, method: str) -> int:
-        """Frozen elements a method writes in place every update (SwitchLoRA folds into W and parks in its pools), which
-        an engine holding bf16 parameters keeps an fp32 copy of."""
-        return self.n_lin + self.n_pools if method == "switchlora" else 0
+    def written_frozen(self, traits: CostTraits) -> int:
+        """Frozen elements written in place every update (SwitchLoRA folds into W and parks in its pools), which an
+        engine holding bf16 parameters keeps an fp32 copy of."""
+        check_traits(traits)
+        if not traits.rewrites_frozen:
+            return 0
+        return (self.n_lin if traits.frozen_weights else 0) + (self.n_pools if traits.candidate_pools else 0)
 
-    def optimizer_elements(self, method: str, *, right: bool = False) -> int:
-        """Adam moment elements: 2 per trainable parameter, the projected moments in place of the projections' for
-        GaLore and Fira (`right`: every matrix projected from the right, as on FSDP2 and ZeRO-1/2/3)."""
-        if method in PROJECTED_STATE:
+    def optimizer_elements(self, traits: CostTraits, *, right: bool = False) -> int:
+        """Adam moment elements: 2 per trainable parameter, the projected moments in place of the projections' with
+        projected state (`right`: every matrix projected from the right, as on FSDP2 and ZeRO-1/2/3), and a step
+        counter per factor element where the optimizer keeps one (fp32, counted as half a moment pair)."""
+        check_traits(traits)
+        if traits.projected_state:
             moments = self.n_projected_moments_right if right else self.n_projected_moments
-            return 2 * (self.n_full - self.n_lin - self.n_other) + moments
-        if method == "switchlora":  # and a step counter per factor element (fp32, counted as half a moment pair)
-            return 2 * self.trainable(method) + self.n_lora
-        return 2 * self.trainable(method)
+            elements = 2 * (self.n_full - self.n_lin - self.n_other) + moments
+        else:
+            elements = 2 * self.trainable(traits)
+        return elements + (self.n_lora if traits.factor_step_counters else 0)
 
-    def projector_elements(self, method: str, *, right: bool = False) -> int:
-        """GaLore's and Fira's projectors (none for the other methods; Fira's limiter scalar per matrix not counted)."""
-        if method not in PROJECTED_STATE:
+    def projector_elements(self, traits: CostTraits, *, right: bool = False) -> int:
+        """The projected state's projectors (GaLore's, Fira's; Fira's limiter scalar per matrix not counted)."""
+        check_traits(traits)
+        if not traits.projected_state:
             return 0
         return self.n_projectors_right if right else self.n_projectors
 
-    def executed_flops_per_token(self, method: str, *, attention: bool = True) -> int:
-        """Forward + backward FLOPs actually run per token (dense GEMMs; attention products optional)."""
-        _check(method)
-        rest = 6 * (self.n_other + self.n_head)
+    def executed_flops_per_token(self, traits: CostTraits, *, attention: bool = True) -> int:
+        """Forward + backward FLOPs actually run per token (dense GEMMs; attention products optional). Projecting a
+        gradient is the optimizer's and a switch is per update, not per token; a carried output (β Y_prev) is
+        elementwise: no GEMM."""
+        check_traits(traits)
         # Causal flash attention: QK^T and PV over half the (s x s) scores, 2 s h forward, 5 s h backward.
         products = 7 * self.seq_len * self.hidden * self.layers
-        if method in ("full", *PROJECTED_STATE):  # projecting the gradient is the optimizer's, not per token
-            dense = 6 * self.n_lin + rest
-        elif method in LOW_RANK:  # SwitchLoRA's switches are per update, not per token
-            dense = 4 * self.n_lin + 6 * self.n_lora + rest
-        elif method in ("cola", "crnet"):  # CR-Net's β Y_prev is elementwise: no GEMM
-            dense = 6 * self.n_lora + rest
-        elif method == "cola_m":  # the layers' forward once more in backward, but for the last segment's B, whose
-            # inputs the checkpoint keeps anyway (nothing to recompute)
-            dense = 8 * self.n_lora - 2 * self.rank * self.hidden + rest
-            products = 9 * self.seq_len * self.hidden * self.layers
-        else:  # crnet_recompute: every layer's forward (layer 0's dense projections too) once more in backward
-            dense = 8 * (self.n_lora + self.n_other) + 6 * self.n_head
+        held_dense = 0 if traits.replaces_dense else self.n_lin  # the wrapped projections' dense W, if run at all
+        dense = 6 * (self.n_other + self.n_head) + (4 if traits.frozen_weights else 6) * held_dense
+        factors = self.n_lora if traits.low_rank_factors else 0
+        dense += 6 * factors
+        if traits.recompute:  # every layer's forward once more in backward (the head's not)
+            dense += 2 * (held_dense + factors + self.n_other)
+            if traits.recompute_at_factors:  # but for the last segment's final factor, whose input the boundary keeps
+                dense -= 2 * self.rank * self.hidden
             products = 9 * self.seq_len * self.hidden * self.layers
         return dense + (products if attention else 0)
 
-    def model_flops_per_token(self, method: str = "full") -> int:
+    def model_flops_per_token(self, traits: CostTraits = FULL_RANK) -> int:
         """The MFU numerator: 6 N + 12 L h s with N the trained model's parameters (the full-rank model's for ReLoRA and
-        its baselines, CoLA's own for CoLA)."""
-        n = self.held(method) if method in BOTTLENECK else self.n_full
+        its baselines; the model's own where the factors replace the dense projections, as CoLA's)."""
+        check_traits(traits)
+        n = self.held(traits) if traits.replaces_dense else self.n_full
         return 6 * n + 12 * self.layers * self.hidden * self.seq_len
 
 
@@ -166,9 +232,11 @@ def _projected_moments(fan_in: int, fan_out: int, rank: int) -> int:
     return 2 * min(rank, fan_in, fan_out) * max(fan_in, fan_out)
 
 
-def _check(method: str) -> None:
-    if method not in COST_STRUCTURES:
-        raise ValueError(f"unknown cost structure {method!r}; choose one of {', '.join(COST_STRUCTURES)}")
+def check_traits(traits) -> None:
+    """TypeError unless `traits` is a CostTraits (a method name or a cost-structure string is not)."""
+    if not isinstance(traits, CostTraits):
+        raise TypeError("perf counts by cost traits (a method's `cost_traits`, a relora_dist.perf.accounting."
+                        f"CostTraits), got {traits!r}")
 
 
 @dataclass(frozen=True)
@@ -193,22 +261,23 @@ class Precision:
         return presets[name]
 
 
-def static_bytes(counts: ModelCounts, method: str, precision: Precision, *, right_projection: bool = False) -> dict[str, int]:
+def static_bytes(counts: ModelCounts, traits: CostTraits, precision: Precision, *,
+                 right_projection: bool = False) -> dict[str, int]:
     """Per-replica bytes by category, before any sharding: parameters (held), fp32 masters, gradients and Adam
-    states of the trainable ones (GaLore's moments and projectors with every matrix projected from the right when
+    states of the trainable ones (projected moments and projectors with every matrix projected from the right when
     `right_projection`: the engines that split rows)."""
-    held, trainable = counts.held(method), counts.trainable(method)
+    held, trainable = counts.held(traits), counts.trainable(traits)
     return {
         "parameters": precision.weights * held,
         "master": precision.master * trainable,
         "gradients": precision.grads * trainable,
-        "optimizer": precision.adam * counts.optimizer_elements(method, right=right_projection) // 2,
-        "projectors": precision.adam * counts.projector_elements(method, right=right_projection) // 2,
-        "exact_copies": precision.exact_copies * counts.written_frozen(method),
+        "optimizer": precision.adam * counts.optimizer_elements(traits, right=right_projection) // 2,
+        "projectors": precision.adam * counts.projector_elements(traits, right=right_projection) // 2,
+        "exact_copies": precision.exact_copies * counts.written_frozen(traits),
     }
 
 
-def gradient_bytes_per_update(counts: ModelCounts, method: str, *, grad_bytes: int, all_reduces: int = 1) -> int:
+def gradient_bytes_per_update(counts: ModelCounts, traits: CostTraits, *, grad_bytes: int, all_reduces: int = 1) -> int:
     """Payload of the gradient all-reduces of one update: every trainable gradient once per all-reduce (DDP reduces
     once per update with no_sync, once per micro-batch without: the paper's loop)."""
-    return grad_bytes * counts.trainable(method) * all_reduces
+    return grad_bytes * counts.trainable(traits) * all_reduces

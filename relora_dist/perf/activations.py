@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .accounting import PROJECTED_STATE
+from .accounting import CostTraits, check_traits
 
 
 class SavedActivations:
@@ -49,33 +49,41 @@ def saved_bytes_per_token(model: nn.Module, input_ids: torch.Tensor, *, autocast
     return saved.bytes / input_ids.numel()
 
 
-def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, method: str, element_size: int, rank: int = 0,
+def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, traits: CostTraits, element_size: int, rank: int = 0,
                           dropout: bool = False, only_lr_act: bool = False) -> int:
     """Saved bytes per token of one decoder layer on torch's eager CPU path (measured exactly, see
-    tests/test_perf_activations.py), by cost structure (`method`).
+    tests/test_perf_activations.py), by the method's cost traits.
 
     Full rank (HF LLaMA): e(8h + 4ff) for the tensors saved in the compute dtype, 8h for RMSNorm's fp32 upcasts,
-    4 per head for the attention log-sum-exp and 8 more per token. ReLoRA keeps all of that (A needs the input a
-    frozen W does not), adds the r-wide intermediate of each of the 7 projections (7er), and with LoRA dropout the
-    dropped inputs and the dropout noise, which the CPU path stores in the compute dtype: e(10h + ff).
-    CoLA: a bottleneck keeps the input a linear keeps, plus x A (for σ's backward) and σ(x A) (for B's): 14er more
-    than full rank, and e ff less with only_lr_act (no outer SiLU to differentiate). CoLA-M keeps only its segments'
-    inputs: the residual stream twice and seven r-wide activations, e(2h + 7r). CR-Net, layers >= 1: full rank's, the
-    r-wide x A of every projection, and the previous layer's outputs that β Y_prev needs for β's gradient where
-    nothing else keeps them (q, k, o, down: 4h; v, gate and up are kept already), e(4h + 7r) more (and 14e bytes a
-    layer for the β scalars, independent of the tokens). Layer 0 is a full-rank layer.
+    4 per head for the attention log-sum-exp and 8 more per token. On top of that, by trait:
+    - low-rank factors: the r-wide intermediate x A of each of the 7 projections, 7er (a frozen W's input is the
+      tensor A needs anyway); as adapters with dropout (ReLoRA), the dropped inputs and the dropout noise, which the
+      CPU path stores in the compute dtype, e(10h + ff);
+    - σ between the factors (CoLA's bottleneck): σ(x A) as well, 7er more; only_lr_act (no outer SiLU to
+      differentiate) e ff less;
+    - carried outputs (CR-Net, layers >= 1): the previous layer's outputs that β Y_prev needs for β's gradient where
+      nothing else keeps them (q, k, o, down), e 4h (and 14e bytes a layer for the β scalars, independent of the
+      tokens); with a dense first layer, layer 0 is a full-rank layer;
+    - recompute: only the recomputation's boundaries instead of all of the above: the layer's input and its
+      attention output, e 2h (CR-Net's rebuilding layers, `crnet_recompute_layer_bytes`: the layers that keep the
+      previous layer's outputs keep more); cut at the factors (CoLA-M) the 7 r-wide activations too, e(2h + 7r).
     """
+    check_traits(traits)
     e, h, f = element_size, hidden, ffn
-    full = e * (8 * h + 4 * f) + 8 * h + 4 * heads + 8
-    if method in ("full", *PROJECTED_STATE):  # GaLore / Fira train the full-rank model
-        return full
-    if method == "cola":
-        return full + 14 * e * rank - (e * f if only_lr_act else 0)
-    if method == "cola_m":
-        return e * (2 * h + 7 * rank)
-    if method == "crnet":
-        return full + e * (4 * h + 7 * rank)
-    return full + 7 * e * rank + (e * (10 * h + f) if dropout else 0)
+    if traits.recompute:
+        return e * (2 * h + (7 * rank if traits.recompute_at_factors else 0))
+    saved = e * (8 * h + 4 * f) + 8 * h + 4 * heads + 8
+    if traits.low_rank_factors:
+        saved += 7 * e * rank
+    if traits.factor_activation:
+        saved += 7 * e * rank
+    if only_lr_act:
+        saved -= e * f
+    if traits.carried_outputs:
+        saved += 4 * e * h
+    if traits.adapters and dropout:
+        saved += e * (10 * h + f)
+    return saved
 
 
 def head_bytes_per_token(vocab_size: int) -> int:

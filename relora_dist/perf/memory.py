@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import nn
 
-from .accounting import ModelCounts, Precision, static_bytes
+from .accounting import CostTraits, ModelCounts, Precision, static_bytes
 
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer", "projectors", "master", "exact_copies", "other")
 
@@ -118,12 +118,13 @@ def precision_of(engine: str, dtype: str) -> Precision:
     return Precision.named("fp32")
 
 
-def expected_static_bytes(counts: ModelCounts, method: str, engine: str, dtype: str, world_size: int) -> dict[str, float]:
-    """Per-rank bytes by category from the exact counts, sharded categories divided by the world size
-    (engines pad partitions a little: the census shows by how much)."""
+def expected_static_bytes(counts: ModelCounts, traits: CostTraits, engine: str, dtype: str,
+                          world_size: int) -> dict[str, float]:
+    """Per-rank bytes by category from the exact counts of a method's cost traits, sharded categories divided by the
+    world size (engines pad partitions a little: the census shows by how much)."""
     if engine not in _SHARDED:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(_SHARDED)}")
-    full = static_bytes(counts, method, precision_of(engine, dtype), right_projection=engine in _SPLITS_ROWS)
+    full = static_bytes(counts, traits, precision_of(engine, dtype), right_projection=engine in _SPLITS_ROWS)
     return {k: v / world_size if k in _SHARDED[engine] else v for k, v in full.items()}
 
 

@@ -1,6 +1,7 @@
-"""Analytic throughput and memory model of data-parallel training, full rank vs ReLoRA (research/perf_model.md 2), and
-CoLA / CoLA-M / CR-Net (their low-rank GEMMs costed as the LoRA GEMMs are; CoLA-M runs every layer's forward again in
-backward).
+"""Analytic throughput and memory model of data-parallel training (research/perf_model.md 2), by the cost traits a
+method declares (perf.accounting.CostTraits): frozen W plus adapters as ReLoRA, factors replacing the dense projections
+as CoLA / CR-Net (their low-rank GEMMs costed as the LoRA GEMMs are), every layer's forward run again in backward as
+CoLA-M. Nothing here names a method; a Workload's `label` only names it in records.
 
 Per micro-step: t_fwd + t_bwd (GEMMs at eta_mm of peak, elementwise traffic at eta_bw of DRAM bandwidth, the
 LoRA GEMMs whichever of the two binds) + gradient bookkeeping + the exposed part of the ring all-reduce.
@@ -15,11 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from .accounting import BOTTLENECK, COST_STRUCTURES, LOW_RANK, PROJECTED_STATE, ModelCounts, Precision, static_bytes
+from .accounting import (FROZEN_WITH_ADAPTERS, FULL_RANK, CostTraits, ModelCounts, Precision, check_traits,
+                         static_bytes)
 from .hardware import GiB, Hardware
 
-# The paper's table compares these two (a method names its own structure: relora_dist.methods.Method.cost_structure).
-PAPER_STRUCTURES = ("full", "relora")
+# The paper's table compares these two: its row labels and the cost traits each is counted by.
+PAPER_METHODS = {"full": FULL_RANK, "relora": FROZEN_WITH_ADAPTERS}
 CONTEXT_BYTES = GiB  # CUDA context + NCCL + allocator slack outside the tensors
 DDP_BUCKET_BYTES = 25 * 2**20
 
@@ -38,28 +40,27 @@ class ActivationCoefficients:
     transient_v: float = 6.0  # assumed, not measured
 
     @classmethod
-    def measured(cls, method: str, *, dropout: float = 0.1, dropout_path: str = "cuda",
+    def measured(cls, traits: CostTraits, *, dropout: float = 0.1, dropout_path: str = "cuda",
                  only_lr_act: bool = False) -> ActivationCoefficients:
-        """The coefficients measured exactly on CPU with saved_tensors_hooks (note 2.2), bf16. CoLA keeps full rank's
-        plus x A and σ(x A) of every bottleneck (14 e r), less the outer SiLU's input with only_lr_act; CoLA-M only its
-        segments' inputs, e(2h + 7r); CR-Net full rank's plus e(4h + 7r) (perf.activations.layer_bytes_per_token)."""
-        if method in ("full", *PROJECTED_STATE):  # GaLore / Fira: the full-rank model, only the optimizer differs
-            return cls(28, 8)
-        if method == "cola":
-            return cls(28, 6 if only_lr_act else 8, 28)
-        if method == "cola_m":
-            return cls(4, 0, 14, layer=0)
-        if method == "crnet":  # full rank's plus e(4h + 7r) (layer 0, a full-rank layer, counted alike)
-            return cls(36, 8, 14)
-        if method == "crnet_recompute":  # the input and the attention output, e 2h (every layer rebuilding)
-            return cls(4, 0, 0, layer=0)
-        if dropout == 0:
-            return cls(28, 8, 14)
-        if dropout_path == "cuda":  # fused native_dropout: a bool mask and the bf16 output
-            return cls(42, 9, 14)
-        if dropout_path == "cpu":  # unfused bernoulli * mul with a bf16 noise tensor
-            return cls(48, 10, 14)
-        raise ValueError(f"unknown dropout path {dropout_path!r}; choose cuda or cpu")
+        """The coefficients measured exactly on CPU with saved_tensors_hooks (note 2.2), bf16, by cost trait: full
+        rank (28h + 8ff); low-rank factors keep their r-wide intermediate (14r), σ between them σ(x A) too (14r
+        more), only_lr_act drops the outer SiLU's input (2ff less), carried outputs the previous layer's (8h);
+        adapters' dropout (`dropout` > 0) its mask and output (14h + ff fused on CUDA, 20h + 2ff with the CPU's
+        bf16 noise); recomputing keeps only the layer's input and attention output (4h), cut at the factors the
+        r-wide activations too (14r) (perf.activations.layer_bytes_per_token)."""
+        check_traits(traits)
+        if traits.recompute:
+            return cls(4, 0, 14 if traits.recompute_at_factors else 0, layer=0)
+        h, ff = 28 + (8 if traits.carried_outputs else 0), 8 - (2 if only_lr_act else 0)
+        r = (14 if traits.low_rank_factors else 0) + (14 if traits.factor_activation else 0)
+        if traits.adapters and dropout != 0:
+            if dropout_path == "cuda":  # fused native_dropout: a bool mask and the bf16 output
+                h, ff = h + 14, ff + 1
+            elif dropout_path == "cpu":  # unfused bernoulli * mul with a bf16 noise tensor
+                h, ff = h + 20, ff + 2
+            else:
+                raise ValueError(f"unknown dropout path {dropout_path!r}; choose cuda or cpu")
+        return cls(h, ff, r) if r else cls(h, ff)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class Workload:
     counts: ModelCounts
     ffn: int
     rank: int
-    method: str = "full"  # the cost structure (COST_STRUCTURES)
+    traits: CostTraits = FULL_RANK  # what every figure is counted by (relora_dist.methods.Method.cost_traits)
+    label: str = ""  # the name records carry (Prediction.method); no figure depends on it
     world_size: int = 1
     global_batch: int = 1152  # 1152 x 512 tokens, the 250M/350M runs' batch (the 1.3B's is unreported)
     micro_batch: int | None = None  # None: the largest that fits
@@ -83,8 +85,7 @@ class Workload:
     divides_global: bool = False  # require b | global_batch / world_size, as the training code asserts
 
     def __post_init__(self):
-        if self.method not in COST_STRUCTURES:
-            raise ValueError(f"unknown cost structure {self.method!r}; choose one of {', '.join(COST_STRUCTURES)}")
+        check_traits(self.traits)
         if self.world_size < 1:
             raise ValueError(f"world size must be >= 1, got {self.world_size} (--world-size)")
         if self.global_batch < 1:
@@ -94,9 +95,10 @@ class Workload:
         Precision.named(self.precision)
 
     @classmethod
-    def from_config(cls, config, *, rank: int, seq_len: int, **kwargs) -> Workload:
-        counts = ModelCounts.from_config(config, rank=rank, seq_len=seq_len)  # resolves a CoLA config's own rank
-        return cls(counts=counts, ffn=config.intermediate_size, rank=counts.rank,
+    def from_config(cls, config, *, rank: int, seq_len: int, traits: CostTraits = FULL_RANK, **kwargs) -> Workload:
+        # resolves a CoLA / CR-Net config's own rank
+        counts = ModelCounts.from_config(config, rank=rank, seq_len=seq_len, traits=traits)
+        return cls(counts=counts, ffn=config.intermediate_size, rank=counts.rank, traits=traits,
                    only_lr_act=getattr(config, "only_lr_act", False), **kwargs)
 
     @property
@@ -110,7 +112,7 @@ class Workload:
     def coefficients(self) -> ActivationCoefficients:
         if self.activations is not None:
             return self.activations
-        return ActivationCoefficients.measured(self.method, dropout=self.lora_dropout, dropout_path=self.dropout_path,
+        return ActivationCoefficients.measured(self.traits, dropout=self.lora_dropout, dropout_path=self.dropout_path,
                                                only_lr_act=self.only_lr_act)
 
 
@@ -121,10 +123,10 @@ class Efficiency:
     phi: float = 0.0  # fraction of the all-reduce DDP hides behind backward (0: serial, what the paper's PCIe rows need)
 
 
-def activation_bytes_per_token(counts: ModelCounts, method: str, *, ffn: int, rank: int,
+def activation_bytes_per_token(counts: ModelCounts, traits: CostTraits, *, ffn: int, rank: int,
                                coefficients: ActivationCoefficients | None = None, transient: bool = False) -> float:
     """Saved activations per token (plus the loss transients with transient=True)."""
-    c = coefficients or ActivationCoefficients.measured(method)
+    c = coefficients or ActivationCoefficients.measured(traits)
     h, v = counts.hidden, counts.n_emb // counts.hidden
     per_layer = c.h * h + c.ff * ffn + c.r * rank + c.layer
     saved = counts.layers * per_layer + c.top_h * h + c.head_v * v
@@ -134,8 +136,8 @@ def activation_bytes_per_token(counts: ModelCounts, method: str, *, ffn: int, ra
 def static_memory_bytes(workload: Workload) -> dict[str, float]:
     """Weights, fp32 masters, grads, Adam and the DDP bucket copy (note 2.2: 2 B held + 8 B per trainable, pure bf16)."""
     precision = Precision.named(workload.precision)
-    parts = dict(static_bytes(workload.counts, workload.method, precision))
-    trainable = workload.counts.trainable(workload.method)
+    parts = dict(static_bytes(workload.counts, workload.traits, precision))
+    trainable = workload.counts.trainable(workload.traits)
     no_copy = workload.gradient_as_bucket_view or workload.world_size == 1
     parts["ddp_buckets"] = 0 if no_copy else precision.grads * trainable
     return parts
@@ -147,8 +149,8 @@ def memory_bytes(workload: Workload, micro_batch: int) -> dict[str, float]:
     static = static_memory_bytes(w)
     tokens = micro_batch * w.seq_len
     coeffs = w.coefficients()
-    saved = activation_bytes_per_token(w.counts, w.method, ffn=w.ffn, rank=w.rank, coefficients=coeffs)
-    peak = activation_bytes_per_token(w.counts, w.method, ffn=w.ffn, rank=w.rank, coefficients=coeffs, transient=True)
+    saved = activation_bytes_per_token(w.counts, w.traits, ffn=w.ffn, rank=w.rank, coefficients=coeffs)
+    peak = activation_bytes_per_token(w.counts, w.traits, ffn=w.ffn, rank=w.rank, coefficients=coeffs, transient=True)
     parts = {"context": w.context_bytes, **static, "activations": tokens * saved, "transient": tokens * (peak - saved)}
     parts["static"] = sum(static.values())
     parts["total"] = w.context_bytes + parts["static"] + tokens * peak
@@ -210,31 +212,30 @@ def _ring_allreduce(nbytes: float, n: int, bucket_bytes: int, hardware: Hardware
 
 def _per_token(w: Workload) -> dict[str, float]:
     """FLOPs and memory-bound bytes per token, forward and backward (note 2.3-2.4; bytes hand-counted, pure bf16)."""
-    c, L, h, ff, r, v = w.counts, w.counts.layers, w.counts.hidden, w.ffn, w.rank, w.vocab
-    gemm = c.n_other + c.n_head + (0 if w.method in BOTTLENECK else c.n_lin)  # CoLA runs no dense projection
+    c, L, h, ff, r, v, traits = w.counts, w.counts.layers, w.counts.hidden, w.ffn, w.rank, w.vocab, w.traits
+    gemm = c.n_other + c.n_head + (0 if traits.replaces_dense else c.n_lin)  # factors in place of W: no dense GEMM
     attention_f, attention_b = 2 * w.seq_len * h * L, 5 * w.seq_len * h * L  # causal flash, recompute in backward
     t = {"gemm_f": 2 * gemm + attention_f, "gemm_b": 4 * gemm + attention_b, "lora_f": 0.0, "lora_b": 0.0,
          "bytes_f": L * (130 * h + 10 * ff) + 12 * v, "bytes_b": L * (260 * h + 20 * ff) + 14 * v,
          "lora_bytes_f": 0.0, "lora_bytes_b": 0.0, "head_flops_b": 4 * c.n_head, "head_bytes_b": 14 * v,
          "dropout_elements_f": 0.0}
-    if w.method in LOW_RANK:
-        io = c.n_lora / r  # sum of (in + out) over the wrapped projections and layers
+    if traits.frozen_weights:
         t["gemm_b"] -= 2 * c.n_lin  # no dW for frozen W
+    if traits.low_rank_factors:  # LoRA's GEMM shapes (intensity ~r), as adapters or as the bottleneck itself (σ on
+        # r-wide activations)
+        io = c.n_lora / r  # sum of (in + out) over the wrapped projections and layers
         t["lora_f"], t["lora_b"] = 2 * c.n_lora, 4 * c.n_lora
+        t["lora_bytes_f"], t["lora_bytes_b"] = 2 * io + 28 * r * L, 4 * io + 56 * r * L
+    if traits.adapters:
         # Dropout, x scale, in-place add (kept at lora_dropout=0: the note's hand count does not split them out).
         t["bytes_f"] += L * (80 * h + 25 * ff)
         t["bytes_b"] += L * (86 * h + 19 * ff)  # and grad accumulation into x
-        t["lora_bytes_f"], t["lora_bytes_b"] = 2 * io + 28 * r * L, 4 * io + 56 * r * L
         if w.lora_dropout > 0:  # every wrapped input: q, k, v, o, gate, up take h, down takes ff
             t["dropout_elements_f"] = L * (6 * h + ff)
-    if w.method in BOTTLENECK:  # the bottleneck GEMMs have LoRA's shapes (intensity ~r) and σ on r-wide activations
-        io = c.n_lora / r
-        t["lora_f"], t["lora_b"] = 2 * c.n_lora, 4 * c.n_lora
-        t["lora_bytes_f"], t["lora_bytes_b"] = 2 * io + 28 * r * L, 4 * io + 56 * r * L
-    if w.method in ("cola_m", "crnet_recompute"):  # backward runs every layer's forward again first
+    if traits.recompute:  # backward runs every layer's forward again first
         for key in ("lora", "lora_bytes", "bytes"):
             t[f"{key}_b"] += t[f"{key}_f"]
-        t["gemm_b"] += attention_f + (2 * c.n_other if w.method == "crnet_recompute" else 0)  # CR-Net's dense layer 0
+        t["gemm_b"] += attention_f + 2 * (gemm - c.n_head)  # the layers' dense GEMMs (CR-Net's layer 0)
     return t
 
 
@@ -248,7 +249,8 @@ def predict(workload: Workload, hardware: Hardware, efficiency: Efficiency, *, f
     w, hw, eff, n = workload, hardware, efficiency, workload.world_size
     b = w.micro_batch if w.micro_batch is not None else max_micro_batch(w, hw, frag)
     if b < 1:
-        raise ValueError(f"the {w.method} model does not fit in {hw.memory_bytes / GiB:.0f} GiB of {hw.name} "
+        model = f"{w.label} model" if w.label else "model"
+        raise ValueError(f"the {model} does not fit in {hw.memory_bytes / GiB:.0f} GiB of {hw.name} "
                          f"even at micro batch 1 (--hardware)")
     tokens = b * w.seq_len
     p = _per_token(w)
@@ -257,7 +259,7 @@ def predict(workload: Workload, hardware: Hardware, efficiency: Efficiency, *, f
         t_fwd += tokens * p["dropout_elements_f"] / hw.dropout_rate
     t_bwd = tokens * _pass_time(p["gemm_b"], p["bytes_b"], p["lora_b"], p["lora_bytes_b"], hw, eff)
     memory_rate = hw.mem_bw * eff.eta_bw
-    trainable = w.counts.trainable(w.method)
+    trainable = w.counts.trainable(w.traits)
     grad_bytes = Precision.named(w.precision).grads * trainable
     t_book = 16 * trainable / memory_rate  # AccumulateGrad, DDP bucket copy-in, copy-out and 1/n scaling
     t_optimizer = 24 * trainable / memory_rate  # foreach AdamW + clip
@@ -278,13 +280,13 @@ def predict(workload: Workload, hardware: Hardware, efficiency: Efficiency, *, f
     tokens_per_s = examples * w.seq_len
     denominator = n * hw.peak_flops
     return Prediction(
-        method=w.method, hardware=hw.name, world_size=n, micro_batch=b, accumulation=accumulation,
+        method=w.label, hardware=hw.name, world_size=n, micro_batch=b, accumulation=accumulation,
         allreduces_per_update=allreduces, t_fwd=t_fwd, t_bwd=t_bwd, t_book=t_book, t_allreduce=t_ar,
         t_exposed=t_exposed, t_optimizer=t_optimizer, t_micro=t_micro, t_update=t_update,
         examples_per_s=examples, examples_per_s_per_gpu=examples / n, tokens_per_s=tokens_per_s,
         tokens_per_s_per_gpu=tokens_per_s / n,
-        mfu=tokens_per_s * w.counts.model_flops_per_token(w.method) / denominator,
-        hfu=tokens_per_s * w.counts.executed_flops_per_token(w.method) / denominator,
+        mfu=tokens_per_s * w.counts.model_flops_per_token(w.traits) / denominator,
+        hfu=tokens_per_s * w.counts.executed_flops_per_token(w.traits) / denominator,
         exposed_comm_fraction=allreduces * t_exposed / t_update,
         memory_bytes=memory_bytes(w, b)["total"], memory_capacity=hw.memory_bytes,
         terms={"t_tail": t_tail, "first_bucket_share": f0, "grad_bytes": grad_bytes, **p},
@@ -338,11 +340,15 @@ PAPER_SETUPS = (
 
 
 def paper_workload(method: str = "full", world_size: int = 8, **kwargs) -> Workload:
-    """The paper's 1.3B (configs/llama_1b.json, T5 vocab), r=128, seq 512, lora_dropout 0.1."""
+    """The paper's 1.3B (configs/llama_1b.json, T5 vocab), r=128, seq 512, lora_dropout 0.1, for one of its table's
+    rows (PAPER_METHODS: the label and the traits it is counted by)."""
     from ..models import llama_config_from_shape
 
+    if method not in PAPER_METHODS:
+        raise ValueError(f"the paper's table has no {method!r} row; choose one of {', '.join(PAPER_METHODS)}")
     config = llama_config_from_shape(2048, 5461, 24, 32, vocab_size=32100)
-    return Workload.from_config(config, rank=128, seq_len=512, method=method, world_size=world_size, **kwargs)
+    return Workload.from_config(config, rank=128, seq_len=512, traits=PAPER_METHODS[method], label=method,
+                                world_size=world_size, **kwargs)
 
 
 def fit_paper_setup(setup: PaperSetup, *, eta_bw: float = 0.75, phi: float = 0.0,
@@ -432,7 +438,7 @@ def paper_table4(setups=PAPER_SETUPS, *, eta_bw: float = 0.75, phi: float = 0.0)
         fits[s.setup] = {"eta_mm": eff.eta_mm, "eta_bw": eff.eta_bw, "phi": eff.phi, "hardware": s.hardware,
                          "fitted_on": f"{s.setup} full-rank ({s.full:g} ex/s)",
                          "fixed": "eta_bw, phi and busbw a priori"}
-        pred = {m: predict(paper_workload(m, s.world_size), hw, eff) for m in PAPER_STRUCTURES}
+        pred = {m: predict(paper_workload(m, s.world_size), hw, eff) for m in PAPER_METHODS}
         paper = {"full": s.full, "relora": s.relora}
         common = {
             "setup": s.setup, "hardware": s.hardware, "world_size": s.world_size, "busbw_gbs": hw.busbw / 1e9,
@@ -441,12 +447,12 @@ def paper_table4(setups=PAPER_SETUPS, *, eta_bw: float = 0.75, phi: float = 0.0)
             "speedup_paper": s.relora / s.full - 1,
             "warm_start_paper": s.warm_start,
             "warm_start_harmonic_paper": warm_start_adjusted(s.full, s.relora),
-            "warm_start_harmonic_predicted": warm_start_adjusted(*(pred[k].examples_per_s for k in PAPER_STRUCTURES)),
+            "warm_start_harmonic_predicted": warm_start_adjusted(*(pred[k].examples_per_s for k in PAPER_METHODS)),
             "micro_batch_full": pred["full"].micro_batch, "micro_batch_relora": pred["relora"].micro_batch,
         }
-        misses = [m for m in PAPER_STRUCTURES if abs(pred[m].examples_per_s / paper[m] - 1) > GOAL]
+        misses = [m for m in PAPER_METHODS if abs(pred[m].examples_per_s / paper[m] - 1) > GOAL]
         needed = busbw_for_paper_speedup(s, eta_bw=eta_bw, phi=phi) if misses else None
-        for m in PAPER_STRUCTURES:
+        for m in PAPER_METHODS:
             p = pred[m]
             error = p.examples_per_s / paper[m] - 1
             rows.append({

@@ -88,7 +88,7 @@ class Trainer:
                              f" the model's embedding ({vocab} rows, --model-vocab-size)")
         self.model_config = run_model_config(self.method, cfg.model.preset, vocab_size=vocab, config_path=cfg.model.config_path,
                                              max_positions=cfg.model.max_positions)
-        self.utilization = Utilization(self.model_config, seq_len=cfg.data.seq_len, cost_structure=self.method.cost_structure,
+        self.utilization = Utilization(self.model_config, seq_len=cfg.data.seq_len, cost_traits=self.method.cost_traits,
                                        rank=getattr(self.method.settings, "rank", 0), peak_flops=self._peak_flops())
         self.step = 0  # successful optimizer updates: the one counter the method's schedule and events follow
         self.batches_consumed = 0

@@ -10,6 +10,7 @@ import torch
 import relora_dist as rd
 from relora_dist.backends.ddp import DDPBackend
 from relora_dist.distributed import close_distributed, init_distributed
+from relora_dist.methods import method_class
 from relora_dist.models import build_model, llama_config_from_shape
 from relora_dist.perf import ModelCounts, gradient_bytes_per_update
 
@@ -19,7 +20,7 @@ MICRO_BATCHES, SEQ = 3, 16
 def main():
     info = init_distributed()
     config = llama_config_from_shape(32, 88, 2, 4, vocab_size=97, max_positions=64)
-    counts = ModelCounts.from_config(config, rank=4, seq_len=SEQ)
+    counts = ModelCounts.from_config(config, rank=4, seq_len=SEQ, traits=method_class("full").cost_traits)
     for method in ("full", "relora"):
         for every_microbatch in (False, True):
             torch.manual_seed(0)
@@ -33,7 +34,8 @@ def main():
                 with (backend.no_sync() if i < MICRO_BATCHES - 1 else torch.enable_grad()):
                     backend.backward(backend.model(input_ids=tokens, labels=tokens).loss)
             all_reduces = MICRO_BATCHES if every_microbatch else 1
-            expected = gradient_bytes_per_update(counts, method, grad_bytes=4, all_reduces=all_reduces)
+            expected = gradient_bytes_per_update(counts, method_class(method).cost_traits, grad_bytes=4,
+                                                 all_reduces=all_reduces)
             measured = backend.gradient_traffic.bytes
             assert measured == expected, f"{method} every_microbatch={every_microbatch}: {measured} B != {expected} B"
     if info.rank == 0:

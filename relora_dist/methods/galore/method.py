@@ -16,6 +16,7 @@ from typing import ClassVar
 from torch import nn
 
 from ...access import OPTIMIZER_LAYOUTS
+from ...perf.accounting import CostTraits
 from ..base import Method, register_method
 from .optimizer import PROJECTIONS, ProjectedAdamW
 
@@ -71,7 +72,7 @@ class GaLore(Method):
     description = "GaLore: full-rank model, Adam moments in a rank-r SVD projection of each gradient (Zhao et al. 2024)"
     config_section = "galore"
     config_class = GaLoreSettings
-    cost_structure = "galore"
+    cost_traits = CostTraits(projected_state=True)  # the full-rank model; rank-r moments and a projector per matrix
     residual: ClassVar[str] = "none"
 
     def check_optimizer_layout(self, layout: str) -> None:
@@ -103,5 +104,4 @@ class GaLore(Method):
 class Fira(GaLore):
     name = "fira"
     description = "Fira: GaLore plus the out-of-subspace gradient, norm-scaled and growth-limited (Chen et al. 2024)"
-    cost_structure = "fira"
     residual = "fira"

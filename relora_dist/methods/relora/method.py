@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ...models import control_config
+from ...perf.accounting import FROZEN_WITH_ADAPTERS
 from ..base import Event, Method, register_method
 from ..full import FullRank
 from .config import RELORA_RUN_DEFAULTS, ReLoRAConfig
@@ -44,7 +45,7 @@ class LowRankAdapters(Method):
     config_section = "relora"
     config_class = ReLoRAConfig
     config_defaults = RELORA_RUN_DEFAULTS
-    cost_structure = "relora"
+    cost_traits = FROZEN_WITH_ADAPTERS
     layout: ClassVar[str] = "lora"
     """The controller's phase layout (schedule.LAYOUTS): when the low-rank phase starts, whether it restarts."""
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ...access import ReplicatedAccess
+from ...perf.accounting import CostTraits
 from ..base import Event, Method, register_method
 from .layer import switch_layers, switchlora_dense_state, wrap_switchlora
 from .optimizer import VectorStepAdamW
@@ -71,7 +72,10 @@ class SwitchLoRA(Method):
     description = "SwitchLoRA: LoRA vectors switched with candidate pools every update (Zhou & Wang 2024)"
     config_section = "switchlora"
     config_class = SwitchLoRASettings
-    cost_structure = "switchlora"
+    # Frozen W with factors beside it; the candidate pools held (frozen), W and the pools rewritten every update, a
+    # step counter per factor element in the optimizer (VectorStepAdamW).
+    cost_traits = CostTraits(frozen_weights=True, low_rank_factors=True, candidate_pools=True, rewrites_frozen=True,
+                             factor_step_counters=True)
 
     def __init__(self, cfg):
         super().__init__(cfg)
