@@ -130,6 +130,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, bad_files, what, command, expec
     assert re.search(pattern, errors[0]), (what, errors[0])
 
 
+@pytest.mark.dist
 def test_real_process_prints_no_traceback(tmp_path):
     result = run_cli(BASE + ["--out", tmp_path, "--rank", "0"], check=False)
     assert result.returncode == 2
@@ -137,6 +138,7 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "relora-train: error: relora rank must be > 0, got 0 (--rank)"
 
 
+@pytest.mark.dist
 def test_every_rank_of_a_distributed_run_stops_on_bad_input(tmp_path):
     """A bad dataset found by rank 0 while it builds the data: rank 1 must not wait forever in a collective."""
     result = run_cli(BASE + ["--out", tmp_path, "--dataset", tmp_path / "missing.txt"], nproc=2, check=False, timeout=120)

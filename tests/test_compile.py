@@ -49,6 +49,7 @@ def assert_no_recompiles(out, flags) -> None:
     assert 0 < first[0] < second[0] <= (3 if SHARED[0] in flags else 2) * first[0], graphs
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_compiled_run_equals_the_eager_reference_without_recompiles(tmp_path, reference_run, engine):
     flags, launcher, backend = ENGINES[engine]
