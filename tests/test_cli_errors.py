@@ -64,7 +64,7 @@ def bad_files(tmp_path_factory, shared_cache) -> dict[str, Path]:
     files["empty_dir"].mkdir()
     files["a_dir"] = root / "export_out"
     files["finished_run"] = root / "finished"
-    files.update(bad_stores(root))
+    files.update(bad_stores(root, shared_cache))
     assert train_main(BASE + ["--method", "full", "--out", str(files["finished_run"])]) == 0
     checkpoints = files["finished_run"] / "checkpoints"
     files["checkpoint"] = checkpoints / (checkpoints / "latest").read_text().strip()
@@ -77,11 +77,11 @@ def bad_files(tmp_path_factory, shared_cache) -> dict[str, Path]:
     return files
 
 
-def bad_stores(root: Path) -> dict[str, Path]:
+def bad_stores(root: Path, cache: Path) -> dict[str, Path]:
     """Token stores for the table: good ones (two sharing a tokenizer, one with another) and spoiled copies."""
     from relora_dist.data import embedded_corpus_documents, prepare_store
 
-    docs = embedded_corpus_documents()
+    docs = embedded_corpus_documents(cache / "corpus")  # where the runs' trainer keeps it
     files = {"docs_jsonl": root / "docs.jsonl", "full_dir": root / "full_dir"}
     files["docs_jsonl"].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:60]))
     (root / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[60:120]))

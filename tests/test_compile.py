@@ -30,9 +30,10 @@ ENGINES = {name: ([*ENGINE_FLAGS[name], *extra], ENGINE_LABELS[name].launcher, E
            for name, extra in EXTRA.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def shared_inductor_cache(tmp_path_factory):
-    """One Inductor cache for the module's runs: the first compiles, the others mostly read."""
+    """One Inductor cache for the module's CLI runs: the first compiles, the others mostly read. The in-process tests
+    keep torch's default cache: the inner loop (-m "not dist") compiles their layers once, not on every run."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
         yield
@@ -50,6 +51,7 @@ def assert_no_recompiles(out, flags) -> None:
 
 
 @pytest.mark.dist
+@pytest.mark.usefixtures("shared_inductor_cache")
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_compiled_run_equals_the_eager_reference_without_recompiles(tmp_path, reference_run, engine):
     flags, launcher, backend = ENGINES[engine]

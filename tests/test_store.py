@@ -22,8 +22,8 @@ from conftest import launch_env
 
 
 @pytest.fixture(scope="module")
-def documents() -> list[str]:
-    return embedded_corpus_documents()[:300]
+def documents(shared_cache) -> list[str]:
+    return embedded_corpus_documents(shared_cache / "corpus")[:300]  # where the runs' trainer keeps it
 
 
 @pytest.fixture(scope="module")
