@@ -83,9 +83,9 @@ def test_fused_kernels_inside_compiled_layers_equal_eager():
 @pytest.mark.parametrize("mask, op", [("aten", "relora_dist.input_dropout"), ("bits16", "relora_dist.bits16_dropout")])
 def test_compiled_lora_dropout_is_one_opaque_op(mask, op):
     """Traced, the LoRA input dropout is one opaque op (Inductor's own CPU random numbers are twice as slow as
-    ATen's): ATen's passes opcheck and scales the kept elements by 1/(1-p) forward and backward (test_dropout covers
-    bits16); a compiled ReLoRA layer in training drops about p of its low-rank inputs and, from the same generator
-    state, gives what eager gives."""
+    ATen's): ATen's passes opcheck and scales the kept elements by 1/(1-p) forward and backward
+    (test_relora_dropout.py covers bits16); a compiled ReLoRA layer in training drops about p of its low-rank inputs
+    and, from the same generator state, gives what eager gives."""
     x = torch.randn(400, 50, requires_grad=True)
     torch.library.opcheck(input_dropout, (x, 0.25))
     out, kept_mask = input_dropout(x, 0.25)
