@@ -1,6 +1,13 @@
-"""Shared helpers: real CLI runs (single process or torchrun with 2 gloo ranks) on a tiny model."""
+"""Shared helpers: real CLI runs (single process or torchrun with 2 gloo ranks) on a tiny model.
 
+Every test that starts a process (these helpers, subprocess, torchrun, the deepspeed launcher, multiprocessing)
+carries the `dist` marker (pytest.ini), so that `pytest -m "not dist"` is the in-process inner loop.
+RELORA_CHECK_DIST_MARKS=1 checks that: an unmarked test that starts a process from this checkout's code fails at
+the launch (see check_dist_marks below)."""
+
+import contextlib
 import glob
+import multiprocessing.process
 import json
 import os
 import random
@@ -13,6 +20,7 @@ if os.environ.get("RELORA_KERNEL_DEVICE", "cpu") == "cpu":
 import socket
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -39,6 +47,74 @@ SMALL = [
 # apart by name, so its 2-rank run equals the single-process reference only if each group gets its own rate.
 RELORA_RUN = ["--method", "relora", "--steps", "12", "--warm-start-steps", "3", "--merge-every", "3",
               "--restart-warmup-steps", "1", "--prune-ratio", "0.8", "--lora-lr", "0.006", "--lora-lr-scope", "factors"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RELORA_CHECK_DIST_MARKS=1 pytest -m "not dist": every process a test without the `dist` marker starts, in its
+# fixtures' setup or in its body, fails it at the launch. The launch is charged to its innermost caller outside the
+# plumbing that starts processes (the standard library, torch.multiprocessing's spawn, torchrun's agent, deepspeed's
+# launcher): it counts when that caller is this checkout's code (a test, conftest, relora_dist, launch/, benchmarks/).
+# So mp.spawn from relora_dist counts; the processes torch starts on its own (Inductor's C++ compiler, DataLoader
+# workers) and the forked workers of a pool (relora-data prepare tokenizes in a multiprocessing.Pool) do not.
+CHECK_DIST_MARKS = os.environ.get("RELORA_CHECK_DIST_MARKS", "0") == "1"
+_STDLIB = os.path.realpath(sysconfig.get_paths()["stdlib"]) + os.sep
+_POOLS = tuple(_STDLIB + os.path.join(*parts) for parts in [("multiprocessing", "pool.py"),
+                                                             ("concurrent", "futures", "process.py")])
+_LAUNCHERS = ("/torch/multiprocessing/", "/torch/distributed/", "/deepspeed/launcher/")
+
+
+def _launched_by_this_checkout(frame) -> bool:
+    while frame is not None:
+        path = os.path.realpath(frame.f_code.co_filename)
+        if path in _POOLS:
+            return False
+        plumbing = frame.f_code.co_filename.startswith("<") or path.startswith(_STDLIB) or any(
+            part in path for part in _LAUNCHERS)
+        if not plumbing:
+            return path.startswith(str(REPO) + os.sep) and "site-packages" not in path
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def check_dist_marks(item):
+    """Patch the two ways a process starts (subprocess.Popen, which subprocess.run and torchrun's agent use, and
+    multiprocessing's Process.start, which mp.spawn uses) for the duration of an unmarked test's setup or call."""
+    if not CHECK_DIST_MARKS or item.get_closest_marker("dist") is not None:
+        yield
+        return
+    execute_child, start = subprocess.Popen._execute_child, multiprocessing.process.BaseProcess.start
+
+    def refuse(what, caller):
+        if _launched_by_this_checkout(caller):
+            pytest.fail(f"{item.nodeid} starts a process ({what}) but has no `dist` marker "
+                        "(pytestmark = pytest.mark.dist, or @pytest.mark.dist on the test)")
+
+    def checked_execute_child(self, args, *rest):
+        refuse(args if isinstance(args, (str, bytes)) else " ".join(map(str, args))[:200], sys._getframe(1))
+        return execute_child(self, args, *rest)
+
+    def checked_start(self):
+        refuse(f"multiprocessing {self.name}", sys._getframe(1))
+        return start(self)
+
+    subprocess.Popen._execute_child, multiprocessing.process.BaseProcess.start = checked_execute_child, checked_start
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child, multiprocessing.process.BaseProcess.start = execute_child, start
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with check_dist_marks(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with check_dist_marks(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,6 +13,8 @@ from conftest import (ENGINE_FLAGS, SMALL, distance, exported, initial_weights, 
                       run_cli)
 import relora_dist  # noqa: F401  (registers the architectures with the Auto classes)
 
+pytestmark = pytest.mark.dist
+
 METHODS = ["cola", "cola_m", "crnet"]
 RUN = ["--steps", "10", "--lr", "0.01", "--grad-clip", "0.5", "--weight-decay", "0.01"]
 FP32_ENGINES = ENGINE_FLAGS

@@ -64,7 +64,7 @@ def bad_files(tmp_path_factory, shared_cache) -> dict[str, Path]:
     files["empty_dir"].mkdir()
     files["a_dir"] = root / "export_out"
     files["finished_run"] = root / "finished"
-    files.update(bad_stores(root))
+    files.update(bad_stores(root, shared_cache))
     assert train_main(BASE + ["--method", "full", "--out", str(files["finished_run"])]) == 0
     checkpoints = files["finished_run"] / "checkpoints"
     files["checkpoint"] = checkpoints / (checkpoints / "latest").read_text().strip()
@@ -77,11 +77,11 @@ def bad_files(tmp_path_factory, shared_cache) -> dict[str, Path]:
     return files
 
 
-def bad_stores(root: Path) -> dict[str, Path]:
+def bad_stores(root: Path, cache: Path) -> dict[str, Path]:
     """Token stores for the table: good ones (two sharing a tokenizer, one with another) and spoiled copies."""
     from relora_dist.data import embedded_corpus_documents, prepare_store
 
-    docs = embedded_corpus_documents()
+    docs = embedded_corpus_documents(cache / "corpus")  # where the runs' trainer keeps it
     files = {"docs_jsonl": root / "docs.jsonl", "full_dir": root / "full_dir"}
     files["docs_jsonl"].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:60]))
     (root / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[60:120]))
@@ -130,6 +130,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, bad_files, what, command, expec
     assert re.search(pattern, errors[0]), (what, errors[0])
 
 
+@pytest.mark.dist
 def test_real_process_prints_no_traceback(tmp_path):
     result = run_cli(BASE + ["--out", tmp_path, "--rank", "0"], check=False)
     assert result.returncode == 2
@@ -137,6 +138,7 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "relora-train: error: relora rank must be > 0, got 0 (--rank)"
 
 
+@pytest.mark.dist
 def test_every_rank_of_a_distributed_run_stops_on_bad_input(tmp_path):
     """A bad dataset found by rank 0 while it builds the data: rank 1 must not wait forever in a collective."""
     result = run_cli(BASE + ["--out", tmp_path, "--dataset", tmp_path / "missing.txt"], nproc=2, check=False, timeout=120)

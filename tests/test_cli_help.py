@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, launch_env
+
+pytestmark = pytest.mark.dist
 
 RUN_EACH = """
 import contextlib, importlib, io, json, sys, traceback

@@ -30,9 +30,10 @@ ENGINES = {name: ([*ENGINE_FLAGS[name], *extra], ENGINE_LABELS[name].launcher, E
            for name, extra in EXTRA.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def shared_inductor_cache(tmp_path_factory):
-    """One Inductor cache for the module's runs: the first compiles, the others mostly read."""
+    """One Inductor cache for the module's CLI runs: the first compiles, the others mostly read. The in-process tests
+    keep torch's default cache: the inner loop (-m "not dist") compiles their layers once, not on every run."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
         yield
@@ -49,6 +50,8 @@ def assert_no_recompiles(out, flags) -> None:
     assert 0 < first[0] < second[0] <= (3 if SHARED[0] in flags else 2) * first[0], graphs
 
 
+@pytest.mark.dist
+@pytest.mark.usefixtures("shared_inductor_cache")
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_compiled_run_equals_the_eager_reference_without_recompiles(tmp_path, reference_run, engine):
     flags, launcher, backend = ENGINES[engine]
@@ -80,9 +83,9 @@ def test_fused_kernels_inside_compiled_layers_equal_eager():
 @pytest.mark.parametrize("mask, op", [("aten", "relora_dist.input_dropout"), ("bits16", "relora_dist.bits16_dropout")])
 def test_compiled_lora_dropout_is_one_opaque_op(mask, op):
     """Traced, the LoRA input dropout is one opaque op (Inductor's own CPU random numbers are twice as slow as
-    ATen's): ATen's passes opcheck and scales the kept elements by 1/(1-p) forward and backward (test_dropout covers
-    bits16); a compiled ReLoRA layer in training drops about p of its low-rank inputs and, from the same generator
-    state, gives what eager gives."""
+    ATen's): ATen's passes opcheck and scales the kept elements by 1/(1-p) forward and backward
+    (test_relora_dropout.py covers bits16); a compiled ReLoRA layer in training drops about p of its low-rank inputs
+    and, from the same generator state, gives what eager gives."""
     x = torch.randn(400, 50, requires_grad=True)
     torch.library.opcheck(input_dropout, (x, 0.25))
     out, kept_mask = input_dropout(x, 0.25)

@@ -45,8 +45,9 @@ def store_documents(store, split, tok) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def corpus() -> list[str]:
-    return embedded_corpus_documents()
+def corpus(shared_cache) -> list[str]:
+    """The session's extraction (where the runs' trainer keeps it; the first module to ask extracts it)."""
+    return embedded_corpus_documents(shared_cache / "corpus")
 
 
 @pytest.fixture(scope="module")

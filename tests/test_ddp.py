@@ -9,6 +9,8 @@ import torch
 
 from conftest import REPO, SMALL, killed_run, load_run, max_relative_difference, run_cli
 
+pytestmark = pytest.mark.dist
+
 RELORA = ["--method", "relora", "--steps", "12", "--warm-start-steps", "3", "--merge-every", "3",
           "--restart-warmup-steps", "1"]
 

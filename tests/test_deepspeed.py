@@ -25,6 +25,7 @@ CASE_GROUPS = {
 }
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("group", list(CASE_GROUPS))
 def test_resets_inside_real_engines_are_exact_and_move_no_W(group):
     """Per case and restart: the exact expectation from the gathered pre-reset state (bf16 too), no W-sized
@@ -39,6 +40,7 @@ def test_resets_inside_real_engines_are_exact_and_move_no_W(group):
     assert all("exact_restarts=3" in line for line in exact)
 
 
+@pytest.mark.dist
 def test_non_finite_loss_on_one_rank_skips_the_update_everywhere():
     """stage 0 (our guard around the bare optimizer), ZeRO-1/2/3 and bf16 (DeepSpeed's own overflow check)."""
     out = subprocess.run(deepspeed_command(REPO / "tests" / "dist" / "deepspeed_nan_skip.py"), capture_output=True,
@@ -47,6 +49,7 @@ def test_non_finite_loss_on_one_rank_skips_the_update_everywhere():
     assert out.stdout.count("SKIP OK") == 6, out.stdout[-2000:]
 
 
+@pytest.mark.dist
 def test_the_deepspeed_bugs_we_work_around_are_real_on_these_shapes():
     """The reset checks above only prove the workarounds if DeepSpeed's own API fails on the same shapes:
     ZeRO-3 safe_set_full_fp32_param with numel % world != 0, and _hp_mapping under round_robin_gradients
@@ -59,6 +62,7 @@ def test_the_deepspeed_bugs_we_work_around_are_real_on_these_shapes():
         assert f"{bug} PRESENT" in out.stdout, f"DeepSpeed fixed {bug}: its workaround and this canary may go"
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("config", ["zero3.json", "zero2.json"])
 def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_path, reference_run, config):
     """relora-train under `deepspeed`: warm start, 2 merges/resets, merged export (consolidated from ZeRO-3
@@ -100,6 +104,7 @@ def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_
     assert max_relative_difference(exported(tmp_path / "whole" / "hf"), exported(tmp_path / "offline")) == 0.0
 
 
+@pytest.mark.dist
 def test_bf16_zero3_with_cpu_offload_through_the_cli(tmp_path):
     """bf16 params with fp32 masters and CPU optimizer offload through the full CLI (ZeRO-3, the hardest layout)."""
     run_cli(SMALL + RELORA + ["--deepspeed", CONFIGS / "zero3_offload.json", "--dtype", "bf16", "--out", tmp_path,
@@ -130,6 +135,7 @@ def test_engine_config_fills_batch_clip_precision_and_boundary():
     assert config["managed_gradient_accumulation"] is False and "train_batch_size" not in config
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("args, message", [
     (["--backend", "deepspeed"], "needs a DeepSpeed JSON config"),
     (["--deepspeed", "/nonexistent/zero2.json"], "cannot read DeepSpeed config"),

@@ -8,6 +8,8 @@ import pytest
 from conftest import RELORA_RUN, SMALL, assert_run_equals_reference, exported, max_relative_difference, run_cli
 from test_fsdp2 import run_sharded_checks
 
+pytestmark = pytest.mark.dist
+
 OWNER_CASES = ["fairscale-fp32-magnitude", "fairscale-fp32-random", "fairscale-bf16-magnitude",
                "zero_redundancy-fp32-magnitude", "zero_redundancy-bf16-random"]
 

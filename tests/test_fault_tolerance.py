@@ -16,6 +16,7 @@ from relora_dist.train.faults import FaultPlan, parse_faults
 FAULTS = "RELORA_INJECT_FAULTS"
 
 
+@pytest.mark.dist
 def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, reference_run):
     """Rank 0 dies after writing its part of checkpoint 6, before the commit: `latest` still names checkpoint 4,
     the half-written one is ignored (and cleaned up by the next commit), and the resumed run ends at the
@@ -33,6 +34,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, 
     assert max_relative_difference(exported(reference_run / "hf"), exported(tmp_path / "hf")) < 1e-5
 
 
+@pytest.mark.dist
 def test_a_requeued_job_resumes_itself_with_resume_auto(tmp_path, reference_run):
     """What a scheduler's requeue (or `torchrun --max-restarts`) does: the same command again. With `--resume auto`
     the first launch starts afresh, rank 1 dies at update 7; the second launch resumes from checkpoint 6 by
@@ -55,6 +57,7 @@ def test_faults_fire_in_the_first_launch_only(monkeypatch):
     assert not FaultPlan.from_env(rank=0).faults
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("engine", [["--backend", "ddp"], ["--deepspeed", str(REPO / "launch" / "configs" / "zero2.json")]],
                          ids=["ddp", "zero2"])
 def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path, engine):
@@ -69,6 +72,7 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path, engine
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
 
 
+@pytest.mark.dist
 def test_replica_check_stops_a_run_whose_control_state_diverged(tmp_path):
     """--check-replicas covers a method's control buffers on DeepSpeed: SwitchLoRA's last freeze counter moves on rank
     1 before update 3, the check after that update names it, and the run stops."""
@@ -89,6 +93,7 @@ def non_finite_reference(tmp_path_factory, shared_cache):
     return out
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("engine", [["--backend", "ddp"], ["--backend", "fsdp2"],
                                     ["--deepspeed", str(REPO / "launch" / "configs" / "zero2.json")]],
                          ids=["ddp", "fsdp2", "zero2"])
@@ -110,6 +115,7 @@ def test_non_finite_updates_are_skipped_on_every_rank_alike(tmp_path, non_finite
     assert max_relative_difference(exported(non_finite_reference / "hf"), exported(tmp_path / "hf")) < 1e-5
 
 
+@pytest.mark.dist
 def test_consecutive_non_finite_updates_abort_in_one_line_and_keep_the_last_good_checkpoint(tmp_path):
     args = SMALL + RELORA_RUN + ["--out", tmp_path, "--save-every", "2", "--max-consecutive-skips", "3"]
     result = run_cli(args, nproc=2, check=False, env={FAULTS: "nan_loss:5-30:rank=1"})

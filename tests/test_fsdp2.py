@@ -5,9 +5,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import (REPO, RELORA_RUN, SMALL, assert_run_equals_reference, exported, killed_run, launch_env,
                       max_relative_difference, read_metrics, run_cli)
 from relora_dist.cli.train import export_main
+
+pytestmark = pytest.mark.dist
 
 # {backend}-{dtype}-{prune}[-flags]: see tests/dist/sharded_checks.py. One launch for all of them.
 FSDP2_CASES = ["fsdp2-fp32-magnitude", "fsdp2-fp32-random", "fsdp2-bf16-magnitude", "fsdp2-fp32-reset-r1",

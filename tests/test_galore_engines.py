@@ -13,6 +13,8 @@ import pytest
 from conftest import (ENGINE_FLAGS, REPO, SMALL, distance, exported, initial_weights, launch_runs, max_relative_difference,
                       read_metrics, run_case, run_cli)
 
+pytestmark = pytest.mark.dist
+
 METHODS = ["galore", "fira"]
 RUN = ["--steps", "10", "--lr", "0.01", "--grad-clip", "0.5", "--weight-decay", "0.01", "--galore-update-gap", "4"]
 # Odd ffn: gate/up rows split unevenly on FSDP2 and cut by ZeRO-3's halves; 3 layers: ZeRO-1/2's boundary inside gate

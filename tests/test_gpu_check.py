@@ -13,6 +13,7 @@ from relora_dist.train.arguments import parse_run_config
 from relora_dist.train.preflight import preflight
 
 
+@pytest.mark.dist
 def test_without_a_gpu_it_refuses_in_one_line():
     env = {"VENV": sys.prefix, "PATH": "/usr/bin:/bin"}
     out = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=120)
@@ -46,6 +47,7 @@ def test_kernel_targets_read_the_d4096_r64_row():
         gpu_check.kernel_targets({"measured": []})
 
 
+@pytest.mark.dist
 def test_a_broken_step_fails_loudly_with_its_output():
     check, _ = gpu_check.run_step("broken", [sys.executable, "-c", "print('the reason'); raise SystemExit(3)"], timeout_s=60)
     assert not check.ok and "exit 3" in check.error and "the reason" in check.error

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+pytestmark = [pytest.mark.dist,
+              pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")]
 
 # Twelve 8 MiB buffers allocated, written and freed together, five times (as an update's activations); prints what
 # keep_freed_memory() said and the fraction of the last three rounds' pages that were faulted in again. glibc's own

@@ -222,6 +222,7 @@ def test_custom_ops_pass_torch_library_opcheck():
     torch.library.opcheck(fused_linear.fused_relora_forward, (x, W, A, B, None, 2.0, 0.0, 0))
 
 
+@pytest.mark.dist
 def test_main_configs_compile_for_sm80_and_sm90_without_spills():
     """Offline compile gate (no GPU: triton ships ptxas): the first config of every kernel table, the one a GPU
     tries first, compiles for sm_80 and sm_90 with no register spills and within shared memory."""
@@ -238,6 +239,7 @@ OURS_ON_PURPOSE = {"relora_dist": "the package itself (editable install)",
                    "benchmarks": "fairscale 0.4.13 ships a stray top-level benchmarks package that nothing imports"}
 
 
+@pytest.mark.dist
 def test_script_folders_shadow_no_installed_module():
     """transformers imports the PyPI package `kernels`: a kernels/__init__.py at the root or a benchmarks/kernels.py
     shadowed it, and every import of relora_dist failed from there."""

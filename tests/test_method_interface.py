@@ -59,6 +59,7 @@ def test_a_registered_method_gets_its_flag_and_config_section():
         base._REGISTRY.pop("probe_method")
 
 
+@pytest.mark.dist
 def test_a_new_method_is_one_folder_under_methods(tmp_path):
     """The test-only family copied into a copy of relora_dist/methods/ registers itself: --method lists it, its
     --dry-run plans a run, and the layer rules hold for it (it reaches ReLoRA through the family's public names)."""
@@ -76,6 +77,7 @@ def test_a_new_method_is_one_folder_under_methods(tmp_path):
     assert violations(tmp_path, tmp_path / "docs" / "ARCHITECTURE.md") == []
 
 
+@pytest.mark.dist
 def test_a_new_method_is_one_folder_and_trains_exactly_on_ddp_and_fsdp2(tmp_path):
     """The test-only method, 1 process vs 2 ranks under DDP and FSDP2: same losses, merges at updates 7 and 10 at
     LR 0, the same merged model with the embeddings exactly as initialised; a run resumed mid-cycle restores the

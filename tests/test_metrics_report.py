@@ -31,6 +31,7 @@ def resumed_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.dist
 def test_tensorboard_has_one_scalar_per_step_after_a_resume(resumed_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -48,6 +49,7 @@ def test_tensorboard_has_one_scalar_per_step_after_a_resume(resumed_run):
     assert [m["events"] for m in metrics if m.get("events")] == [["wrap"], ["merge", "reset"]]  # updates 2 and 6
 
 
+@pytest.mark.dist
 def test_relora_plot(resumed_run, tmp_path):
     png = tmp_path / "curves.png"
     done = subprocess.run([sys.executable, "-m", "relora_dist.cli.plot", str(resumed_run), str(resumed_run),
@@ -59,6 +61,7 @@ def test_relora_plot(resumed_run, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "holds no metrics.jsonl" in bad.stderr
 
 
+@pytest.mark.dist
 def test_wandb_offline_run_continues_after_a_resume(tmp_path):
     pytest.importorskip("wandb")
     out = tmp_path / "run"

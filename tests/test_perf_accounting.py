@@ -167,6 +167,7 @@ def test_paper_model_numbers():
     assert round(counts.executed_flops_per_token(RELORA) / 1e9, 2) == 6.12
 
 
+@pytest.mark.dist
 def test_gradient_bytes_per_update_match_what_ddp_all_reduces():
     """2 gloo ranks: the bytes a DDP comm hook sees in one update (3 micro-batches) equal 4 B x N_trainable, once
     with no_sync and 3 times in the paper's all-reduce-every-micro-batch loop, for full-rank and ReLoRA."""

@@ -46,6 +46,7 @@ def bench(tmp_path_factory):
     return sync_once, paper_loop
 
 
+@pytest.mark.dist
 def test_gradient_bytes_are_counted_exactly(bench):
     """DDP sends 4 B per trainable parameter per all-reduce: once per update with no_sync, after each of the 3
     micro-batches in the paper's loop. FSDP2 reduce-scatters the full gradient once per update (plus padding).
@@ -87,6 +88,7 @@ def test_a_method_is_measured_only_on_the_engines_it_supports(monkeypatch):
     assert ("zero2", "fsdp_only") in cases(["fsdp_only"], ["zero2"])[0]
 
 
+@pytest.mark.dist
 def test_throughput_fields_are_consistent(bench):
     sync_once, _ = bench
     for row in sync_once["rows"]:
@@ -100,6 +102,7 @@ def test_throughput_fields_are_consistent(bench):
     assert {s["engine"] for s in sync_once["speedups"]} == {"ddp", "fsdp2"}
 
 
+@pytest.mark.dist
 def test_slow_link_emulation_holds_the_allreduce_back(bench):
     """At 0.02 GB/s every micro-batch's all-reduce must take at least 2(n-1)/n x bytes / busbw."""
     _, paper_loop = bench
@@ -111,6 +114,7 @@ def test_slow_link_emulation_holds_the_allreduce_back(bench):
         assert slow["exposed_comm_s"] >= 0.5 * floor  # most of it cannot hide behind a tiny backward
 
 
+@pytest.mark.dist
 def test_memory_census_matches_the_accounting(tmp_path):
     """DDP holds everything whole: parameters and gradients exactly as counted, Adam states plus AdamW's per-parameter
     step scalars. FSDP2 holds half of the parameters, gradients and states (up to row padding)."""
@@ -134,6 +138,7 @@ def test_memory_census_matches_the_accounting(tmp_path):
     assert rows["ddp", "relora"]["activation_bytes_per_token"] > rows["ddp", "full"]["activation_bytes_per_token"]
 
 
+@pytest.mark.dist
 def test_memory_census_counts_deepspeeds_exact_copies(tmp_path):
     """DeepSpeed bf16 keeps SwitchLoRA's W and pools in fp32 copies beside its bf16 parameters, whole on every rank at
     ZeRO-2: the census finds exactly the bytes the accounting predicts, and nothing for ReLoRA (which declares none)."""

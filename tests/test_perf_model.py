@@ -172,7 +172,8 @@ def test_peak_flops_for_device_names():
     assert peak_flops_for("NVIDIA A10G") == 70e12 and peak_flops_for("cpu") is None
 
 
-def test_measure_cpu_profile_is_positive():
+@pytest.mark.dist
+def test_measure_cpu_profile_is_positive():  # two gloo ranks by mp.spawn
     hw = measure_cpu_profile(threads=1, world_size=2, sizes=ProbeSizes(gemm=256, copy_bytes=8 * 2**20,
                                                                         allreduce_bytes=2**20, repeats=3))
     assert hw.peak_flops > 0 and hw.fp32_flops > 0 and hw.mem_bw > 0 and hw.memory_bytes > 0

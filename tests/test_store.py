@@ -22,8 +22,8 @@ from conftest import launch_env
 
 
 @pytest.fixture(scope="module")
-def documents() -> list[str]:
-    return embedded_corpus_documents()[:300]
+def documents(shared_cache) -> list[str]:
+    return embedded_corpus_documents(shared_cache / "corpus")[:300]  # where the runs' trainer keeps it
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,7 @@ def test_checks_refuse_a_truncated_corrupted_or_newer_store(jsonl, tmp_path):
         TokenStore(tmp_path)
 
 
+@pytest.mark.dist
 def test_interrupted_prepare_leaves_no_store_and_a_rerun_starts_cleanly(jsonl, tmp_path):
     """A prepare killed (SIGKILL) after its first chunk: nothing at --out, only its partial folder, which the next
     prepare of the same store removes before it writes a complete one."""

@@ -14,6 +14,8 @@ from relora_dist.data import SequenceSampler, TokenStore, embedded_corpus_docume
 from conftest import (RELORA_RUN, SMALL, TRAIN, exported, free_port, launch_env, max_relative_difference, read_metrics,
                       run_cli)
 
+pytestmark = pytest.mark.dist
+
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):

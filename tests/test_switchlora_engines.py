@@ -21,6 +21,8 @@ from relora_dist.export import export_checkpoint
 from conftest import (ENGINE_FLAGS, SMALL, distance, exported, initial_weights, launch_runs, max_relative_difference,
                       read_metrics, run_case)
 
+pytestmark = pytest.mark.dist
+
 RUN = ["--method", "switchlora", "--steps", "10", "--lr", "0.01", "--grad-clip", "0.5", "--weight-decay", "0.01",
        "--switchlora-interval", "2", "--switchlora-freeze-steps", "1", "--switchlora-descent-rate", "100"]
 UNEVEN = {"hidden_size": 36, "intermediate_size": 91, "num_hidden_layers": 3, "num_attention_heads": 2,

@@ -13,6 +13,8 @@ from relora_dist.cli.train import export_main
 from relora_dist.models import count_parameters, llama_config, relora_trainable_parameters
 from conftest import SMALL, load_run, run_cli
 
+pytestmark = pytest.mark.dist
+
 
 @pytest.mark.parametrize("method", ["full", "relora", "lora", "lora_ws", "control"])
 def test_every_method_trains_with_falling_validation_loss(tmp_path, method):

@@ -21,6 +21,7 @@ def compare(*args):
     return result.stdout
 
 
+@pytest.mark.dist
 def test_smoke_comparison_every_row_one_budget_and_chunks_reuse_finished_runs(tmp_path):
     out = tmp_path / "c"
     printed = compare("--smoke", "--out", out)
