@@ -23,8 +23,8 @@ import torch
 from ...access import dormant_modules, external_parameters, fp32_frozen_parameters, write_pieces
 from ...distributed import rank0_first
 from ..base import Backend, checkpoint_must_fit, clip_replicated_gradients, set_group_lrs
-from .checkpoint import (CHECKPOINT_TAG, MASTER_NAMES_KEY, read_checkpoint_model, saved_buffers, saved_frozen_parameters,
-                         saved_world_size, universal_checkpoint)
+from .checkpoint import (CHECKPOINT_TAG, MASTER_NAMES_KEY, check_checkpoint_data, read_checkpoint_model, saved_buffers,
+                         saved_frozen_parameters, saved_world_size, universal_checkpoint)
 from .engine_config import engine_config, load_engine_config
 from .fp32_copies import FrozenShadows, saved_shadows
 from .layout import full_parameters, shard_access_for
@@ -205,6 +205,7 @@ class DeepSpeedBackend(Backend):
 
     def load(self, directory):
         directory = Path(directory)
+        check_checkpoint_data(directory)  # DeepSpeed unpickles its files with weights_only=False
         saved_ranks = saved_world_size(directory)
         universal = saved_ranks is not None and saved_ranks != self.world_size
         partitioned, native = self._partitioned_optimizer(), directory
