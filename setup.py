@@ -22,7 +22,7 @@ setup(
         "tokenizers>=0.20",
         "datasets>=3.0",
         "safetensors>=0.4",
-        "deepspeed>=0.19.8",  # caller-owned accumulation boundary; stage-0 bf16 routing (see backends/deepspeed.py)
+        "deepspeed>=0.19.8",  # caller-owned accumulation boundary; stage-0 bf16 routing (see relora_dist/backends/deepspeed/)
         "fairscale>=0.4.13",
         "nvidia-ml-py>=12.535",  # import pynvml (the maintained package, not the deprecated 'pynvml')
         "pyyaml>=6.0",

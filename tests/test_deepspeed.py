@@ -9,7 +9,7 @@ import pytest
 
 from conftest import (REPO, RELORA_RUN as RELORA, SMALL, assert_run_equals_reference, deepspeed_command, exported, killed_run, launch_env,
                       max_relative_difference, read_metrics, run_cli)
-from relora_dist.backends.deepspeed.backend import engine_config
+from relora_dist.backends.deepspeed.engine_config import engine_config
 from relora_dist.cli.train import export_main
 
 CONFIGS = REPO / "launch" / "configs"

@@ -14,7 +14,8 @@ import json
 import pytest
 import torch
 
-from relora_dist.backends.deepspeed.backend import DeepSpeedBackend, saved_frozen_parameters
+from relora_dist.backends.deepspeed.backend import DeepSpeedBackend
+from relora_dist.backends.deepspeed.checkpoint import saved_frozen_parameters
 from relora_dist.backends.deepspeed.fp32_copies import saved_shadows
 from relora_dist.export import export_checkpoint
 

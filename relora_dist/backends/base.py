@@ -8,12 +8,16 @@ Engines know nothing of training methods: methods act on the model only through 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
+import pickle
+import re
+import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,21 +41,55 @@ def error_reason(error: BaseException) -> str:
     return lines[0].split(". ")[0].rstrip(".")
 
 
-def load_checkpoint_file(path: Path, map_location="cpu"):
-    """torch.load of one checkpoint file; a truncated or garbled file is a one-line ValueError."""
+class CheckpointNotData(ValueError):
+    """A checkpoint file that holds more than tensors and plain data: unpickling it would import and call what it
+    names, so a checkpoint copied from someone else could run code at --resume or in relora-export."""
+
+    def __init__(self, path, detail: str):
+        super().__init__(f"checkpoint file {path} is not plain data ({detail}): refusing to unpickle it")
+
+
+def _weights_only_refusal(error: Exception) -> str | None:
+    """What torch's weights-only unpickler refused (`it names posix.system`), None for other load errors."""
+    message = str(error)
+    if not isinstance(error, pickle.UnpicklingError) or "Weights only load failed" not in message:
+        return None
+    name = re.search(r"GLOBAL (\S+)", message)
+    if name:
+        return f"it names {name.group(1)}"
+    reason = message.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip().splitlines()
+    return reason[-1].strip().rstrip(".") if reason else "refused by torch's weights-only unpickler"
+
+
+def load_checkpoint_file(path: Path | io.BytesIO, map_location="cpu", *, allowed: Sequence[type] = (), mmap: bool = False,
+                         name: str | Path | None = None):
+    """torch.load of one checkpoint file as data (weights_only=True), with the classes `allowed` besides tensors and
+    plain data (an engine's own: DeepSpeed's loss scaler). A file naming anything else is refused
+    (`CheckpointNotData`); a truncated or garbled one is a one-line ValueError naming the file (`name`, default
+    `path`). `mmap`: the tensors' bytes are mapped, not read (checking a file's pickle costs little), where the file
+    is a zip archive on disk (torch.save's format)."""
+    name = path if name is None else name
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            mmap = mmap and isinstance(path, (str, Path)) and zipfile.is_zipfile(path)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
-        raise ValueError(f"checkpoint file {path} is missing") from None
+        raise ValueError(f"checkpoint file {name} is missing") from None
     except Exception as e:  # zip, pickle and OS errors, depending on where the file was cut
-        raise ValueError(f"checkpoint file {path} is truncated or corrupt ({error_reason(e)})") from None
+        refusal = _weights_only_refusal(e)
+        if refusal is not None:
+            raise CheckpointNotData(name, refusal) from None
+        raise ValueError(f"checkpoint file {name} is truncated or corrupt ({error_reason(e)})") from None
 
 
 @contextlib.contextmanager
 def checkpoint_must_fit(directory, run: str = "this run"):
-    """One ValueError line for the many exception types engines raise on a checkpoint that does not fit."""
+    """One ValueError line for the many exception types engines raise on a checkpoint that does not fit (a file
+    refused as not data keeps its own line)."""
     try:
         yield
+    except CheckpointNotData:
+        raise
     except (RuntimeError, ValueError, KeyError, IndexError, OSError, EOFError, AssertionError) as e:
         raise ValueError(f"checkpoint {directory} does not fit {run}: {error_reason(e)}") from None
 

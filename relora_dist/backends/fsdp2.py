@@ -6,14 +6,18 @@ sharded fp32 parameter is the master (`MixedPrecisionPolicy` casts only what it 
 keeps its states as DTensors of the same layout. So a reset works on local rows in place: W and B share
 rows, so a ReLoRA merge `W_local += s * B_local @ A` needs all of A and the local rows of B (one fetch through
 `access.FlatRangeShards`).
-Checkpoints go through torch.distributed.checkpoint and load at any world size.
+Checkpoints go through torch.distributed.checkpoint and load at any world size. DCP unpickles a checkpoint's
+`.metadata` with plain pickle.load and its non-tensor items (optimizer hyperparameters) with weights_only=False:
+`check_checkpoint_data` reads both as data first (tensors DCP itself reads with weights_only=True).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
-import tempfile
+import pathlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +31,10 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..access import FlatRangeShards, Piece, dormant_modules
 from ..models import decoder_layers
-from .base import Backend, checkpoint_must_fit
+from .base import Backend, CheckpointNotData, checkpoint_must_fit, load_checkpoint_file
 
 CHECKPOINT_DIR = "dcp"
+METADATA_FILE = ".metadata"
 
 
 @dataclass
@@ -188,10 +193,12 @@ class FSDP2Backend(Backend):
         path = Path(directory) / CHECKPOINT_DIR
         if not path.is_dir():
             raise ValueError(f"checkpoint {directory} has no FSDP2 state ({CHECKPOINT_DIR}/ missing; written by another backend?)")
+        check_checkpoint_data(path)
         model_state, optim_state = get_state_dict(self._model, self._optimizer)
         state = {"model": model_state, "optim": optim_state}
         with checkpoint_must_fit(directory, "this FSDP2 run"):
-            dcp.load(state, checkpoint_id=str(path))
+            with first_failure():
+                dcp.load(state, checkpoint_id=str(path))
             set_state_dict(self._model, self._optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def model_state_for_export(self):
@@ -204,11 +211,97 @@ class FSDP2Backend(Backend):
 
     @classmethod
     def read_checkpoint_model(cls, directory):
-        """Full model state from the DCP checkpoint, in one process without a process group."""
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        """Full model state from the DCP checkpoint, in one process without a process group: the model's tensors
+        only, whole, in the dtypes saved (fp32 out)."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / "full.pt"
-            dcp_to_torch_save(str(cls.checkpoint_model_source(directory)), str(target))
-            state = torch.load(target, map_location="cpu", weights_only=False)
+        path = cls.checkpoint_model_source(directory)
+        metadata = check_checkpoint_data(path)
+        prefix = "model."
+        model = {fqn[len(prefix):]: torch.empty(item.size, dtype=item.properties.dtype)
+                 for fqn, item in metadata.state_dict_metadata.items()
+                 if fqn.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+        state = {"model": model}
+        with first_failure():
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
         return {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
+
+
+def _metadata_classes() -> dict[tuple[str, str], object]:
+    """What DCP pickles into `.metadata` (torch 2.13; FSDP2 checkpoints of full, ReLoRA and GaLore runs): its dataclasses
+    and the enum of memory formats, each item's file slice (`_StorageInfo`), sizes, dtypes, layouts (by name,
+    `_get_layout`) and the checkpoint's path (`StorageMeta.checkpoint_id`). Rebuilding them calls constructors, a
+    dict lookup (`_get_layout`) and sets attributes, nothing else."""
+    from torch.distributed.checkpoint import metadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    classes = [metadata.Metadata, metadata.MetadataIndex, metadata.StorageMeta, metadata.TensorProperties,
+               metadata.TensorStorageMetadata, metadata.BytesStorageMetadata, metadata.ChunkStorageMetadata,
+               metadata._MEM_FORMAT_ENCODING, _StorageInfo, torch.Size, torch.serialization._get_layout, pathlib.PosixPath]
+    allowed = {(c.__module__, c.__qualname__): c for c in classes}
+    return allowed | {("torch", name): dtype for name, dtype in vars(torch).items() if isinstance(dtype, torch.dtype)}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """pickle's own unpickler with its globals restricted to DCP's metadata classes (the Python docs' "Restricting
+    Globals"): anything else is refused before it is imported."""
+
+    def __init__(self, file, allowed: dict[tuple[str, str], object]):
+        super().__init__(file)
+        self.allowed = allowed
+
+    def find_class(self, module, name):
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+        return self.allowed[module, name]
+
+
+def check_checkpoint_data(path: Path):
+    """The DCP checkpoint at `path` read as data before DCP reads it: `.metadata` with only DCP's own classes allowed,
+    every non-tensor item with weights_only=True. Returns the metadata; a part that is not data is refused by file
+    (`CheckpointNotData`), a damaged one is a one-line ValueError."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+
+    file = Path(path) / METADATA_FILE
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(file.read_bytes()), _metadata_classes()).load()
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint file {file} is missing") from None
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("it names "):
+            raise CheckpointNotData(file, str(e)) from None
+        raise ValueError(f"checkpoint file {file} is truncated or corrupt ({e})") from None
+    except Exception as e:
+        raise ValueError(f"checkpoint file {file} is truncated or corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"checkpoint file {file} holds no DCP metadata ({type(metadata).__name__})")
+    for fqn, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, BytesStorageMetadata):
+            continue  # tensors: DCP reads them with weights_only=True
+        where = (metadata.storage_data or {}).get(MetadataIndex(fqn))
+        if where is None:
+            raise ValueError(f"checkpoint file {file} is corrupt (no storage for {fqn})")
+        data = Path(path) / where.relative_path
+        if where.transform_descriptors:
+            raise CheckpointNotData(data, f"{fqn} is stored through DCP transforms, which relora_dist does not write")
+        try:
+            with open(data, "rb") as f:
+                f.seek(where.offset)
+                blob = io.BytesIO(f.read(where.length))
+        except OSError as e:
+            raise ValueError(f"checkpoint file {data} cannot be read ({e.strerror})") from None
+        load_checkpoint_file(blob, name=f"{data} ({fqn})")
+    return metadata
+
+
+@contextlib.contextmanager
+def first_failure():
+    """DCP hands every rank's exception to all of them wrapped in a CheckpointException, a BaseException with the
+    traceback of each in its message: the first rank's own exception instead."""
+    try:
+        yield
+    except dcp.CheckpointException as e:
+        failures = list(e.failures.values())
+        if not failures:
+            raise
+        raise failures[0][0] from None

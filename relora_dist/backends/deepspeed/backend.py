@@ -1,11 +1,10 @@
 """DeepSpeed ZeRO 0/1/2/3 behind the Backend interface (`--backend deepspeed --deepspeed CONFIG.json`).
 
-The user's JSON supplies the engine options (ZeRO stage, offload, buckets); relora_dist fills in what it
-owns: batch sizes, clipping, precision from `--dtype`, and the optimizer (built by the trainer, so every
-backend runs the same AdamW). The loop owns the accumulation boundary
-(`managed_gradient_accumulation: false`): backward per micro-batch, one `engine.step()` per update.
-Where ReLoRA's tensors live in each layout is `deepspeed_layout.py`; in bf16, the exact fp32 copies of the frozen
-params a method declares `keep_fp32` are `deepspeed_shadows.py`.
+The run's DeepSpeed config is `engine_config.py`'s: the user's JSON plus what relora_dist owns (batch sizes,
+clipping, precision, the optimizer, built by the trainer so every backend runs the same AdamW). The loop owns the
+accumulation boundary: backward per micro-batch, one `engine.step()` per update. Where ReLoRA's tensors live in each
+layout is `layout.py`; in bf16, the exact fp32 copies of the frozen params a method declares `keep_fp32` are
+`fp32_copies.py`; the checkpoint files read back outside the engine, `checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -13,13 +12,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.util
-import json
 import logging
 import math
 import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,72 +23,14 @@ import torch
 from ...access import dormant_modules, external_parameters, fp32_frozen_parameters, write_pieces
 from ...distributed import rank0_first
 from ..base import Backend, checkpoint_must_fit, clip_replicated_gradients, set_group_lrs
+from .checkpoint import (CHECKPOINT_TAG, MASTER_NAMES_KEY, check_checkpoint_data, read_checkpoint_model, saved_buffers,
+                         saved_frozen_parameters, saved_world_size, universal_checkpoint)
+from .engine_config import engine_config, load_engine_config
 from .fp32_copies import FrozenShadows, saved_shadows
 from .layout import full_parameters, shard_access_for
 from .portable_state import has_portable_state, keep_state_convertible, load_portable_state, save_portable_state
 
 logger = logging.getLogger("relora_dist")
-
-CHECKPOINT_TAG = "engine"
-MASTER_NAMES_KEY = "relora_master_names"  # stage-0 bf16: the params of each group of saved fp32 masters, in order
-# Sections relora_dist owns: the run config sets them, a DeepSpeed JSON must not.
-OWNED_KEYS = ("optimizer", "scheduler", "train_batch_size", "fp16")
-
-
-def load_engine_config(path: str | Path | dict) -> dict:
-    if isinstance(path, dict):
-        return json.loads(json.dumps(path))
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read DeepSpeed config {path}: {e.strerror} (--deepspeed)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e} (--deepspeed)") from None
-
-
-def _fill(config: dict, key: str, value, flag: str) -> None:
-    """Set `key` to what the run config says; a JSON value of "auto" or the same value is fine."""
-    current = config.get(key, "auto")
-    if current != "auto" and current != value:
-        raise ValueError(f"DeepSpeed config sets {key}={current!r} but the run uses {value!r} ({flag}); "
-                         f"remove it from the JSON or set it to \"auto\"")
-    config[key] = value
-
-
-def engine_config(base: dict, *, dtype: str, micro_batch_size: int, accumulation_steps: int, world_size: int,
-                  max_norm: float) -> dict:
-    """The config handed to deepspeed.initialize: the user's JSON plus what the run config decides."""
-    config = json.loads(json.dumps(base))
-    for key in OWNED_KEYS:
-        if key in config and not (key == "train_batch_size" and config[key] == "auto"):
-            raise ValueError(f"DeepSpeed config must not set '{key}': relora_dist builds the optimizer, schedule and"
-                             f" batch itself (see --lr, --global-batch-size, --dtype); fp16 is not supported")
-    config.pop("train_batch_size", None)
-    _fill(config, "train_micro_batch_size_per_gpu", micro_batch_size, "--micro-batch-size")
-    _fill(config, "gradient_accumulation_steps", accumulation_steps, "--global-batch-size / --micro-batch-size")
-    _fill(config, "gradient_clipping", float(max_norm), "--grad-clip")
-    bf16 = config.setdefault("bf16", {})
-    enabled = bf16.get("enabled", "auto")
-    if enabled != "auto" and bool(enabled) != (dtype == "bf16"):
-        raise ValueError(f"DeepSpeed config has bf16.enabled={enabled} but --dtype is {dtype}; set it to \"auto\"")
-    bf16["enabled"] = dtype == "bf16"
-    config["managed_gradient_accumulation"] = False  # the training loop owns the boundary
-    zero = config.setdefault("zero_optimization", {"stage": 0})
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    if stage == 1:
-        zero.setdefault("overlap_comm", False)  # DeepSpeed allows overlap with a caller-owned boundary only at 2/3
-    if zero.get("offload_param", {}).get("device", "none") == "nvme" or zero.get("offload_optimizer", {}).get("device", "none") == "nvme":
-        raise ValueError("NVMe offload is not supported by relora_dist's reset (use \"device\": \"cpu\")")
-    # The trainer's torch AdamW runs under ZeRO (also with CPU offload, where DeepSpeed would insist on its own).
-    config.setdefault("zero_allow_untested_optimizer", True)
-    config.setdefault("zero_force_ds_cpu_optimizer", False)
-    config.setdefault("steps_per_print", 10**9)
-    config.setdefault("wall_clock_breakdown", False)
-    if world_size * micro_batch_size * accumulation_steps <= 0:
-        raise ValueError("batch sizes must be positive")
-    return config
 
 
 def _remove_cpu_shm_buffers(rank: int) -> None:
@@ -268,6 +205,7 @@ class DeepSpeedBackend(Backend):
 
     def load(self, directory):
         directory = Path(directory)
+        check_checkpoint_data(directory)  # DeepSpeed unpickles its files with weights_only=False
         saved_ranks = saved_world_size(directory)
         universal = saved_ranks is not None and saved_ranks != self.world_size
         partitioned, native = self._partitioned_optimizer(), directory
@@ -354,22 +292,7 @@ class DeepSpeedBackend(Backend):
 
     @classmethod
     def read_checkpoint_model(cls, directory):
-        """Full fp32 model state in one process: ZeRO-1/2/3 shards are put back together by DeepSpeed's own
-        zero_to_fp32 (frozen parameters from ZeRO-2 on, ZeRO-1's from the model file); a stage-0 checkpoint holds
-        the whole module, and in bf16 its fp32 masters. A bf16 run's exact fp32 copies of frozen params replace their
-        bf16 values."""
-        engine_dir = cls.checkpoint_model_source(directory)
-        if any(engine_dir.glob("*optim_states.pt")):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
-            # ZeRO-1 saves no frozen fragments (zero_to_fp32 returns no frozen params): they are whole in the model file
-            state = saved_frozen_parameters(directory) | state
-        else:
-            saved = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-            state = saved["module"] | stage0_masters(saved)
-        exact = saved_shadows(directory)
-        return {k: exact[k].view(v.shape) if k in exact else v.float() for k, v in state.items()}
+        return read_checkpoint_model(directory)
 
     def model_state_for_export(self):
         module = self.engine.module
@@ -393,70 +316,6 @@ class DeepSpeedBackend(Backend):
             if not hasattr(p, "ds_id") or p.data.numel() == p.ds_numel:
                 out.append((name, p.data))
         return out + list(self.engine.module.named_buffers()) + self.shadows.replicated()
-
-
-def saved_world_size(directory: Path) -> int | None:
-    """Ranks that wrote a checkpoint's ZeRO partitions (None: stage 0 fp32 keeps one whole optimizer)."""
-    files = list((Path(directory) / CHECKPOINT_TAG).glob("*optim_states.pt"))
-    return len(files) or None
-
-
-def saved_frozen_parameters(directory: Path) -> dict[str, torch.Tensor]:
-    """Full values of the parameters outside the optimizer, from a native checkpoint: whole in the
-    stage 0-2 model file, in per-rank flat fragments at ZeRO-3 (padded at the end)."""
-    engine_dir = Path(directory) / CHECKPOINT_TAG
-    files = sorted(engine_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
-                   key=lambda f: int(f.name.split("_")[3])) or [engine_dir / "mp_rank_00_model_states.pt"]
-    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-    shapes = states[0].get("frozen_param_shapes") or {}
-    # A single rank's stage 0-2 checkpoint lists no frozen fragments: its module state holds them whole.
-    whole = {name: t for name, t in (states[0].get("module") or {}).items() if t.numel()} if len(states) == 1 else {}
-    return whole | {name: torch.cat([s["frozen_param_fragments"][name].reshape(-1) for s in states])[: shape.numel()].view(shape)
-                    for name, shape in shapes.items()}
-
-
-def stage0_masters(saved: dict) -> dict[str, torch.Tensor]:
-    """The fp32 masters of a stage-0 bf16 checkpoint by name (its module holds the bf16 params): DeepSpeed saves them
-    per group, as one tensor per param (FP16_UnfusedOptimizer) or one flat tensor (FP16_Optimizer), in the order of
-    the names `save` records."""
-    optimizer = saved.get("optimizer") or {}
-    groups = optimizer.get("fp32_groups", optimizer.get("fp32_groups_flat"))
-    names = saved.get(MASTER_NAMES_KEY)
-    if groups is None or names is None:
-        return {}
-    out = {}
-    for group_names, group in zip(names, groups):
-        shapes = [saved["module"][name].shape for name in group_names]
-        tensors = group if isinstance(group, (list, tuple)) else group.split([s.numel() for s in shapes] + [group.numel() - sum(s.numel() for s in shapes)])
-        out.update({name: t.reshape(shape).float() for name, t, shape in zip(group_names, tensors, shapes)})
-    return out
-
-
-def saved_buffers(directory: Path) -> dict[str, torch.Tensor]:
-    """The module's persistent buffers from a native checkpoint's model file (whole on every rank)."""
-    engine_dir = Path(directory) / CHECKPOINT_TAG
-    file = next(iter(sorted(engine_dir.glob("*model_states.pt"))))
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    return {name: state["module"][name] for name in state.get("buffer_names") or () if name in state["module"]}
-
-
-def universal_checkpoint(directory: Path, *, convert: bool) -> Path:
-    """DIRECTORY/universal, DeepSpeed's world-size-independent layout of the checkpoint, made by its own
-    ds_to_universal on first use (into a temporary folder, renamed when complete)."""
-    target = Path(directory) / "universal"
-    if convert and not (target / CHECKPOINT_TAG).is_dir():
-        tmp = Path(directory) / "universal.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(Path(directory) / CHECKPOINT_TAG), "--output_folder", str(tmp / CHECKPOINT_TAG),
-                   "--inject_missing_state"]  # our client state has no Megatron metadata; none is needed
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines()
-            raise ValueError(f"checkpoint {directory}: DeepSpeed's universal conversion failed: "
-                             f"{lines[-1] if lines else result.returncode}")
-        os.replace(tmp, target)
-    return target
 
 
 class _FiniteStepGuard:

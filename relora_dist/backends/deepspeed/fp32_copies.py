@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...access import Piece
+from ..base import load_checkpoint_file
 from ...ranges import assemble_ranges
 
 SHADOW_FILE = "frozen_fp32_rank{}.pt"
@@ -110,7 +111,7 @@ def saved_shadows(directory: Path) -> dict[str, torch.Tensor]:
     pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
     numels: dict[str, int] = {}
     for file in sorted(Path(directory).glob(SHADOW_FILE.format("*"))):
-        for name, record in torch.load(file, map_location="cpu", weights_only=True).items():
+        for name, record in load_checkpoint_file(file).items():
             pieces.setdefault(name, []).append((record["lo"], record["values"]))
             numels[name] = record["numel"]
     return {name: assemble_ranges(parts, numels[name], what=f"fp32 copy of {name}") for name, parts in pieces.items()}

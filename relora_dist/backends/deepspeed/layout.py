@@ -11,7 +11,7 @@ The layout is detected by capability (what the optimizer wrapper holds), not fro
 
 Every holder of a trainable param is written (low-precision param, master, state), in place: params are
 views into flat buffers the engine communicates. See research/distributed_internals.md section 2. In bf16, the frozen
-params a method declares `keep_fp32` also have an fp32 copy of this rank's range (`deepspeed_shadows.py`): it is
+params a method declares `keep_fp32` also have an fp32 copy of this rank's range (`fp32_copies.py`): it is
 read as their fp32 value, written first, and rounded into the bf16 holders by `after_write`.
 """
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..base import load_checkpoint_file
+
 PORTABLE_FILE = "optimizer_rows_rank{}.pt"
 SLICED_KEYS = ("exp_avg", "exp_avg_sq")  # what ds_to_universal slices by fragment
 
@@ -80,7 +82,7 @@ def load_portable_state(directory: Path, wrapper, module: torch.nn.Module, parti
     files = sorted(Path(directory).glob(PORTABLE_FILE.format("*")))
     records = []
     for file in files:
-        saved = torch.load(file, map_location="cpu", weights_only=True)
+        saved = load_checkpoint_file(file)
         unknown = sorted(set(saved) - set(params))
         if unknown:
             raise ValueError(f"checkpoint {directory}: optimizer state for parameters this model lacks ({unknown[0]}, ...)")
