@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from relora_dist.optim import ProjectedAdamW
+from relora_dist.methods.galore.optimizer import ProjectedAdamW
 
 SHAPES = [(7, 5), (5, 9), (3, 4)]  # uneven rows on 2 ranks (4 + 3, 3 + 2, 2 + 1); (5, 9) is left under std on one process
 STEPS, GAP = 7, 3

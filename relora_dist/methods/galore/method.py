@@ -2,7 +2,7 @@
 rank, and the optimizer keeps its Adam moments in a rank-r projection of each attention and MLP weight's gradient,
 refreshed from the gradient's SVD every --galore-update-gap steps. Fira adds the part of the gradient outside the
 subspace back, scaled by the Adam-to-SGD norm ratio and held by a norm-growth limiter. One optimizer,
-`relora_dist.optim.ProjectedAdamW`, with Fira as its residual switch; no events, no model surgery.
+`optimizer.ProjectedAdamW`, with Fira as its residual switch; no events, no model surgery.
 
 The knobs live in the `galore:` config section, shared by both (--rank, --galore-update-gap, --galore-scale,
 --galore-proj, --fira-limiter).
