@@ -358,6 +358,18 @@ def test_moments_that_are_not_element_wise_leave_deepspeed_a_sliceable_placehold
     assert set(optimizer.state[flat]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
+def test_the_optimizers_that_step_flat_partitions_offer_the_engines_protocol_and_adamw_does_not():
+    from relora_dist.access import FlatPartitionOptimizer
+    from relora_dist.methods.switchlora.optimizer import VectorStepAdamW
+
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    projected = ProjectedAdamW([projected_group([param])])
+    assert isinstance(projected, FlatPartitionOptimizer) and projected.state_reshardable
+    assert projected.portable_state() == {} and projected.load_portable_state([]) == []
+    assert isinstance(VectorStepAdamW([param]), FlatPartitionOptimizer)
+    assert not isinstance(torch.optim.AdamW([param]), FlatPartitionOptimizer)
+
+
 def test_the_galore_modules_import_each_other_without_a_cycle_and_the_math_imports_only_torch():
     import ast
     from pathlib import Path
