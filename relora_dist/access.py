@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,30 @@ class FlatPartition:
     shape: torch.Size
     ranges: list[tuple[int, int]]
     offset: int | None
+
+
+@runtime_checkable
+class FlatPartitionOptimizer(Protocol):
+    """What an optimizer that steps flat partitions offers the engine that partitions it (DeepSpeed ZeRO-1/2/3, whose
+    wrapper hands it flat tensors cutting across parameters): it is told where each parameter sits, and it carries
+    state DeepSpeed's universal checkpoint cannot reshard in world-size-free records."""
+
+    def locate_partitions(self, partitions: dict[int, list[FlatPartition]], group=None) -> None:
+        """Called once the engine is set up: id of each flat tensor the optimizer steps -> its `FlatPartition`s (the
+        same parameters in the same order on every rank, `TensorAccess.flat_partitions`), and the process group the
+        partitions are spread over."""
+
+    @property
+    def state_reshardable(self) -> bool:
+        """False when some state is laid out per flat partition (not element-wise, or element-wise under keys the
+        universal checkpoint drops): the engine then saves `portable_state` beside its checkpoint."""
+
+    def portable_state(self) -> dict:
+        """This rank's records of that state, keyed by model parameter, independent of the partitioning."""
+
+    def load_portable_state(self, records: list[dict]) -> list[torch.Tensor]:
+        """Rebuild that state from the records of every saved rank (any number of them); returns the flat tensors
+        whose state was replaced (the engine drops its own views of what it loaded for them)."""
 
 
 def external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
@@ -306,7 +331,7 @@ class FlatRangeShards(PartitionedAccess):
         return out
 
 
-__all__ = ["OPTIMIZER_LAYOUTS", "FlatPartition", "Piece", "Range", "TensorAccess", "ReplicatedAccess", "PartitionedAccess", "FlatRangeShards",
+__all__ = ["OPTIMIZER_LAYOUTS", "FlatPartition", "FlatPartitionOptimizer", "Piece", "Range", "TensorAccess", "ReplicatedAccess", "PartitionedAccess", "FlatRangeShards",
            "write_pieces", "range_key"]
 
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from relora_dist.methods.galore.optimizer import ProjectedAdamW, fira_scaling, fix_signs
+from relora_dist.methods.galore.matrix_math import fira_scaling, fix_signs
+from relora_dist.methods.galore.optimizer import ProjectedAdamW
 
 BETAS, EPS = (0.9, 0.999), 1e-6
 
@@ -271,9 +272,59 @@ def test_flat_partitions_are_seen_as_whole_rows_and_the_cut_rows_are_listed_once
     assert (theirs.row0, theirs.row1) == (1, 3) and theirs.padded(flat).tolist() == [[0, 0, 1, 2], [3, 4, 5, 6]]
 
 
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone, for the flat-partition step's collectives."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("residual", ["none", "fira"])
+def test_a_flat_partition_on_one_rank_steps_as_whole_matrices_projected_from_the_right(one_rank_group, residual):
+    """The matrices back to back in one flat tensor, as DeepSpeed hands them over (the optimizer built on the matrices,
+    the group's params swapped for the flat tensor): the right-projected whole-matrix step, refreshes included (GaLore
+    bit for bit; Fira's norm is a sum of squares there), and the portable records rebuild the same state."""
+    from relora_dist.access import FlatPartition
+
+    shapes = [(6, 4), (5, 7), (3, 3)]
+    weights, data = problem(shapes, steps=7)
+    settings = dict(rank=2, gap=3, scale=0.25, proj="right", residual=residual)
+    whole, whole_opt, _ = run(weights, data, settings, wd=0.1)
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = ProjectedAdamW([projected_group(params, **settings)], lr=0.01, betas=BETAS, eps=EPS, weight_decay=0.1)
+    flat = torch.nn.Parameter(torch.cat([w.reshape(-1) for w in weights]))
+    offsets = [0, 24, 59]
+    partitions = {id(flat): [FlatPartition(p, p.shape, [(0, p.numel())], o) for p, o in zip(params, offsets)]}
+    opt.locate_partitions(partitions, one_rank_group)
+    opt.param_groups[0]["params"] = [flat]
+    assert not opt.state_reshardable
+    for batch, expected in zip(data, whole):
+        matrices = [flat.detach()[o : o + m * n].view(m, n) for o, (m, n) in zip(offsets, shapes)]
+        flat.grad = torch.cat([((w @ x - y) @ x.T).reshape(-1) for w, (x, y) in zip(matrices, batch)])
+        opt.step()
+        for o, (m, n), want in zip(offsets, shapes, expected):
+            got = flat.detach()[o : o + m * n].view(m, n)
+            assert torch.equal(got, want) if residual == "none" else torch.allclose(got, want, rtol=0, atol=1e-6)
+    assert opt.refreshes == whole_opt.refreshes == 3 * len(shapes)  # steps 0, 3, 6
+    records = opt.portable_state()
+    assert set(records) == set(params) and records[params[1]]["exp_avg"].shape == (5, 2)
+    rebuilt = ProjectedAdamW([projected_group(params, **settings)], lr=0.01, betas=BETAS, eps=EPS)
+    rebuilt.locate_partitions(partitions, one_rank_group)
+    rebuilt.param_groups[0]["params"] = [flat]
+    assert rebuilt.load_portable_state([records]) == [flat]
+    assert rebuilt.state[flat].keys() == opt.state[flat].keys()
+    for key, value in opt.state[flat].items():
+        assert torch.equal(rebuilt.state[flat][key], value), key
+
+
 def test_a_refresh_is_computed_by_the_rank_holding_most_of_the_matrix():
     from relora_dist.access import FlatPartition
-    from relora_dist.methods.galore.flat_partition import refresh_owner
+    from relora_dist.methods.galore.owner_collectives import refresh_owner
 
     assert refresh_owner(FlatPartition(None, (4, 4), [(0, 16), (16, 16)], 0), 1) == 0  # whole on rank 0: no gather
     assert refresh_owner(FlatPartition(None, (4, 4), [(0, 3), (3, 16)], 0), 0) == 1
@@ -305,3 +356,42 @@ def test_moments_that_are_not_element_wise_leave_deepspeed_a_sliceable_placehold
     assert torch.equal(optimizer.state[flat]["exp_avg"], moments)
     assert torch.equal(optimizer.state[flat]["exp_avg_sq"], moments + 1)
     assert set(optimizer.state[flat]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_the_optimizers_that_step_flat_partitions_offer_the_engines_protocol_and_adamw_does_not():
+    from relora_dist.access import FlatPartitionOptimizer
+    from relora_dist.methods.switchlora.optimizer import VectorStepAdamW
+
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    projected = ProjectedAdamW([projected_group([param])])
+    assert isinstance(projected, FlatPartitionOptimizer) and projected.state_reshardable
+    assert projected.portable_state() == {} and projected.load_portable_state([]) == []
+    assert isinstance(VectorStepAdamW([param]), FlatPartitionOptimizer)
+    assert not isinstance(torch.optim.AdamW([param]), FlatPartitionOptimizer)
+
+
+def test_the_galore_modules_import_each_other_without_a_cycle_and_the_math_imports_only_torch():
+    import ast
+    from pathlib import Path
+
+    import relora_dist.methods.galore as package
+
+    folder = Path(package.__file__).parent
+    imports, absolute = {}, {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        nodes = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imports[path.stem] = {alias.name if n.module is None else n.module for n in nodes if n.level == 1
+                              for alias in n.names}
+        imports[path.stem] |= {"<outside>" for n in nodes if n.level > 1}
+        absolute[path.stem] = {n.module.split(".")[0] for n in nodes if n.level == 0} | {
+            alias.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
+    assert imports["matrix_math"] == set() and imports["owner_collectives"] == set()
+    assert absolute["matrix_math"] <= {"__future__", "math", "torch"} and absolute["owner_collectives"] <= {"__future__", "torch"}
+    assert imports["flat_partition"] == {"matrix_math", "owner_collectives", "<outside>"}
+
+    def reaches(module, seen=()):
+        return {m for m in imports.get(module, ()) if m in imports and m not in seen} | {
+            r for m in imports.get(module, ()) if m in imports and m not in seen for r in reaches(m, seen + (module,))}
+
+    assert all(module not in reaches(module) for module in imports)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ...access import dormant_modules, external_parameters, fp32_frozen_parameters, write_pieces
+from ...access import FlatPartitionOptimizer, dormant_modules, external_parameters, fp32_frozen_parameters, write_pieces
 from ...distributed import rank0_first
 from ..base import Backend, checkpoint_must_fit, clip_replicated_gradients, set_group_lrs
 from .checkpoint import (CHECKPOINT_TAG, MASTER_NAMES_KEY, check_checkpoint_data, read_checkpoint_model, saved_buffers,
@@ -108,7 +108,7 @@ class DeepSpeedBackend(Backend):
             self.shadows = FrozenShadows.place(exact, self.engine.module, lambda p: access.copy_ranges(p, self.rank),
                                                self.engine.device)
         inner = getattr(self.engine.optimizer, "optimizer", None)
-        if callable(getattr(inner, "locate_partitions", None)):  # an optimizer that needs each matrix's rows
+        if isinstance(inner, FlatPartitionOptimizer):  # an optimizer that needs each matrix's rows
             access = self.shard_access()
             inner.locate_partitions(access.flat_partitions(), getattr(access, "group", None))
             keep_state_convertible(inner)
@@ -201,7 +201,7 @@ class DeepSpeedBackend(Backend):
     def _partitioned_optimizer(self):
         """The optimizer inside the ZeRO wrapper when its state is laid out per flat partition, else None."""
         inner = getattr(self.engine.optimizer, "optimizer", None)
-        return inner if inner is not None and not getattr(inner, "state_reshardable", True) else None
+        return inner if isinstance(inner, FlatPartitionOptimizer) and not inner.state_reshardable else None
 
     def load(self, directory):
         directory = Path(directory)

@@ -3,10 +3,11 @@
 DeepSpeed resumes at another world size by converting every rank's flat optimizer partition into per-parameter files
 (`ds_to_universal`), slicing `exp_avg` and `exp_avg_sq` by each parameter's fragment of the flat tensor; other state
 keys are dropped. An optimizer whose moments are not element-wise (GaLore's (m x r) moments per matrix,
-`optim/flat_rows.py`) has nothing there to slice, and one with other element-wise state (SwitchLoRA's step counters,
-`optim/vector_step_adamw.py`) would lose it. So, in the engine's own files, such moments are kept under `unsliced_<key>` with a zero-stride placeholder of
-the flat size where DeepSpeed looks (no bytes on disk; a same-size resume swaps them back), and the optimizer's
-world-size-free records (`portable_state`, keyed here by parameter name) go into one file per rank. After a universal
+`methods/galore/flat_partition.py`) has nothing there to slice, and one with other element-wise state (SwitchLoRA's step
+counters, `methods/switchlora/optimizer.py`) would lose it; such an optimizer is an `access.FlatPartitionOptimizer`
+whose `state_reshardable` is False. So, in the engine's own files, such moments are kept under `unsliced_<key>` with a
+zero-stride placeholder of the flat size where DeepSpeed looks (no bytes on disk; a same-size resume swaps them back),
+and the optimizer's world-size-free records (`portable_state`, keyed here by parameter name) go into one file per rank. After a universal
 load the optimizer rebuilds its state from the files of all saved ranks.
 """
 

@@ -4,17 +4,28 @@ A partition holds a flat range [lo, hi) of each row-major (m x n) matrix: whole 
 each end that a partition boundary cuts. A right projection works row by row (R_row = G_row P^T), so a rank computes
 its rows padded with zeros to whole rows; a cut row's R is the sum of the partial products of the ranks that share
 it (one small all-reduce for all cut rows of a group), after which every sharing rank holds the row's moments and
-updates its own elements. Nothing else is exchanged per step.
+updates its own elements. Nothing else is exchanged per step; a refresh gathers each matrix to one owner
+(`owner_collectives.py`).
+
+`FlatPartitionStepper` is that step, and the per-matrix records that carry its state to another partitioning. The
+optimizer (`optimizer.ProjectedAdamW`) builds one in `locate_partitions` and hands it the state and settings of each
+flat tensor; the math per matrix is `matrix_math.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ...ranges import assemble_ranges
+from .matrix_math import adam_moments, fira_scaling, growth_limits, step_size
+from .owner_collectives import broadcast_from_owners, gather_to_owners, refresh_owner
+
+# compute_projector(whole fp32 gradient, rank, left, previous P or None) -> P (`matrix_math.svd_projector`'s contract)
+Projector = Callable[[torch.Tensor, int, bool, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
@@ -74,58 +85,50 @@ def cut_rows(partitions) -> list[tuple[int, int]]:
     return sorted(rows)
 
 
-def _global_rank(group, rank: int) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)
+class FlatPartitionStepper:
+    """The projected step on flat partitions (right projection of every matrix) for the flat tensors in `partitions`
+    (id of a flat tensor -> its `access.FlatPartition`s, the same order on every rank), spread over process group
+    `group`; `compute_projector` computes each refreshed P (the optimizer's, which counts them).
 
+    The state of a flat tensor, a dict the caller keeps: `step`; `exp_avg`, `exp_avg_sq` over the rows this rank
+    touches (cut rows on every rank sharing them), matrix after matrix; `projector`, every matrix's P (r x n) back to
+    back; Fira's `scaling_grad`, one per matrix."""
 
-def gather_to_owners(pieces: list, owners: list[int], group) -> list:
-    """Per matrix, this rank's piece (the same size on every rank) gathered to the matrix's owner: every rank's
-    pieces on the owner, None elsewhere. A None piece is not sent (its owner holds the matrix whole)."""
-    world, me = dist.get_world_size(group), dist.get_rank(group)
-    works, received = [], []
-    for piece, owner in zip(pieces, owners):
-        receive = [torch.empty_like(piece) for _ in range(world)] if piece is not None and me == owner else None
-        if piece is not None:
-            works.append(dist.gather(piece, receive, dst=_global_rank(group, owner), group=group, async_op=True))
-        received.append(receive)
-    for work in works:
-        work.wait()
-    return received
+    def __init__(self, partitions: dict[int, list], group, compute_projector: Projector):
+        self.partitions = partitions
+        self.group = group
+        self.compute_projector = compute_projector
 
+    @property
+    def state_reshardable(self) -> bool:
+        """False when some flat tensor is stepped here: its state is per partition (`portable_state` carries it)."""
+        return not self.partitions
 
-def broadcast_from_owners(tensors: list[torch.Tensor], owners: list[int], group) -> None:
-    """Each tensor, in place, from its owner to every rank."""
-    works = [dist.broadcast(t, src=_global_rank(group, owner), group=group, async_op=True) for t, owner in zip(tensors, owners)]
-    for work in works:
-        work.wait()
-
-
-class FlatPartitionSteps:
-    """ProjectedAdamW's step on a flat partition (right projection of every matrix). The state of a flat tensor:
-    `step`; `exp_avg`, `exp_avg_sq` over the rows this rank touches (cut rows on every rank sharing them), matrix
-    after matrix; `projector`, every matrix's P (r x n) back to back; Fira's `scaling_grad`, one per matrix."""
+    def steps(self, flat: torch.Tensor) -> bool:
+        """Whether `flat` is one of the flat tensors this stepper steps."""
+        return id(flat) in self.partitions
 
     def _slices(self, group: dict, partitions: list) -> tuple[list[MatrixSlice], list[int]]:
         """This rank's slice of each matrix of a flat tensor, and each matrix's rank r."""
-        slices = [MatrixSlice.of(i, part, dist.get_rank(self._partition_group)) for i, part in enumerate(partitions)]
+        slices = [MatrixSlice.of(i, part, dist.get_rank(self.group)) for i, part in enumerate(partitions)]
         return slices, [min(group["rank"], s.m, s.n) for s in slices]
 
-    def _flat_tensors(self):
-        """(group, flat tensor, its partitions) of every projected group stepped as flat partitions."""
-        partitions = getattr(self, "_partitions", None) or {}
-        for group in self.param_groups:
+    def flat_tensors(self, param_groups: list[dict]) -> Iterator[tuple[dict, torch.Tensor, list]]:
+        """(group, flat tensor, its partitions) of every projected group in `param_groups` stepped here."""
+        for group in param_groups:
             for flat in group["params"] if "rank" in group else ():
-                if id(flat) in partitions:
-                    yield group, flat, partitions[id(flat)]
+                if id(flat) in self.partitions:
+                    yield group, flat, self.partitions[id(flat)]
 
     # -- the state without the partitioning (resume on another number of ranks) ---------------------------------
-    def portable_state(self) -> dict:
+    def portable_state(self, states: Mapping, param_groups: list[dict]) -> dict:
         """Per projected matrix this rank touches, keyed by its model parameter: the rows [row0, row0 + len) of its
-        moments held here, P, the step and Fira's limiter norm. The records of all ranks, whatever their number,
-        are what `load_portable_state` rebuilds the state from on any partitioning."""
+        moments held here, P, the step and Fira's limiter norm, from `states` (the optimizer's state per flat
+        tensor). The records of all ranks, whatever their number, are what `load_portable_state` rebuilds the state
+        from on any partitioning."""
         out = {}
-        for group, flat, partitions in self._flat_tensors():
-            state = self.state[flat]
+        for group, flat, partitions in self.flat_tensors(param_groups):
+            state = states[flat]
             if "step" not in state:
                 continue
             slices, ranks = self._slices(group, partitions)
@@ -140,12 +143,12 @@ class FlatPartitionSteps:
                 out[part.param] = record
         return out
 
-    def load_portable_state(self, records: list[dict]) -> list[torch.Tensor]:
-        """Replace the state of every projected flat tensor by one rebuilt from `portable_state`'s records of every
-        saved rank (dicts keyed by model parameter); cut rows appear in several records, with equal values.
+    def load_portable_state(self, states: MutableMapping, param_groups: list[dict], records: list[dict]) -> list[torch.Tensor]:
+        """Replace the state in `states` of every projected flat tensor by one rebuilt from `portable_state`'s records
+        of every saved rank (dicts keyed by model parameter); cut rows appear in several records, with equal values.
         Returns the flat tensors whose state was replaced."""
         replaced = []
-        for group, flat, partitions in self._flat_tensors():
+        for group, flat, partitions in self.flat_tensors(param_groups):
             slices, ranks = self._slices(group, partitions)
             found = [[r[part.param] for r in records if part.param in r] for part in partitions]
             if not any(found):
@@ -172,16 +175,17 @@ class FlatPartitionSteps:
             state["projector"] = torch.cat(projectors).to(device)
             if scaling:
                 state["scaling_grad"] = torch.stack(scaling).to(device)
-            self.state[flat] = state
+            states[flat] = state
             replaced.append(flat)
         return replaced
 
-    def _step_flat(self, group: dict, flat: torch.Tensor, partitions: list) -> None:
-        from .optimizer import adam_moments, fira_scaling, step_size
-
-        pg = self._partition_group
+    # -- the step -------------------------------------------------------------------------------------------------
+    def step(self, state: dict, group: dict, flat: torch.Tensor) -> None:
+        """One update of flat tensor `flat` (its gradient in `flat.grad`) with the settings of its param group
+        `group`; `state` is its optimizer state, updated in place."""
+        pg = self.group
+        partitions = self.partitions[id(flat)]
         slices, ranks = self._slices(group, partitions)
-        state = self.state[flat]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             size = sum((s.row1 - s.row0) * r for s, r in zip(slices, ranks))
@@ -189,7 +193,7 @@ class FlatPartitionSteps:
             state["projector"] = flat.new_zeros(sum(r * s.n for s, r in zip(slices, ranks)))
         projectors = _projectors(state, slices, ranks)
         if int(state["step"]) % group["update_gap"] == 0:
-            self._refresh_flat(group, flat.grad, partitions, slices, projectors, first=int(state["step"]) == 0)
+            self._refresh(group, flat.grad, partitions, slices, projectors, first=int(state["step"]) == 0)
         grads = [s.padded(flat.grad) if s.holds else None for s in slices]
         projected = [g @ p.T if g is not None else None for g, p in zip(grads, projectors)]
         self._sum_cut_rows(partitions, slices, projected, ranks, flat.device)
@@ -207,7 +211,7 @@ class FlatPartitionSteps:
             updates.append(s.local((normalized @ p) * group["scale"]))
             residuals.append(s.local((g - (low @ p) * group["scale"]) * fira_scaling(normalized, low, False)) if fira else None)
         if fira:
-            self._limit_flat(state, residuals, group, pg, flat.device)
+            self._limit(state, residuals, group, pg, flat.device)
         for s, update, residual in zip(slices, updates, residuals):
             if update is None:
                 continue
@@ -228,33 +232,31 @@ class FlatPartitionSteps:
             s = slices[i]
             if s.holds and s.row0 <= row < s.row1:
                 piece.copy_(projected[i][row - s.row0])
-        dist.all_reduce(buffer, group=self._partition_group)
+        dist.all_reduce(buffer, group=self.group)
         for (i, row), piece in zip(cut, pieces):
             s = slices[i]
             if s.holds and s.row0 <= row < s.row1:
                 projected[i][row - s.row0].copy_(piece)
 
-    def _limit_flat(self, state: dict, residuals: list, group: dict, pg, device) -> None:
+    @staticmethod
+    def _limit(state: dict, residuals: list, group: dict, pg, device) -> None:
         """Fira's limiter with every matrix's |S|_F summed over the ranks (one all-reduce), residuals scaled in place."""
         squares = torch.zeros(len(residuals), device=device)
         for i, residual in enumerate(residuals):
             if residual is not None:
                 squares[i] = (residual * residual).sum()
         dist.all_reduce(squares, group=pg)
-        norms, gamma = squares.sqrt(), group["limiter"]
-        if "scaling_grad" not in state:  # the first step is unlimited
-            state["scaling_grad"] = norms
+        limits = growth_limits(state, squares.sqrt(), group["limiter"])
+        if limits is None:  # the first step is unlimited
             return
-        limits = torch.clamp(norms / (state["scaling_grad"] + 1e-8), min=gamma) / gamma
-        state["scaling_grad"] = norms / limits
         for residual, limit in zip(residuals, limits):
             if residual is not None:
                 residual.div_(limit)
 
-    def _refresh_flat(self, group, grad, partitions, slices, projectors, *, first: bool) -> None:
+    def _refresh(self, group, grad, partitions, slices, projectors, *, first: bool) -> None:
         """Each matrix's P computed by the rank holding most of it (ties in turn): from its own elements when it holds
         the whole matrix (ZeRO-1/2 mostly), else from the pieces gathered to it; then broadcast."""
-        pg = self._partition_group
+        pg = self.group
         me = dist.get_rank(pg)
         owners = [refresh_owner(part, i) for i, part in enumerate(partitions)]
         pieces = []
@@ -278,6 +280,7 @@ class FlatPartitionSteps:
             projectors[i].copy_(self.compute_projector(full.view(s.m, s.n).float(), group["rank"], False, previous))
         broadcast_from_owners(projectors, owners, pg)
 
+
 def _moments(state: dict, slices: list[MatrixSlice], ranks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each matrix's (exp_avg, exp_avg_sq) over the rows this rank touches, (row1 - row0) x r views into the state."""
     sizes = [(s.row1 - s.row0) * r for s, r in zip(slices, ranks)]
@@ -299,9 +302,3 @@ def _assemble_rows(pieces: list[dict], key: str, m: int, r: int) -> torch.Tensor
                              f" with the rank it was written with")
     return assemble_ranges(((piece["row0"], piece[key]) for piece in pieces), m, what=f"optimizer state ({key} rows of a matrix)")
 
-
-def refresh_owner(partition, index: int) -> int:
-    """The rank holding the most of a matrix; among equals (ZeRO-3's even slices) matrix after matrix in turn."""
-    sizes = [hi - lo for lo, hi in partition.ranges]
-    tied = [rank for rank, size in enumerate(sizes) if size == max(sizes)]
-    return tied[index % len(tied)]

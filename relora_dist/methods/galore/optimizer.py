@@ -24,15 +24,19 @@ Where a matrix lives decides who computes what:
   phi and the update are row-local); a refresh gathers G to one owner per matrix (round robin), which computes P and
   broadcasts it; Fira's limiter sums |S|^2 over the ranks in one all-reduce per step for all matrices. Left
   projection would contract the sharded rows every step, so `std` projects such matrices from the right (a stated
-  deviation; `left` is refused).
+  deviation; `left` is refused);
+- a flat partition (DeepSpeed ZeRO-1/2/3) cuts across matrices: the engine calls `locate_partitions`, and a
+  `flat_partition.FlatPartitionStepper` steps those tensors (right projection, whole rows).
 
 P is fp32 with a fixed sign convention (each singular vector's largest-magnitude entry positive), so every rank
 and every SVD routine agree on it; the direction is kept in the state (`projection_left`), never read from shapes.
+
+Here: the optimizer, whole matrices and row shards. The math per matrix is `matrix_math.py` (re-exported here), the
+owner-per-matrix collectives of a refresh `owner_collectives.py`, the flat partitions `flat_partition.py`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +44,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from ..closure import evaluate_closure
-from .flat_partition import FlatPartitionSteps, broadcast_from_owners, gather_to_owners
+from .flat_partition import FlatPartitionStepper
+from .matrix_math import (PROJECTED_KEYS, PROJECTIONS, RESIDUALS, adam_moments, check_projected_group, fira_scaling,
+                          fix_signs, limit_residual, random_orthonormal, step_size, svd_projector)
+from .owner_collectives import broadcast_from_owners, gather_to_owners, round_robin_owners
 
-PROJECTIONS = ("std", "right", "left")
-RESIDUALS = ("none", "fira")
-PROJECTED_KEYS = ("rank", "update_gap", "scale", "proj", "residual", "limiter")
+__all__ = ["ProjectedAdamW", "PROJECTED_KEYS", "PROJECTIONS", "RESIDUALS", "adam_moments", "check_projected_group",
+           "fira_scaling", "fix_signs", "random_orthonormal", "step_size"]
 
 
 @dataclass
@@ -77,21 +83,7 @@ def _rows_of(param: torch.Tensor) -> _Rows:
                  mesh.get_group(), mesh)
 
 
-def fix_signs(vectors: torch.Tensor, dim: int) -> torch.Tensor:
-    """Flip each singular vector (a row for dim=1, a column for dim=0) so that its largest-magnitude entry is positive."""
-    index = vectors.abs().argmax(dim=dim, keepdim=True)
-    signs = torch.sign(vectors.gather(dim, index))
-    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
-
-
-def random_orthonormal(rows: int, cols: int) -> torch.Tensor:
-    """A fixed orthonormal (rows x cols) basis with orthonormal rows (rows <= cols), the same on every rank."""
-    generator = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(cols, rows, generator=generator, dtype=torch.float32))
-    return q.T.contiguous()
-
-
-class ProjectedAdamW(FlatPartitionSteps, torch.optim.Optimizer):
+class ProjectedAdamW(torch.optim.Optimizer):
     """GaLore / Fira AdamW; see the module docstring. `eps` is added to sqrt(v) before bias correction, and weight
     decay acts after the update, as in the official (HF-style) AdamW both methods ship."""
 
@@ -105,21 +97,14 @@ class ProjectedAdamW(FlatPartitionSteps, torch.optim.Optimizer):
                 check_projected_group(group)
         self.refreshes = 0
         """Projectors computed so far on this rank (SVDs run here)."""
+        self._flat: FlatPartitionStepper | None = None  # set by locate_partitions (DeepSpeed ZeRO-1/2/3)
 
     # -- the subspace --------------------------------------------------------------------------------
     def compute_projector(self, grad: torch.Tensor, rank: int, left: bool, previous: torch.Tensor | None) -> torch.Tensor:
         """P for the whole fp32 gradient `grad`: the top-`rank` left (m x r) or right (r x n) singular vectors. A
         non-finite gradient keeps `previous`, and a zero one too (a fixed random basis when there is none yet)."""
         self.refreshes += 1
-        r = min(rank, *grad.shape)
-        finite = bool(torch.isfinite(grad).all())
-        if not finite or not bool(grad.any()):
-            if previous is not None:
-                return previous
-            basis = random_orthonormal(r, grad.shape[0] if left else grad.shape[1])
-            return basis.T.contiguous() if left else basis
-        u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-        return fix_signs(u[:, :r], dim=0).contiguous() if left else fix_signs(vh[:r], dim=1).contiguous()
+        return svd_projector(grad, rank, left, previous)
 
     def _projects_left(self, group: dict, rows: _Rows) -> bool:
         m, n = rows.shape
@@ -143,7 +128,7 @@ class ProjectedAdamW(FlatPartitionSteps, torch.optim.Optimizer):
             return
         pg = sharded[0].group
         world, me = dist.get_world_size(pg), dist.get_rank(pg)
-        owners = [i % world for i in range(len(sharded))]  # every rank lists the same matrices in the same order
+        owners = round_robin_owners(len(sharded), world)
         pieces = []
         for rows in sharded:  # this rank's rows, padded to torch.chunk's row count
             piece = torch.zeros(-(-rows.shape[0] // world), rows.shape[1], dtype=torch.float32, device=rows.local.device)
@@ -201,23 +186,32 @@ class ProjectedAdamW(FlatPartitionSteps, torch.optim.Optimizer):
             p.add_(normalized, alpha=-step_size)
             self._decay(p, group)
 
+    # -- flat partitions (`access.FlatPartitionOptimizer`): a FlatPartitionStepper does the work -------------------
     def locate_partitions(self, partitions: dict[int, list], group=None) -> None:
         """Engines whose optimizer steps flat partitions (DeepSpeed ZeRO-1/2/3) say which matrices each holds:
         id of a flat tensor -> its `access.FlatPartition`s, and the process group the partitions are spread over."""
-        self._partitions, self._partition_group = partitions, group
+        self._flat = FlatPartitionStepper(partitions, group, self.compute_projector)
 
     @property
     def state_reshardable(self) -> bool:
         """False when the state is laid out per flat partition: DeepSpeed's universal checkpoint cannot reshard it, so
-        the engine saves `portable_state` beside it and rebuilds from that (`backends/deepspeed_portable.py`)."""
-        return not getattr(self, "_partitions", None)
+        the engine saves `portable_state` beside it and rebuilds from that (`backends/deepspeed/portable_state.py`)."""
+        return self._flat is None or self._flat.state_reshardable
+
+    def portable_state(self) -> dict:
+        """The flat partitions' state per projected matrix, keyed by model parameter (`FlatPartitionStepper`)."""
+        return {} if self._flat is None else self._flat.portable_state(self.state, self.param_groups)
+
+    def load_portable_state(self, records: list[dict]) -> list[torch.Tensor]:
+        """The flat partitions' state rebuilt from every saved rank's `portable_state`; returns the flat tensors
+        whose state was replaced."""
+        return [] if self._flat is None else self._flat.load_portable_state(self.state, self.param_groups, records)
 
     def _step_projected(self, group: dict) -> None:
         params = group["params"]
-        partitions = getattr(self, "_partitions", None) or {}
-        if len(params) == 1 and id(params[0]) in partitions:
+        if self._flat is not None and len(params) == 1 and self._flat.steps(params[0]):
             if params[0].grad is not None:
-                self._step_flat(group, params[0], partitions[id(params[0])])
+                self._flat.step(self.state[params[0]], group, params[0])
             return
         if any(p.dim() != 2 for p in params):
             raise ValueError("projected AdamW got a flat partition but no layout: the engine must call locate_partitions")
@@ -235,14 +229,14 @@ class ProjectedAdamW(FlatPartitionSteps, torch.optim.Optimizer):
                 pending.append((rows, update, residual, step_size))
                 continue
             if residual is not None:
-                update = update + self._limit(self.state[rows.param], residual, torch.norm(residual), group)
+                update = update + limit_residual(self.state[rows.param], residual, torch.norm(residual), group["limiter"])
             rows.local.add_(update, alpha=-step_size)
             self._decay(rows.local, group)
         if pending:
             squares = torch.stack([(residual * residual).sum() for _, _, residual, _ in pending])
             dist.all_reduce(squares, group=pending[0][0].group)
             for (rows, update, residual, step_size), square in zip(pending, squares):
-                update = update + self._limit(self.state[rows.param], residual, square.sqrt(), group)
+                update = update + limit_residual(self.state[rows.param], residual, square.sqrt(), group["limiter"])
                 rows.local.add_(update, alpha=-step_size)
                 self._decay(rows.local, group)
 
@@ -265,53 +259,3 @@ class ProjectedAdamW(FlatPartitionSteps, torch.optim.Optimizer):
             return update, None, step_size
         residual = (grad - back(projected) * group["scale"]) * fira_scaling(normalized, projected, left)
         return update, residual, step_size
-
-    @staticmethod
-    def _limit(state: dict, residual: torch.Tensor, norm: torch.Tensor, group: dict) -> torch.Tensor:
-        """Fira's norm-growth limiter: |S| may grow by at most gamma per step (the first step is unlimited)."""
-        gamma = group["limiter"]
-        if "scaling_grad" not in state:
-            state["scaling_grad"] = norm
-            return residual
-        limiter = max(norm / (state["scaling_grad"] + 1e-8), gamma) / gamma
-        state["scaling_grad"] = norm / limiter
-        return residual / limiter
-
-
-def adam_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
-    """HF-style Adam moments updated in place with `grad`; returns m / (sqrt(v) + eps)."""
-    beta1, beta2 = group["betas"]
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    return exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
-
-
-def step_size(group: dict, step: torch.Tensor) -> float:
-    """lr sqrt(1 - b2^t) / (1 - b1^t) after `step` updates."""
-    beta1, beta2 = group["betas"]
-    t = float(step)
-    return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-
-
-def fira_scaling(normalized: torch.Tensor, projected: torch.Tensor, left: bool) -> torch.Tensor:
-    """Fira's phi = |N| / (|R| + 1e-8) over the rank dimension: (1, n), one per column, for a left projection (r x n);
-    (m, 1), one per row, for a right one (m x r)."""
-    dim = 0 if left else 1
-    phi = torch.norm(normalized, dim=dim) / (torch.norm(projected, dim=dim) + 1e-8)
-    return phi.unsqueeze(0) if left else phi.unsqueeze(1)
-
-
-def check_projected_group(group: dict) -> None:
-    """One-line errors for a projected group's settings."""
-    missing = [k for k in PROJECTED_KEYS if k not in group]
-    if missing:
-        raise ValueError(f"projected param group lacks {', '.join(missing)}")
-    if group["rank"] <= 0 or group["update_gap"] <= 0:
-        raise ValueError(f"galore rank and update gap must be > 0, got {group['rank']} and {group['update_gap']}")
-    if group["proj"] not in PROJECTIONS or group["residual"] not in RESIDUALS:
-        raise ValueError(f"galore projection must be one of {PROJECTIONS} and the residual one of {RESIDUALS}")
-    if group["limiter"] < 1.0:
-        raise ValueError(f"fira limiter must be >= 1, got {group['limiter']}")
-    for p in group["params"]:
-        if p.dim() != 2:
-            raise ValueError(f"projected AdamW projects matrices, got a {p.dim()}-D parameter of shape {tuple(p.shape)}")
