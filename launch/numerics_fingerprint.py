@@ -53,7 +53,7 @@ METHOD_ARGS = {
     "cola": [],
     "cola_m": [],
     "crnet": ["--crnet-recompute-every", "2"],  # the inverse recomputation is the path worth fingerprinting
-    "galore": ["--galore-update-gap", "5"],  # refreshes at 0, 5, 10 (ZeRO-2/3 entries record the refusal)
+    "galore": ["--galore-update-gap", "5"],  # refreshes at 0, 5, 10 (on ZeRO-2/3: the flat-partition step)
     "fira": ["--galore-update-gap", "5"],
     # a switch of up to 2 vectors a side before most updates
     "switchlora": ["--switchlora-interval", "2", "--switchlora-freeze-steps", "1", "--switchlora-descent-rate", "100"],
