@@ -331,10 +331,6 @@ class FlatRangeShards(PartitionedAccess):
         return out
 
 
-__all__ = ["OPTIMIZER_LAYOUTS", "FlatPartition", "FlatPartitionOptimizer", "Piece", "Range", "TensorAccess", "ReplicatedAccess", "PartitionedAccess", "FlatRangeShards",
-           "write_pieces", "range_key"]
-
-
 def add_in_fp32(view: torch.Tensor, delta: torch.Tensor) -> None:
     """`view += delta`, added in fp32 and rounded once, so a bf16 holder sees one rounding per write (ReLoRA's merge,
     SwitchLoRA's fold)."""
@@ -342,3 +338,7 @@ def add_in_fp32(view: torch.Tensor, delta: torch.Tensor) -> None:
         view.add_(delta.to(view.device))
     else:
         view.copy_(view.float().add_(delta.to(view.device)))
+
+
+__all__ = ["OPTIMIZER_LAYOUTS", "FlatPartition", "FlatPartitionOptimizer", "Piece", "Range", "TensorAccess", "ReplicatedAccess", "PartitionedAccess", "FlatRangeShards",
+           "write_pieces", "range_key", "add_in_fp32"]
