@@ -66,12 +66,15 @@ def test_a_new_method_is_one_folder_under_methods(tmp_path):
     shutil.copytree(REPO / "relora_dist", tmp_path / "relora_dist", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(PLUGIN_FAMILY, tmp_path / "relora_dist" / "methods" / PLUGIN_FAMILY.name)
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    listed = subprocess.run([sys.executable, "-c", "from relora_dist.methods import method_names; print(method_names())"],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
-    assert "relora_frozen_embeddings" in listed
-    planned = subprocess.run([sys.executable, "-m", "relora_dist.cli.train", *map(str, SMALL + FROZEN), "--dry-run",
-                              "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert planned.returncode == 0 and "relora_frozen_embeddings" in planned.stdout + planned.stderr, planned.stderr[-2000:]
+    # one process: the registry lists it, then relora-train's --dry-run plans a run of it
+    script = ("import sys; from relora_dist.methods import method_names; print(method_names());"
+              " from relora_dist.cli.train import train_main; sys.exit(train_main())")
+    planned = subprocess.run([sys.executable, "-c", script, *map(str, SMALL + FROZEN), "--dry-run", "--out", str(tmp_path / "run")],
+                             capture_output=True, text=True, env=env, cwd=tmp_path)
+    listed = planned.stdout.splitlines()[0] if planned.stdout else ""
+    assert "relora_frozen_embeddings" in listed, planned.stderr[-2000:]
+    assert planned.returncode == 0 and "relora_frozen_embeddings" in "\n".join(planned.stdout.splitlines()[1:]) + planned.stderr, \
+        planned.stderr[-2000:]
     for folder in ("docs", "benchmarks", "kernels"):
         shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "results"))
     assert violations(tmp_path, tmp_path / "docs" / "ARCHITECTURE.md") == []
