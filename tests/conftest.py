@@ -272,3 +272,15 @@ def initial_weights(run) -> dict:
     config = config_from_dict(json.loads(next((run / "checkpoints").glob("step_*/model_config.json")).read_text()))
     torch.manual_seed(0)
     return {k: v.detach() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+
+
+@pytest.fixture
+def log_to_this_tests_stderr(monkeypatch):
+    """For tests that call train_main / export_main in-process and read capsys: stream handlers an earlier test's call
+    made still write to that test's (closed) stderr."""
+    import logging
+
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for handler in (h for lg in loggers for h in lg.handlers):
+        if type(handler) is logging.StreamHandler:
+            monkeypatch.setattr(handler, "stream", sys.stderr)

@@ -11,7 +11,6 @@ import os
 import pickle
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,15 +69,7 @@ def export_refused_or_clean(copy: Path, file: Path, marker: Path, tmp_path: Path
     assert not marker.exists(), "the planted pickle ran"
 
 
-@pytest.fixture(autouse=True)
-def log_to_this_tests_stderr(monkeypatch):
-    """Stream handlers made by an earlier test's train_main/export_main write to that test's (closed) stderr."""
-    import logging
-
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
-    for handler in (h for lg in loggers for h in lg.handlers):
-        if type(handler) is logging.StreamHandler:
-            monkeypatch.setattr(handler, "stream", sys.stderr)
+pytestmark = pytest.mark.usefixtures("log_to_this_tests_stderr")
 
 
 # -- one process ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """relora-export takes a checkpoint as the README names it: the step directory, the `latest` pointer file, the
 checkpoints folder or the run directory (the last three: its latest checkpoint); anything else is one line, exit 2."""
 
-import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -11,15 +10,7 @@ from relora_dist.export import merged_weights
 from conftest import SMALL
 
 
-@pytest.fixture(autouse=True)
-def log_to_this_tests_stderr(monkeypatch):
-    """Stream handlers made by an earlier test's train_main/export_main write to that test's (closed) stderr."""
-    import logging
-
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
-    for handler in (h for lg in loggers for h in lg.handlers):
-        if type(handler) is logging.StreamHandler:
-            monkeypatch.setattr(handler, "stream", sys.stderr)
+pytestmark = pytest.mark.usefixtures("log_to_this_tests_stderr")
 
 
 @pytest.fixture(scope="module")
