@@ -62,14 +62,13 @@ def module_files(root: Path) -> dict[str, Path]:
 
 
 def layer_path(module: str, files: dict[str, Path]) -> str:
-    """The path the table names a module by: relative to relora_dist/, kernels/ and benchmarks/ as their own roots."""
+    """The path the table names a module by: relative to relora_dist/, with kernels/ and benchmarks/ for the two
+    folders setup.py maps into it."""
+    path = files[module]
     for package in ("relora_dist.kernels", "relora_dist.benchmarks", "relora_dist"):
         if module == package or module.startswith(package + "."):
-            rest = files[module].name if module == package else None
-            tail = module[len(package) + 1:].replace(".", "/") if module != package else ""
-            is_package = files[module].name == "__init__.py"
-            path = (tail + "/__init__.py" if is_package else tail + ".py") if tail else (rest if is_package else "")
-            return PREFIXES[package] + path.lstrip("/")
+            depth = module.count(".") - package.count(".") + (path.name == "__init__.py")  # folders below the tree
+            return PREFIXES[package] + "/".join(path.parts[len(path.parts) - depth:] if depth else [path.name])
     raise ValueError(module)
 
 
