@@ -25,7 +25,7 @@ import torch
 from relora_dist.benchmarks.common import cases, keep_host_memory, write_results
 from relora_dist.benchmarks.throughput import Case, bench_method, parse_args, spawn
 from relora_dist.distributed import close_distributed, init_distributed
-from relora_dist.models import llama_config
+from relora_dist.train.build import build_method_model, run_model_config
 from relora_dist.perf import CostTraits, ModelCounts
 from relora_dist.perf.activations import layer_bytes_per_token, saved_bytes_per_token
 from relora_dist.perf.memory import CATEGORIES, PeakSampler, expected_static_bytes, tensor_census
@@ -44,8 +44,8 @@ def activation_bytes_per_token(args, name: str) -> float:
     """Measured on the plain model (engine independent), in the run's compute dtype, on this rank's device."""
     method = bench_method(args, name)
     torch.manual_seed(0)
-    config = method.model_config(llama_config(args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len))
-    model = method.prepare_model(method.build_model(config), method.phases()[-1][0])
+    config = run_model_config(method, args.preset, vocab_size=args.vocab_size, max_positions=args.seq_len)
+    model = build_method_model(method, config, method.phases()[-1][0])
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokens = torch.randint(0, args.vocab_size, (1, args.seq_len), device=device)
     autocast = torch.bfloat16 if args.dtype == "bf16" else None

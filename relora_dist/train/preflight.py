@@ -14,7 +14,7 @@ from ..backends.base import NoOptions
 from ..data import DataSpec, check_data_spec, split_batch
 from ..data.pipeline import default_cache_dir
 from ..methods import Method, build_method
-from ..models import llama_config
+from .build import run_model_config
 from .compile import check_compile
 from .config import RunConfig
 
@@ -62,8 +62,8 @@ def check_model(cfg: RunConfig, method: Method) -> None:
     """Build the model of every phase on the meta device (no memory, no init cost): shape errors show now. The
     vocabulary is --vocab-size's stand-in (the tokenizer is not built yet); no check depends on it."""
     m = cfg.model
-    config = method.model_config(llama_config(m.preset, vocab_size=cfg.data.vocab_size,
-                                              config_path=m.config_path, max_positions=m.max_positions))
+    config = run_model_config(method, m.preset, vocab_size=cfg.data.vocab_size, config_path=m.config_path,
+                              max_positions=m.max_positions)
     if cfg.data.seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len {cfg.data.seq_len} exceeds the model's max positions"
                          f" {config.max_position_embeddings} (--seq-len)")
