@@ -255,13 +255,17 @@ def test_the_optimizer_state_is_what_the_accounting_counts(method):
     assert held("exp_avg", "exp_avg_sq", "projector") < 8 * counts.n_full
 
 
-def test_flat_partitions_are_seen_as_whole_rows_and_the_cut_rows_are_listed_once():
+def test_flat_partitions_are_seen_as_whole_rows_and_the_shared_pieces_are_listed_once():
     from relora_dist.access import FlatPartition
-    from relora_dist.methods.galore.flat_partition import MatrixSlice, cut_rows
+    from relora_dist.methods.galore.flat_partition import MatrixSlice, cut_rows, shared_left
 
     # a (3 x 4) matrix split at flat 5 (inside row 1) and a (2 x 3) one at 3 (a row boundary) between 2 ranks
     parts = [FlatPartition(None, (3, 4), [(0, 5), (5, 12)], 2), FlatPartition(None, (2, 3), [(0, 3), (3, 6)], 7)]
-    assert cut_rows(parts) == [(0, 1)]
+    assert cut_rows(parts, [False, False]) == [(0, 1)] and shared_left(parts, [False, False]) == []
+    # projected from the left, a matrix's whole R is summed wherever two ranks hold any of it, and no row on its own
+    assert cut_rows(parts, [True, True]) == [] and shared_left(parts, [True, True]) == [0, 1]
+    whole = FlatPartition(None, (2, 3), [(0, 6), (6, 6)], 0)
+    assert shared_left([whole], [True]) == []
     flat = torch.arange(20.0)
     mine = MatrixSlice.of(0, parts[0], rank=0)
     assert (mine.row0, mine.row1) == (0, 2)
@@ -284,16 +288,18 @@ def one_rank_group(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("proj", ["right", "std"])
 @pytest.mark.parametrize("residual", ["none", "fira"])
-def test_a_flat_partition_on_one_rank_steps_as_whole_matrices_projected_from_the_right(one_rank_group, residual):
+def test_a_flat_partition_on_one_rank_steps_as_whole_matrices(one_rank_group, residual, proj):
     """The matrices back to back in one flat tensor, as DeepSpeed hands them over (the optimizer built on the matrices,
-    the group's params swapped for the flat tensor): the right-projected whole-matrix step, refreshes included (GaLore
-    bit for bit; Fira's norm is a sum of squares there), and the portable records rebuild the same state."""
+    the group's params swapped for the flat tensor): the whole-matrix step, (5, 7) projected from the left under std,
+    refreshes included (GaLore bit for bit; Fira's norm is a sum of squares there), and the portable records rebuild
+    the same state."""
     from relora_dist.access import FlatPartition
 
     shapes = [(6, 4), (5, 7), (3, 3)]
     weights, data = problem(shapes, steps=7)
-    settings = dict(rank=2, gap=3, scale=0.25, proj="right", residual=residual)
+    settings = dict(rank=2, gap=3, scale=0.25, proj=proj, residual=residual)
     whole, whole_opt, _ = run(weights, data, settings, wd=0.1)
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     opt = ProjectedAdamW([projected_group(params, **settings)], lr=0.01, betas=BETAS, eps=EPS, weight_decay=0.1)
@@ -312,7 +318,7 @@ def test_a_flat_partition_on_one_rank_steps_as_whole_matrices_projected_from_the
             assert torch.equal(got, want) if residual == "none" else torch.allclose(got, want, rtol=0, atol=1e-6)
     assert opt.refreshes == whole_opt.refreshes == 3 * len(shapes)  # steps 0, 3, 6
     records = opt.portable_state()
-    assert set(records) == set(params) and records[params[1]]["exp_avg"].shape == (5, 2)
+    assert set(records) == set(params) and records[params[1]]["exp_avg"].shape == ((2, 7) if proj == "std" else (5, 2))
     rebuilt = ProjectedAdamW([projected_group(params, **settings)], lr=0.01, betas=BETAS, eps=EPS)
     rebuilt.locate_partitions(partitions, one_rank_group)
     rebuilt.param_groups[0]["params"] = [flat]

@@ -1,11 +1,14 @@
 """Whole rows of the matrices inside flat optimizer partitions (DeepSpeed ZeRO-1/2/3, BF16_Optimizer).
 
 A partition holds a flat range [lo, hi) of each row-major (m x n) matrix: whole rows, plus at most a partial row at
-each end that a partition boundary cuts. A right projection works row by row (R_row = G_row P^T), so a rank computes
-its rows padded with zeros to whole rows; a cut row's R is the sum of the partial products of the ranks that share
-it (one small all-reduce for all cut rows of a group), after which every sharing rank holds the row's moments and
-updates its own elements. Nothing else is exchanged per step; a refresh gathers each matrix to one owner
-(`owner_collectives.py`).
+each end that a partition boundary cuts. A rank works on its rows padded with zeros to whole rows:
+- a right projection works row by row (R_row = G_row P^T): a cut row's R is the sum of the partial products of the
+  ranks that share it, after which every sharing rank holds the row's moments (r each);
+- a left projection contracts the rows (R = P^T G = the sum over rows of P_row^T G_row): where several ranks hold
+  rows of a matrix, its R (r x n) is the sum of their partial products P_rows^T G_rows, after which every such rank
+  holds the matrix's moments (r x n); a matrix one rank holds whole needs nothing.
+All the sums of a flat tensor go in one all-reduce per step, then each rank updates its own elements. Nothing else
+is exchanged per step; a refresh gathers each matrix to one owner (`owner_collectives.py`).
 
 `FlatPartitionStepper` is that step, and the per-matrix records that carry its state to another partitioning. The
 optimizer (`optimizer.ProjectedAdamW`) builds one in `locate_partitions` and hands it the state and settings of each
@@ -21,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ...ranges import assemble_ranges
-from .matrix_math import adam_moments, fira_scaling, growth_limits, step_size
+from .matrix_math import adam_moments, fira_scaling, growth_limits, projects_left, step_size
 from .owner_collectives import broadcast_from_owners, gather_to_owners, refresh_owner
 
 # compute_projector(whole fp32 gradient, rank, left, previous P or None) -> P (`matrix_math.svd_projector`'s contract)
@@ -50,6 +53,10 @@ class MatrixSlice:
         return self.hi > self.lo
 
     @property
+    def rows(self) -> int:
+        return self.row1 - self.row0
+
+    @property
     def row0(self) -> int:
         return self.lo // self.n if self.holds else 0
 
@@ -73,10 +80,13 @@ class MatrixSlice:
         return rows.reshape(-1).narrow(0, start, self.hi - self.lo)
 
 
-def cut_rows(partitions) -> list[tuple[int, int]]:
-    """(matrix index, row) of every row a partition boundary cuts, sorted: the same list on every rank."""
+def cut_rows(partitions, lefts: list[bool]) -> list[tuple[int, int]]:
+    """(matrix index, row) of every row a partition boundary cuts in a right-projected matrix, sorted: the same list
+    on every rank."""
     rows = set()
-    for index, partition in enumerate(partitions):
+    for index, (partition, left) in enumerate(zip(partitions, lefts)):
+        if left:
+            continue
         m, n = partition.shape
         for lo, hi in partition.ranges:
             for bound in (lo, hi):
@@ -85,14 +95,21 @@ def cut_rows(partitions) -> list[tuple[int, int]]:
     return sorted(rows)
 
 
+def shared_left(partitions, lefts: list[bool]) -> list[int]:
+    """Index of every left-projected matrix that more than one rank holds elements of: the same list on every rank."""
+    return [index for index, (partition, left) in enumerate(zip(partitions, lefts))
+            if left and sum(hi > lo for lo, hi in partition.ranges) > 1]
+
+
 class FlatPartitionStepper:
     """The projected step on flat partitions (right projection of every matrix) for the flat tensors in `partitions`
     (id of a flat tensor -> its `access.FlatPartition`s, the same order on every rank), spread over process group
     `group`; `compute_projector` computes each refreshed P (the optimizer's, which counts them).
 
-    The state of a flat tensor, a dict the caller keeps: `step`; `exp_avg`, `exp_avg_sq` over the rows this rank
-    touches (cut rows on every rank sharing them), matrix after matrix; `projector`, every matrix's P (r x n) back to
-    back; Fira's `scaling_grad`, one per matrix."""
+    The state of a flat tensor, a dict the caller keeps: `step`; `exp_avg`, `exp_avg_sq` matrix after matrix, of a
+    right-projected one over the rows this rank touches ((row1 - row0) x r, cut rows on every rank sharing them), of
+    a left-projected one whole (r x n) on every rank holding elements of it; `projector`, every matrix's P (r x n
+    right, m x r left) back to back; Fira's `scaling_grad`, one per matrix."""
 
     def __init__(self, partitions: dict[int, list], group, compute_projector: Projector):
         self.partitions = partitions
@@ -108,10 +125,11 @@ class FlatPartitionStepper:
         """Whether `flat` is one of the flat tensors this stepper steps."""
         return id(flat) in self.partitions
 
-    def _slices(self, group: dict, partitions: list) -> tuple[list[MatrixSlice], list[int]]:
-        """This rank's slice of each matrix of a flat tensor, and each matrix's rank r."""
+    def _slices(self, group: dict, partitions: list) -> tuple[list[MatrixSlice], list[int], list[bool]]:
+        """This rank's slice of each matrix of a flat tensor, each matrix's rank r and whether it projects left."""
         slices = [MatrixSlice.of(i, part, dist.get_rank(self.group)) for i, part in enumerate(partitions)]
-        return slices, [min(group["rank"], s.m, s.n) for s in slices]
+        return (slices, [min(group["rank"], s.m, s.n) for s in slices],
+                [projects_left(group["proj"], s.m, s.n) for s in slices])
 
     def flat_tensors(self, param_groups: list[dict]) -> Iterator[tuple[dict, torch.Tensor, list]]:
         """(group, flat tensor, its partitions) of every projected group in `param_groups` stepped here."""
@@ -131,13 +149,14 @@ class FlatPartitionStepper:
             state = states[flat]
             if "step" not in state:
                 continue
-            slices, ranks = self._slices(group, partitions)
-            moments, projectors = _moments(state, slices, ranks), _projectors(state, slices, ranks)
-            for s, part, (exp_avg, exp_avg_sq), projector in zip(slices, partitions, moments, projectors):
+            slices, ranks, lefts = self._slices(group, partitions)
+            moments, projectors = _moments(state, slices, ranks, lefts), _projectors(state, slices, ranks, lefts)
+            for s, part, (exp_avg, exp_avg_sq), projector, left in zip(slices, partitions, moments, projectors, lefts):
                 if not s.holds:
                     continue
-                record = {"step": state["step"].clone(), "row0": s.row0, "exp_avg": exp_avg.clone(),
-                          "exp_avg_sq": exp_avg_sq.clone(), "projector": projector.clone()}
+                record = {"step": state["step"].clone(), "row0": 0 if left else s.row0, "exp_avg": exp_avg.clone(),
+                          "exp_avg_sq": exp_avg_sq.clone(), "projector": projector.clone(),
+                          "projection_left": torch.tensor(left)}
                 if "scaling_grad" in state:
                     record["scaling_grad"] = state["scaling_grad"][s.index].clone()
                 out[part.param] = record
@@ -149,7 +168,7 @@ class FlatPartitionStepper:
         Returns the flat tensors whose state was replaced."""
         replaced = []
         for group, flat, partitions in self.flat_tensors(param_groups):
-            slices, ranks = self._slices(group, partitions)
+            slices, ranks, lefts = self._slices(group, partitions)
             found = [[r[part.param] for r in records if part.param in r] for part in partitions]
             if not any(found):
                 continue
@@ -159,14 +178,18 @@ class FlatPartitionStepper:
                                  f" matrices of a group (written with another method or rank?)")
             state, moments, scaling = {"step": found[0][0]["step"].clone()}, ([], []), []
             projectors = []
-            for s, r, pieces in zip(slices, ranks, found):
-                full = [_assemble_rows(pieces, key, s.m, r) for key in ("exp_avg", "exp_avg_sq")]
-                for kept, whole in zip(moments, full):
-                    kept.append(whole[s.row0 : s.row1].reshape(-1))
+            for s, r, left, pieces in zip(slices, ranks, lefts, found):
                 projector = pieces[0]["projector"]
-                if tuple(projector.shape) != (r, s.n):
-                    raise ValueError(f"checkpoint's projector has shape {tuple(projector.shape)}, this run's rank needs"
-                                     f" {(r, s.n)}: resume with the rank it was written with")
+                expected = (s.m, r) if left else (r, s.n)
+                if tuple(projector.shape) != expected or bool(pieces[0].get("projection_left", False)) != left:
+                    raise ValueError(f"checkpoint's projector has shape {tuple(projector.shape)}, this run's rank and"
+                                     f" projection need {expected}: resume with the --rank and --galore-proj it was"
+                                     f" written with")
+                for kept, key in zip(moments, ("exp_avg", "exp_avg_sq")):
+                    if left:  # whole on every rank holding elements of the matrix
+                        kept.append(pieces[0][key].reshape(-1) if s.holds else pieces[0][key].new_zeros(0))
+                    else:
+                        kept.append(_assemble_rows(pieces, key, s.m, r)[s.row0 : s.row1].reshape(-1))
                 projectors.append(projector.reshape(-1))
                 if "scaling_grad" in pieces[0]:
                     scaling.append(pieces[0]["scaling_grad"])
@@ -185,31 +208,35 @@ class FlatPartitionStepper:
         `group`; `state` is its optimizer state, updated in place."""
         pg = self.group
         partitions = self.partitions[id(flat)]
-        slices, ranks = self._slices(group, partitions)
+        slices, ranks, lefts = self._slices(group, partitions)
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-            size = sum((s.row1 - s.row0) * r for s, r in zip(slices, ranks))
+            size = sum(_moment_shape(s, r, left).numel() for s, r, left in zip(slices, ranks, lefts))
             state["exp_avg"], state["exp_avg_sq"] = flat.new_zeros(size), flat.new_zeros(size)
-            state["projector"] = flat.new_zeros(sum(r * s.n for s, r in zip(slices, ranks)))
-        projectors = _projectors(state, slices, ranks)
+            state["projector"] = flat.new_zeros(sum(r * (s.m if left else s.n) for s, r, left in zip(slices, ranks, lefts)))
+        projectors = _projectors(state, slices, ranks, lefts)
         if int(state["step"]) % group["update_gap"] == 0:
-            self._refresh(group, flat.grad, partitions, slices, projectors, first=int(state["step"]) == 0)
+            self._refresh(group, flat.grad, partitions, slices, projectors, lefts, first=int(state["step"]) == 0)
         grads = [s.padded(flat.grad) if s.holds else None for s in slices]
-        projected = [g @ p.T if g is not None else None for g, p in zip(grads, projectors)]
-        self._sum_cut_rows(partitions, slices, projected, ranks, flat.device)
+        # a left P cut to the rows this rank touches: R's partial product and back(X) for those rows
+        row_projectors = [p[s.row0 : s.row1] if left else p for s, p, left in zip(slices, projectors, lefts)]
+        projected = [None if g is None else p.T @ g if left else g @ p.T
+                     for g, p, left in zip(grads, row_projectors, lefts)]
+        self._sum_shared(partitions, slices, projected, ranks, lefts, flat.device)
         state["step"] += 1
         size = step_size(group, state["step"])
-        moments = _moments(state, slices, ranks)
+        moments = _moments(state, slices, ranks, lefts)
         fira = group["residual"] == "fira"
         updates, residuals = [], []
-        for s, r, (exp_avg, exp_avg_sq), g, low, p in zip(slices, ranks, moments, grads, projected, projectors):
+        for s, (exp_avg, exp_avg_sq), g, low, p, left in zip(slices, moments, grads, projected, row_projectors, lefts):
             if not s.holds:
                 updates.append(None)
                 residuals.append(None)
                 continue
             normalized = adam_moments(exp_avg, exp_avg_sq, low, group)
-            updates.append(s.local((normalized @ p) * group["scale"]))
-            residuals.append(s.local((g - (low @ p) * group["scale"]) * fira_scaling(normalized, low, False)) if fira else None)
+            back = (lambda x: p @ x) if left else (lambda x: x @ p)
+            updates.append(s.local(back(normalized) * group["scale"]))
+            residuals.append(s.local((g - back(low) * group["scale"]) * fira_scaling(normalized, low, left)) if fira else None)
         if fira:
             self._limit(state, residuals, group, pg, flat.device)
         for s, update, residual in zip(slices, updates, residuals):
@@ -220,23 +247,29 @@ class FlatPartitionStepper:
             if group["weight_decay"] > 0.0:
                 values.add_(values, alpha=-group["lr"] * group["weight_decay"])
 
-    def _sum_cut_rows(self, partitions, slices, projected, ranks, device) -> None:
-        """A cut row's R is the sum of its sharing ranks' partial products: one all-reduce for all of them."""
-        cut = cut_rows(partitions)
-        if not cut:
+    def _sum_shared(self, partitions, slices, projected, ranks, lefts, device) -> None:
+        """R where several ranks hold parts of it is the sum of their partial products: a right-projected matrix's cut
+        rows (r each), a left-projected matrix's whole R (r x n), all in one all-reduce."""
+        # (matrix, cut row) or (matrix, None: its whole R) of every summed piece, the same list on every rank
+        summed = cut_rows(partitions, lefts) + [(i, None) for i in shared_left(partitions, lefts)]
+        if not summed:
             return
-        widths = [ranks[i] for i, _ in cut]
+        widths = [ranks[i] * (slices[i].n if row is None else 1) for i, row in summed]
         buffer = torch.zeros(sum(widths), device=device)
-        pieces = buffer.split(widths)
-        for (i, row), piece in zip(cut, pieces):
+        targets = []  # this rank's part of R under each piece, or None where it holds none of it
+        for (i, row), piece in zip(summed, buffer.split(widths)):
             s = slices[i]
-            if s.holds and s.row0 <= row < s.row1:
-                piece.copy_(projected[i][row - s.row0])
+            if row is None:
+                target = projected[i] if s.holds else None
+            else:
+                target = projected[i][row - s.row0] if s.holds and s.row0 <= row < s.row1 else None
+            if target is not None:
+                piece.copy_(target.reshape(-1))
+            targets.append((target, piece))
         dist.all_reduce(buffer, group=self.group)
-        for (i, row), piece in zip(cut, pieces):
-            s = slices[i]
-            if s.holds and s.row0 <= row < s.row1:
-                projected[i][row - s.row0].copy_(piece)
+        for target, piece in targets:
+            if target is not None:
+                target.copy_(piece.view_as(target))
 
     @staticmethod
     def _limit(state: dict, residuals: list, group: dict, pg, device) -> None:
@@ -253,7 +286,7 @@ class FlatPartitionStepper:
             if residual is not None:
                 residual.div_(limit)
 
-    def _refresh(self, group, grad, partitions, slices, projectors, *, first: bool) -> None:
+    def _refresh(self, group, grad, partitions, slices, projectors, lefts, *, first: bool) -> None:
         """Each matrix's P computed by the rank holding most of it (ties in turn): from its own elements when it holds
         the whole matrix (ZeRO-1/2 mostly), else from the pieces gathered to it; then broadcast."""
         pg = self.group
@@ -277,21 +310,30 @@ class FlatPartitionStepper:
                 for (lo, hi), values in zip(part.ranges, receive):
                     full[lo:hi] = values[: hi - lo]
             previous = None if first else projectors[i].clone()
-            projectors[i].copy_(self.compute_projector(full.view(s.m, s.n).float(), group["rank"], False, previous))
+            projectors[i].copy_(self.compute_projector(full.view(s.m, s.n).float(), group["rank"], lefts[i], previous))
         broadcast_from_owners(projectors, owners, pg)
 
 
-def _moments(state: dict, slices: list[MatrixSlice], ranks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each matrix's (exp_avg, exp_avg_sq) over the rows this rank touches, (row1 - row0) x r views into the state."""
-    sizes = [(s.row1 - s.row0) * r for s, r in zip(slices, ranks)]
-    return [(m.view(-1, r), v.view(-1, r))
-            for m, v, r in zip(state["exp_avg"].split(sizes), state["exp_avg_sq"].split(sizes), ranks)]
+def _moment_shape(s: MatrixSlice, r: int, left: bool) -> torch.Size:
+    """This rank's moments of a matrix: (row1 - row0) x r of a right projection, r x n of a left one it holds."""
+    if left:
+        return torch.Size((r, s.n) if s.holds else (0, s.n))
+    return torch.Size((s.rows, r))
 
 
-def _projectors(state: dict, slices: list[MatrixSlice], ranks: list[int]) -> list[torch.Tensor]:
-    """Each matrix's P (r x n), views into the state."""
-    sizes = [r * s.n for s, r in zip(slices, ranks)]
-    return [p.view(r, s.n) for p, s, r in zip(state["projector"].split(sizes), slices, ranks)]
+def _moments(state: dict, slices: list[MatrixSlice], ranks: list[int],
+             lefts: list[bool]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each matrix's (exp_avg, exp_avg_sq) as this rank keeps them (`_moment_shape`), views into the state."""
+    shapes = [_moment_shape(s, r, left) for s, r, left in zip(slices, ranks, lefts)]
+    sizes = [shape.numel() for shape in shapes]
+    return [(m.view(shape), v.view(shape))
+            for m, v, shape in zip(state["exp_avg"].split(sizes), state["exp_avg_sq"].split(sizes), shapes)]
+
+
+def _projectors(state: dict, slices: list[MatrixSlice], ranks: list[int], lefts: list[bool]) -> list[torch.Tensor]:
+    """Each matrix's P (r x n right, m x r left), views into the state."""
+    shapes = [(s.m, r) if left else (r, s.n) for s, r, left in zip(slices, ranks, lefts)]
+    return [p.view(shape) for p, shape in zip(state["projector"].split([a * b for a, b in shapes]), shapes)]
 
 
 def _assemble_rows(pieces: list[dict], key: str, m: int, r: int) -> torch.Tensor:

@@ -34,6 +34,12 @@ def step_size(group: dict, step: torch.Tensor) -> float:
 
 
 # -- the subspace ---------------------------------------------------------------------------------------
+def projects_left(proj: str, m: int, n: int) -> bool:
+    """Whether an (m x n) matrix is projected from the left under --galore-proj `proj`: std picks the smaller side
+    (left when m < n, as the official code), whatever engine holds the matrix."""
+    return proj == "left" or (proj == "std" and m < n)
+
+
 def fix_signs(vectors: torch.Tensor, dim: int) -> torch.Tensor:
     """Flip each singular vector (a row for dim=1, a column for dim=0) so that its largest-magnitude entry is positive."""
     index = vectors.abs().argmax(dim=dim, keepdim=True)

@@ -15,7 +15,6 @@ from typing import ClassVar
 
 from torch import nn
 
-from ...access import OPTIMIZER_LAYOUTS
 from ...perf.accounting import CostTraits
 from ..base import Method, register_method
 from .optimizer import PROJECTIONS, ProjectedAdamW
@@ -39,7 +38,8 @@ class GaLoreSettings:
     """alpha, applied to the back-projected update (and, for Fira, to the in-subspace part it subtracts)."""
     proj: str = "std"
     """std: project each matrix on its smaller side (down_proj from the left), as the official code; right or left:
-    every matrix from that side. Row-sharded engines (FSDP2) project std's left matrices from the right (docs/METHODS.md)."""
+    every matrix from that side (right: no per-step collective for any matrix on the engines that split rows, a
+    named variant of the method). Every engine runs the projection named here (docs/METHODS.md)."""
     limiter: float = 1.01
     """Fira's norm-growth limiter gamma: the residual's norm may grow by at most this factor a step (--method fira)."""
 
@@ -74,12 +74,6 @@ class GaLore(Method):
     config_class = GaLoreSettings
     cost_traits = CostTraits(projected_state=True)  # the full-rank model; rank-r moments and a projector per matrix
     residual: ClassVar[str] = "none"
-
-    def check_optimizer_layout(self, layout: str) -> None:
-        if layout != "whole" and self.settings.proj == "left":
-            raise ValueError("--galore-proj left contracts the rows FSDP2 and ZeRO-1/2/3 split across ranks, every step:"
-                             " use std (down_proj then projects from the right) or right")
-        assert layout in OPTIMIZER_LAYOUTS, layout
 
     def resolved_rank(self, config):
         return galore_rank(self.settings.rank, config.hidden_size)

@@ -20,13 +20,14 @@ Projected groups carry `rank`, `update_gap` (T), `scale` (alpha), `proj` (std | 
 Where a matrix lives decides who computes what:
 - a plain tensor is the whole matrix (single process, DDP, ZeRO-0, the owner of an OSS / ZeroRedundancyOptimizer
   partition): everything is local, exactly the official step;
-- a DTensor sharded on dim 0 (FSDP2) holds rows: right projection needs no per-step collective (R, the moments,
-  phi and the update are row-local); a refresh gathers G to one owner per matrix (round robin), which computes P and
-  broadcasts it; Fira's limiter sums |S|^2 over the ranks in one all-reduce per step for all matrices. Left
-  projection would contract the sharded rows every step, so `std` projects such matrices from the right (a stated
-  deviation; `left` is refused);
+- a DTensor sharded on dim 0 (FSDP2) holds rows: a right projection needs no per-step collective (R, the moments,
+  phi and the update are row-local, the moments row shards); a left one contracts the rows, so each rank projects
+  its rows (P_rows^T G_rows) and the r x n partial products of all such matrices are summed in one all-reduce per
+  step, after which every rank holds R and keeps its moments (r x n, the same on every rank); a refresh gathers G
+  to one owner per matrix (round robin), which computes P and broadcasts it; Fira's limiter sums |S|^2 over the
+  ranks in one all-reduce per step for all matrices;
 - a flat partition (DeepSpeed ZeRO-1/2/3) cuts across matrices: the engine calls `locate_partitions`, and a
-  `flat_partition.FlatPartitionStepper` steps those tensors (right projection, whole rows).
+  `flat_partition.FlatPartitionStepper` steps those tensors (whole rows; either projection).
 
 P is fp32 with a fixed sign convention (each singular vector's largest-magnitude entry positive), so every rank
 and every SVD routine agree on it; the direction is kept in the state (`projection_left`), never read from shapes.
@@ -46,7 +47,7 @@ from torch.distributed.tensor import DTensor, Shard
 from ..closure import evaluate_closure
 from .flat_partition import FlatPartitionStepper
 from .matrix_math import (PROJECTED_KEYS, PROJECTIONS, RESIDUALS, adam_moments, check_projected_group, fira_scaling,
-                          fix_signs, limit_residual, random_orthonormal, step_size, svd_projector)
+                          fix_signs, limit_residual, projects_left, random_orthonormal, step_size, svd_projector)
 from .owner_collectives import broadcast_from_owners, gather_to_owners, round_robin_owners
 
 __all__ = ["ProjectedAdamW", "PROJECTED_KEYS", "PROJECTIONS", "RESIDUALS", "adam_moments", "check_projected_group",
@@ -106,13 +107,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.refreshes += 1
         return svd_projector(grad, rank, left, previous)
 
-    def _projects_left(self, group: dict, rows: _Rows) -> bool:
-        m, n = rows.shape
-        if group["proj"] == "left":
-            if rows.sharded:
-                raise ValueError("--galore-proj left contracts the rows FSDP2 shards every step: use std or right")
-            return True
-        return group["proj"] == "std" and m < n and not rows.sharded
+    @staticmethod
+    def _projects_left(group: dict, rows: _Rows) -> bool:
+        return projects_left(group["proj"], *rows.shape)
 
     def _refresh(self, group: dict, due: list[_Rows]) -> None:
         """New projectors for the matrices in `due` (whole ones locally; sharded ones by an owner, broadcast)."""
@@ -137,16 +134,17 @@ class ProjectedAdamW(torch.optim.Optimizer):
         projectors = []
         for rows, owner, receive in zip(sharded, owners, gather_to_owners(pieces, owners, pg)):
             state = self.state[rows.param]
+            left = self._projects_left(group, rows)
             if owner == me:
                 full = torch.cat(receive)[: rows.shape[0]]
-                projectors.append(self.compute_projector(full, rank, False, state.get("projector")))
+                projectors.append(self.compute_projector(full, rank, left, state.get("projector")))
             else:
-                r = min(rank, *rows.shape)
-                projectors.append(torch.empty(r, rows.shape[1], dtype=torch.float32, device=rows.local.device))
+                (m, n), r = rows.shape, min(rank, *rows.shape)
+                projectors.append(torch.empty((m, r) if left else (r, n), dtype=torch.float32, device=rows.local.device))
         broadcast_from_owners(projectors, owners, pg)
         for rows, projector in zip(sharded, projectors):
             self.state[rows.param]["projector"] = projector
-            self.state[rows.param]["projection_left"] = torch.tensor(False)
+            self.state[rows.param]["projection_left"] = torch.tensor(self._projects_left(group, rows))
 
     # -- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,8 +221,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self._refresh(group, [rows for rows in matrices if "projector" not in self.state[rows.param]
                               or int(self.state[rows.param]["step"]) % gap == 0])
         pending = []  # Fira on row shards: the limiter needs |S|_F over every rank's rows
-        for rows in matrices:
-            update, residual, step_size = self._projected_update(group, rows)
+        for rows, projected in zip(matrices, self._project(matrices)):
+            update, residual, step_size = self._projected_update(group, rows, projected)
             if residual is not None and rows.sharded:
                 pending.append((rows, update, residual, step_size))
                 continue
@@ -240,13 +238,38 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 rows.local.add_(update, alpha=-step_size)
                 self._decay(rows.local, group)
 
-    def _projected_update(self, group: dict, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        """(alpha * back(N), Fira's unlimited residual S or None, the step size) of this rank's rows."""
+    def _row_projector(self, rows: _Rows) -> tuple[torch.Tensor, bool]:
+        """(P, left), P cut to this rank's rows where it is left-projected (m x r) and row-sharded."""
         state = self.state[rows.param]
         projector, left = state["projector"], bool(state["projection_left"])
+        if left and rows.sharded:
+            projector = projector.narrow(0, rows.row0, rows.local.shape[0])
+        return projector, left
+
+    def _project(self, matrices: list[_Rows]) -> list[torch.Tensor]:
+        """R of every matrix: G P^T or P^T G; a row-sharded left one's partial products (P_rows^T G_rows) summed over
+        the ranks, all such matrices in one all-reduce."""
+        out, partial = [], []
+        for rows in matrices:
+            projector, left = self._row_projector(rows)
+            out.append(projector.T @ rows.grad if left else rows.grad @ projector.T)
+            if left and rows.sharded:
+                partial.append(len(out) - 1)
+        if partial:
+            bucket = torch.cat([out[i].reshape(-1) for i in partial])
+            dist.all_reduce(bucket, group=matrices[partial[0]].group)
+            for i, summed in zip(partial, bucket.split([out[i].numel() for i in partial])):
+                out[i] = summed.view_as(out[i])
+        return out
+
+    def _projected_update(self, group: dict, rows: _Rows,
+                          projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """(alpha * back(N), Fira's unlimited residual S or None, the step size) of this rank's rows, whose R is
+        `projected`."""
+        state = self.state[rows.param]
+        projector, left = self._row_projector(rows)
         grad = rows.grad
-        projected = projector.T @ grad if left else grad @ projector.T
-        if rows.sharded and "exp_avg" not in state:  # moments as row shards, so checkpoints reshard them
+        if rows.sharded and not left and "exp_avg" not in state:  # moments as row shards, so checkpoints reshard them
             local = torch.zeros_like(projected)
             shape = (rows.shape[0], projected.shape[1])
             state["exp_avg"], state["exp_avg_sq"] = (
