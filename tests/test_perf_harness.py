@@ -117,7 +117,8 @@ def test_slow_link_emulation_holds_the_allreduce_back(bench):
 @pytest.mark.dist
 def test_memory_census_matches_the_accounting(tmp_path):
     """DDP holds everything whole: parameters and gradients exactly as counted, Adam states plus AdamW's per-parameter
-    step scalars. FSDP2 holds half of the parameters, gradients and states (up to row padding)."""
+    step scalars. FSDP2 holds half of the parameters, gradients and states (up to row padding), GaLore's moments
+    exactly as counted."""
     result = harness("memory", ["--engines", "ddp,fsdp2", "--methods", "full,relora,galore,switchlora", "--gpu-memory-gb",
                                 "1"], tmp_path)
     rows = by_case(result["rows"], "engine", "method")
@@ -126,7 +127,8 @@ def test_memory_census_matches_the_accounting(tmp_path):
     for engine in ("ddp", "fsdp2"):  # GaLore's projectors: whole on every rank of both engines, exactly as counted
         galore = rows[engine, "galore"]
         assert galore["census_projectors"] == galore["expected_projectors"] > 0
-        assert galore["expected_optimizer"] <= galore["census_optimizer"] <= 1.02 * galore["expected_optimizer"] + 4 * 100
+        # the moments: row shards of the right-projected matrices, down_proj's r x n whole on every rank; step scalars
+        assert galore["expected_optimizer"] <= galore["census_optimizer"] <= galore["expected_optimizer"] + 4 * 100
     for method in ("full", "relora", "switchlora"):
         ddp, fsdp2 = rows["ddp", method], rows["fsdp2", method]
         for key in ("parameters", "gradients"):

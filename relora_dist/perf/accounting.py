@@ -115,9 +115,13 @@ class ModelCounts:
     n_projectors: int = 0
     """GaLore's projectors: r min(m, n) per matrix (std)."""
     n_projected_moments_right: int = 0
-    """The same with every matrix projected from the right, as the engines that split rows do: 2 r out per matrix."""
+    """The same with every matrix projected from the right (--galore-proj right): 2 r out per matrix."""
     n_projectors_right: int = 0
     """r in per matrix (right projection)."""
+    n_left_projected: int = 0
+    """R's elements of the matrices std projects from the left (out < in: down_proj, and k/v under GQA), r in each:
+    where an engine splits such a matrix's rows (FSDP2, ZeRO), the payload of the per-step all-reduce of the partial
+    products, and half the moments every rank holding rows of it keeps whole."""
     n_pools: int = 0
     """SwitchLoRA's candidate pools: min(m, n) (m + n) per wrapped matrix."""
 
@@ -155,6 +159,7 @@ class ModelCounts:
             n_projectors=L * sum(min(rank, i, o) * min(i, o) for i, o in shapes.values()),
             n_projected_moments_right=L * sum(2 * min(rank, i, o) * o for i, o in shapes.values()),
             n_projectors_right=L * sum(min(rank, i, o) * i for i, o in shapes.values()),
+            n_left_projected=L * sum(min(rank, i, o) * i for i, o in shapes.values() if o < i),
         )
 
     @property
@@ -184,7 +189,7 @@ class ModelCounts:
 
     def optimizer_elements(self, traits: CostTraits, *, right: bool = False) -> int:
         """Adam moment elements: 2 per trainable parameter, the projected moments in place of the projections' with
-        projected state (`right`: every matrix projected from the right, as on FSDP2 and ZeRO-1/2/3), and a step
+        projected state (`right`: every matrix projected from the right, --galore-proj right), and a step
         counter per factor element where the optimizer keeps one (fp32, counted as half a moment pair)."""
         check_traits(traits)
         if traits.projected_state:
@@ -265,7 +270,7 @@ def static_bytes(counts: ModelCounts, traits: CostTraits, precision: Precision, 
                  right_projection: bool = False) -> dict[str, int]:
     """Per-replica bytes by category, before any sharding: parameters (held), fp32 masters, gradients and Adam
     states of the trainable ones (projected moments and projectors with every matrix projected from the right when
-    `right_projection`: the engines that split rows)."""
+    `right_projection`: --galore-proj right)."""
     held, trainable = counts.held(traits), counts.trainable(traits)
     return {
         "parameters": precision.weights * held,

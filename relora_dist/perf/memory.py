@@ -27,8 +27,9 @@ _SHARDED = {
     "zero3": ("optimizer", "master", "gradients", "parameters", "exact_copies"), "fsdp2": ("optimizer", "gradients", "parameters"),
     "fairscale": ("optimizer", "projectors"), "zero_redundancy": ("optimizer", "projectors"),
 }
-# Engines whose optimizer sees rows split across ranks: GaLore projects every matrix from the right there.
-_SPLITS_ROWS = ("zero1", "zero2", "zero3", "fsdp2")
+# Engines that split every matrix's rows across all ranks: the moments of GaLore's left-projected matrices (r x n) are
+# whole on every rank there (ZeRO-1/2 keep a matrix mostly whole in one partition: its moments on that rank).
+_SPLITS_EVERY_MATRIX = ("zero3", "fsdp2")
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -121,11 +122,17 @@ def precision_of(engine: str, dtype: str) -> Precision:
 def expected_static_bytes(counts: ModelCounts, traits: CostTraits, engine: str, dtype: str,
                           world_size: int) -> dict[str, float]:
     """Per-rank bytes by category from the exact counts of a method's cost traits, sharded categories divided by the
-    world size (engines pad partitions a little: the census shows by how much)."""
+    world size (engines pad partitions a little: the census shows by how much), GaLore's left-projected moments whole
+    on every rank where every matrix's rows are split."""
     if engine not in _SHARDED:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(_SHARDED)}")
-    full = static_bytes(counts, traits, precision_of(engine, dtype), right_projection=engine in _SPLITS_ROWS)
-    return {k: v / world_size if k in _SHARDED[engine] else v for k, v in full.items()}
+    precision = precision_of(engine, dtype)
+    full = static_bytes(counts, traits, precision)
+    out = {k: v / world_size if k in _SHARDED[engine] else v for k, v in full.items()}
+    if traits.projected_state and engine in _SPLITS_EVERY_MATRIX:
+        replicated = precision.adam * counts.n_left_projected  # 2 moments of r x n, adam bytes per moment pair
+        out["optimizer"] += replicated - replicated / world_size
+    return out
 
 
 class PeakSampler:
