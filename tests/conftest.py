@@ -173,6 +173,13 @@ def load_run(out: Path):
     return summary, metrics, state
 
 
+def registered_methods() -> list[str]:
+    """The registry as a fresh process sees it, in --method order (test modules register test-only methods in this
+    one)."""
+    code = "from relora_dist.methods import method_names; print(','.join(method_names()))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().split(",")
+
+
 def max_relative_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp(min=1e-12)).item() for k in a)

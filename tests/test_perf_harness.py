@@ -11,7 +11,7 @@ from relora_dist.methods import method_class
 from relora_dist.models import llama_config
 from relora_dist.perf import FULL_RANK, ModelCounts
 
-from conftest import launch_env
+from conftest import launch_env, registered_methods
 
 SHAPE = ["--preset", "tiny", "--vocab-size", "1000", "--seq-len", "32", "--rank", "8", "--micro-batch-size", "2",
          "--accumulation-steps", "3", "--warmup-updates", "1", "--updates", "2"]
@@ -25,12 +25,6 @@ def harness(module: str, args, tmp_path) -> dict:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=launch_env())
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())
-
-
-def registered_methods() -> set[str]:
-    """The registry as a fresh process sees it (other test modules register test-only methods in this one)."""
-    code = "from relora_dist.methods import method_names; print(','.join(method_names()))"
-    return set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().split(","))
 
 
 def by_case(rows, *keys):
@@ -67,8 +61,8 @@ def test_gradient_bytes_are_counted_exactly(bench):
     assert rows["fsdp2", "galore"]["collectives"] == rows["fsdp2", "full"]["collectives"]
     limiter = rows["fsdp2", "fira"]["collectives"]["all_reduce"]
     assert limiter == {"calls": 1, "bytes": 4 * 7 * 2}  # 7 projections x 2 layers of the tiny model
-    assert {m for _, m in rows} == registered_methods()  # --methods all: the registry
-    for method in registered_methods() - {"full", "relora"}:  # the others: what they train, once per update
+    assert {m for _, m in rows} == set(registered_methods())  # --methods all: the registry
+    for method in set(registered_methods()) - {"full", "relora"}:  # the others: what they train, once per update
         assert rows["ddp", method]["bytes_per_update"] == 4 * rows["ddp", method]["trainable_parameters"] > 0
 
 
