@@ -9,8 +9,10 @@ of a sweep that widens until that rate is bracketed; the paper's method table an
 Rows (--methods): one per registered method (the paper's LR recipe: once low rank, everything at --lora-lr =
 2 x --lr); `<method>@factors` for each low-rank one (--lora-lr-scope factors: only the low-rank factors at 2 x;
 embeddings, head and norms keep --lr); the ablation rows R, R+O, R+J, R+O+J (ReLoRA from scratch with only those
-mechanisms); relora_shared / relora_bits16 (LoRA input variants) and galore@right / fira@right (down_proj projected from the right, as on FSDP2) on request. A new method gets its rows by being
-registered.
+mechanisms); full@np4 (full rank with embeddings, head and norms at 4x the rate: the freedom GaLore, Fira and
+SwitchLoRA's recipes give them); relora_shared / relora_bits16 (LoRA input variants) and galore@right / fira@right
+(the named variant --galore-proj right: down_proj projected from the right too) on request, and <row>@np<k> for any
+row (--non-projection-lr-scale k). A new method gets its rows by being registered.
 
 Protocol: every run trains the preset's updates x global batch x sequence (checked: equal tokens everywhere), one
 process and one thread each, --jobs at a time. Seed 0 sweeps the preset's LRs; a row whose best LR is the lowest or
@@ -40,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -51,6 +53,7 @@ from relora_dist.train.config import flag_for
 
 RECORD = "compare_record.json"  # written into a run's directory when it is done
 FACTORS = "@factors"  # row suffix: the same method with --lora-lr-scope factors
+NON_PROJECTION = "@np"  # row suffix: <row>@np<k>, that row with --non-projection-lr-scale k
 OFF = {"restarts": False, "optimizer_reset": False, "jagged_schedule": False}
 
 
@@ -61,6 +64,7 @@ class Row:
     lora_lr_scope: str = "all"
     default: bool = True  # in the default --methods
     settings: dict = field(default_factory=dict)  # the method's own config section (a named deviation's A/B)
+    non_projection_lr_scale: float = 1.0  # embeddings, head and norms at this multiple of the row's rate
 
 
 def factors_scoped(method: str) -> bool:
@@ -82,11 +86,29 @@ def rows() -> dict[str, Row]:
         "R+O+J": Row("relora", {"warm_start_steps": 0}),
         "relora_shared": Row("relora", {"shared_lora_input": True}, default=False),
         "relora_bits16": Row("relora", {"dropout_mask": "bits16"}, default=False),
-        # GaLore / Fira as FSDP2 runs them (down_proj projected from the right): the deviation, measured
+        # --galore-proj right, the named variant that needs no per-step collective on the engines that split rows
         "galore@right": Row("galore", default=False, settings={"proj": "right"}),
         "fira@right": Row("fira", default=False, settings={"proj": "right"}),
+        # full rank with the embeddings, head and norms at 4x: the rate GaLore, Fira and SwitchLoRA give them at
+        # their best LR, where their projections move at about full rank's best
+        "full@np4": Row("full", non_projection_lr_scale=4.0),
     }
     return out
+
+
+def row(name: str) -> Row:
+    """The row `name`: one of `rows()`, or `<row>@np<k>` for any of them (KeyError otherwise)."""
+    every = rows()
+    if name in every:
+        return every[name]
+    base, _, scale = name.rpartition(NON_PROJECTION)
+    try:
+        value = float(scale)
+    except ValueError:
+        value = 0.0
+    if base not in every or not value > 0:
+        raise KeyError(name)
+    return replace(every[base], default=False, non_projection_lr_scale=value)
 
 
 @dataclass
@@ -133,19 +155,21 @@ PRESETS = {
 
 
 def run_arguments(name: str, lr: float, seed: int, preset: Preset, out: Path) -> list[str]:
-    row, p = rows()[name], preset
-    args = ["--model", p.model, "--method", row.method, "--steps", p.steps, "--global-batch-size", p.global_batch,
+    spec, p = row(name), preset
+    args = ["--model", p.model, "--method", spec.method, "--steps", p.steps, "--global-batch-size", p.global_batch,
             "--micro-batch-size", p.micro_batch, "--seq-len", p.seq_len, "--lr", lr, "--lora-lr", 2 * lr,
-            "--lora-lr-scope", row.lora_lr_scope, "--seed", seed,
+            "--lora-lr-scope", spec.lora_lr_scope, "--seed", seed,
             "--warmup-steps", p.warmup, "--rank", p.rank, "--lora-alpha", p.rank, "--merge-every", p.merge_every,
-            "--restart-warmup-steps", p.restart_warmup, "--warm-start-steps", row.relora.get("warm_start_steps", p.warm_start),
+            "--restart-warmup-steps", p.restart_warmup, "--warm-start-steps", spec.relora.get("warm_start_steps", p.warm_start),
             "--eval-every", p.eval_every, "--save-every", p.warm_start, "--keep-checkpoints", 1000,
             "--out", out, "--overwrite", "true", "--progress", "false", *p.data, *p.extra]
-    for switch, value in row.relora.items():  # the ablation switches, the LoRA input variants (relora section)
+    for switch, value in spec.relora.items():  # the ablation switches, the LoRA input variants (relora section)
         if switch != "warm_start_steps":
             args += [f"--{flag_for('relora', switch)}", str(value).lower()]
-    for key, value in row.settings.items():
-        args += [f"--{flag_for(method_class(row.method).config_section, key)}", str(value)]
+    for key, value in spec.settings.items():
+        args += [f"--{flag_for(method_class(spec.method).config_section, key)}", str(value)]
+    if spec.non_projection_lr_scale != 1.0:
+        args += ["--non-projection-lr-scale", spec.non_projection_lr_scale]
     return [str(a) for a in args]
 
 
@@ -174,7 +198,7 @@ def train(job: tuple[str, float, int], preset: Preset, out: Path, extra: list[st
         result = subprocess.run(command, capture_output=True, text=True, env=env)
     finally:
         devices.put(device)
-    record = {"row": name, "method": rows()[name].method, "lr": lr, "seed": seed, "out": str(directory),
+    record = {"row": name, "method": row(name).method, "lr": lr, "seed": seed, "out": str(directory),
               "diverged": result.returncode != 0}
     if result.returncode != 0:
         record["error"] = (result.stderr.strip().splitlines() or ["?"])[-1]
@@ -375,7 +399,7 @@ def summarize(runs: list[dict], names: list[str], seeds: list[int], bench: dict[
         cost = bench.get(b["method"], {})
         table[name] = {
             "method": b["method"], "lrs": sorted(tried), "best_lr": b["lr"],
-            "recipe": rows()[name].lora_lr_scope if factors_scoped(b["method"]) else None,
+            "recipe": row(name).lora_lr_scope if factors_scoped(b["method"]) else None,
             "bracketed": not b["diverged"] and not sweep_extension(tried), "diverged": b["diverged"],
             "seeds": sorted(r["seed"] for r in at_best), "val_ppl": statistics.mean(finite) if finite else None,
             "val_ppl_spread": max(finite) - min(finite) if len(finite) > 1 else None,
@@ -410,9 +434,9 @@ def parse(argv):
     if args.smoke:
         args.preset = "smoke"
     names = args.methods.split(",") if args.methods else [n for n, r in every.items() if r.default]
-    unknown = [n for n in names if n not in every]
+    unknown = [n for n in names if not _known(n)]
     if unknown:
-        p.error(f"--methods: unknown row(s) {', '.join(unknown)}; choose from {', '.join(every)}")
+        p.error(f"--methods: unknown row(s) {', '.join(unknown)}; choose from {', '.join(every)}, or <row>{NON_PROJECTION}<k>")
     if "--seed" in extra:
         p.error("--seed: use --seeds (the first one sweeps, the others repeat the best LRs)")
     if args.jobs < 1:
@@ -424,6 +448,14 @@ def parse(argv):
                        **({"top": args.top} if args.top is not None else {}),
                        **({"max_widen": args.max_widen} if args.max_widen is not None else {})})
     return args, extra, names, preset
+
+
+def _known(name: str) -> bool:
+    try:
+        row(name)
+    except KeyError:
+        return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -455,7 +487,7 @@ def main(argv=None) -> int:
     tokens = {r["train_tokens"] for r in runs if not r["diverged"]}
     if len(tokens) > 1:
         raise RuntimeError(f"runs trained different token counts {sorted(tokens)}: not one budget")
-    bench = bench_methods(out, preset, sorted({rows()[n].method for n in names}), extra) if args.bench == "true" else {}
+    bench = bench_methods(out, preset, sorted({row(n).method for n in names}), extra) if args.bench == "true" else {}
     table = summarize(runs, names, preset.seeds, bench)
     checks = orderings(table)
     from relora_dist.benchmarks.common import machine

@@ -93,10 +93,64 @@ def projected_section(bench: dict, refresh: dict | None, memory: dict | None) ->
         "update computes every projector (ZeRO-3 gathers each matrix's slices to an owner; the other engines hold it "
         "whole where it is computed) and broadcasts P where ranks share a matrix. Bytes include every collective. "
         "Optimizer state: the census of Adam moments and projectors on rank 0 against the exact accounting "
-        "(`perf.accounting`: 2 r max(m, n) moments and r min(m, n) of P per projection; ZeRO adds the rows a partition "
-        "boundary cuts, kept by both ranks).",
+        "(`perf.accounting`: 2 r max(m, n) moments and r min(m, n) of P per projection; on ZeRO-3 and FSDP2 the "
+        "left-projected matrices' moments are whole on every rank; ZeRO adds the rows a partition boundary cuts, kept "
+        "by both ranks).",
         _table(header, body),
     ])
+
+
+def projection_side_section(std: dict, right: dict, collectives: dict | None, modelled: list[dict]) -> str:
+    """GaLore / Fira's official projection (std) against the named variant --galore-proj right, per engine: the bytes
+    the left-projected matrices' all-reduce adds where rows are split, and the speed of each against full rank in its
+    own invocation; the two collective patterns timed on real ranks; the model at 1B and 7B."""
+    rows_std = {(r["engine"], r["method"]): r for r in std["rows"]}
+    rows_right = {(r["engine"], r["method"]): r for r in right["rows"]}
+    header = ["engine", "method", "std MiB sent/update", "right MiB sent/update", "std adds MiB", "std ex/s vs full",
+              "right ex/s vs full"]
+    body = []
+    for (engine, method), r in rows_std.items():
+        other, full, full_right = rows_right.get((engine, method)), rows_std.get((engine, "full")), rows_right.get((engine, "full"))
+        if method == "full" or not (other and full and full_right):
+            continue
+        body.append([engine, method, f"{r['bytes_per_update'] / MIB:.2f}", f"{other['bytes_per_update'] / MIB:.2f}",
+                     f"{(r['bytes_per_update'] - other['bytes_per_update']) / MIB:.3f}",
+                     f"{r['examples_per_s'] / full['examples_per_s']:.2f}x",
+                     f"{other['examples_per_s'] / full_right['examples_per_s']:.2f}x"])
+    r0 = std["rows"][0]
+    parts = [
+        "## GaLore's projection side per engine (`relora-bench --galore-proj`, `projection_collectives.py`, "
+        "`relora-perfmodel projection`)",
+        f"{_machine(std)} Preset {r0['preset']}, vocab {_arg(std, '--vocab-size', 32100)}, seq {r0['seq_len']}, "
+        f"{r0['dtype']}, {r0['world_size']} ranks, micro-batch {r0['micro_batch_size']} x {r0['accumulation_steps']} "
+        f"accumulation, rank {_arg(std, '--rank', 128)}, T = {_arg(std, '--update-gap', 200)}. {_timing(r0)} The std and "
+        "right rows come from two invocations, each with full rank beside it (the ex/s columns are each against "
+        "its own invocation's full rank). std is the official projection (down_proj from the left): where an "
+        "engine splits rows (ZeRO-3, FSDP2; ZeRO-1/2 only for a matrix a partition boundary cuts) each update "
+        "all-reduces the left-projected matrices' partial products; right needs none.",
+        _table(header, body),
+    ]
+    if collectives:
+        c0 = collectives["rows"][0]
+        parts += [f"The two ways to sum R on split rows, timed alone ({_machine(collectives)} {c0['world_size']} ranks, "
+                  "one bucket per update, the median of the repeats): all-reduce (relora_dist: every rank keeps the "
+                  "matrix's moments whole) against reduce-scatter into column shards plus the all-gather the rows' "
+                  "update needs back (N; Fira: N and R).",
+                  _table(["preset", "rank", "pattern", "payload MiB", "MiB sent per rank", "ms", "moments MiB per rank"],
+                         [[r["preset"], r["rank"], r["pattern"], f"{r['payload_bytes'] / MIB:.2f}",
+                           f"{r['sent_bytes_per_rank'] / MIB:.2f}", f"{1e3 * r['seconds']:.2f}",
+                           f"{r['moment_bytes_per_rank'] / MIB:.2f}"] for r in collectives["rows"]])]
+    if modelled:
+        parts += ["Modelled (`relora-perfmodel projection`, FSDP2 / ZeRO-3 at bf16 parameters; an a-priori bus "
+                  "bandwidth per profile):",
+                  _table(["preset", "rank", "GPUs", "all-reduce MiB sent per rank", "ms", "engine's own MiB sent per rank",
+                          "ms", "added bytes", "moments kept whole, GiB per rank"],
+                         [[m["preset"], m["rank"], f"{m['world_size']}x {m['hardware']}",
+                           f"{m['reduce_sent_bytes'] / MIB:.0f}", f"{1e3 * m['reduce_s']:.2f}",
+                           f"{m['engine_sent_bytes'] / MIB:.0f}", f"{1e3 * m['engine_s']:.1f}",
+                           f"+{m['reduce_sent_bytes'] / m['engine_sent_bytes']:.1%}",
+                           f"{m['whole_moments_extra_bytes'] / 2**30:.2f}"] for m in modelled])]
+    return "\n\n".join(parts)
 
 
 def switchlora_section(bench: dict) -> str:
@@ -498,6 +552,13 @@ def main(argv=None) -> int:
                     for name in ("throughput_projected_refresh.json", "memory_projected.json")}
         sections.append(projected_section(json.loads((results / "throughput_projected.json").read_text()),
                                           *optional.values()))
+    if (results / "throughput_projected.json").exists() and (results / "throughput_projected_right.json").exists():
+        optional = results / "projection_collectives.json"
+        sections.append(projection_side_section(
+            json.loads((results / "throughput_projected.json").read_text()),
+            json.loads((results / "throughput_projected_right.json").read_text()),
+            json.loads(optional.read_text()) if optional.exists() else None,
+            [json.loads(f.read_text()) for f in sorted(results.glob("perfmodel_projection_*.json"))]))
     if (results / "throughput_switchlora.json").exists():
         sections.append(switchlora_section(json.loads((results / "throughput_switchlora.json").read_text())))
     lora_path = sorted((results / "lora_path").glob("*.json"))

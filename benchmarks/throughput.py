@@ -75,6 +75,8 @@ def parse_args(argv=None, *, prog="relora-bench", doc=__doc__, extend=None, modu
     p.add_argument("--merge-every", type=int, default=1000, help="updates per ReLoRA cycle, to amortise its merge + reset")
     p.add_argument("--update-gap", type=int, default=200,
                    help="updates between GaLore/Fira projector refreshes (--galore-update-gap); 1: every update refreshes")
+    p.add_argument("--galore-proj", default="std", choices=("std", "right", "left"),
+                   help="GaLore/Fira's projection side (--galore-proj): std, the official; right, the named variant")
     p.add_argument("--allreduce-every-microbatch", action="store_true",
                    help="the paper's DDP loop: all-reduce after every micro-batch (no no_sync); DDP engines only")
     p.add_argument("--emulate-busbw", default="",
@@ -121,10 +123,12 @@ def _batches(seed: int, count: int, args) -> list[torch.Tensor]:
 
 
 def bench_method(args, name: str):
-    """Registered method `name` with the harness's settings (rank, LoRA dropout, fused kernels, merge period)."""
+    """Registered method `name` with the harness's settings (rank, LoRA dropout, fused kernels, merge period, GaLore's
+    refresh period and projection side)."""
     return standalone_method(name, rank=args.rank, alpha=32.0, dropout=args.lora_dropout, fused_kernels=args.fused_kernels,
                              shared_lora_input=args.shared_lora_input, dropout_mask=args.lora_dropout_mask,
-                             merge_every=args.merge_every, restart_warmup_steps=0, update_gap=args.update_gap)
+                             merge_every=args.merge_every, restart_warmup_steps=0, update_gap=args.update_gap,
+                             proj=args.galore_proj)
 
 
 class Case:

@@ -90,3 +90,19 @@ def test_every_registered_method_has_rows_and_every_row_is_a_valid_relora_train_
         assert config.data.dataset == "builtin:stdlib-source" and config.data.vocab_size == 2048
         for switch, value in row.relora.items():
             assert getattr(config.relora, switch) == value, (name, switch)
+        assert config.optim.non_projection_lr_scale == row.non_projection_lr_scale, name
+    assert every["full@np4"].default and every["full@np4"].non_projection_lr_scale == 4.0
+
+
+def test_any_row_takes_a_non_projection_rate_multiple(tmp_path):
+    """<row>@np<k>: the row with --non-projection-lr-scale k (the freedom full@np4 gets, for every row); a malformed
+    multiple is an unknown row."""
+    from relora_dist.benchmarks.compare import parse, row
+    from relora_dist.train.arguments import parse_run_config
+
+    config, _ = parse_run_config(run_arguments("galore@np0.5", 1e-3, 0, PRESETS["cpu"], tmp_path))
+    assert config.train.method == "galore" and config.optim.non_projection_lr_scale == 0.5
+    assert row("relora@factors@np2").lora_lr_scope == "factors" and not row("full@np2").default
+    for bad in ("galore@np0", "galore@npx", "nothing@np2"):
+        with pytest.raises(SystemExit):
+            parse(["--methods", bad])

@@ -328,6 +328,35 @@ def test_a_flat_partition_on_one_rank_steps_as_whole_matrices(one_rank_group, re
         assert torch.equal(rebuilt.state[flat][key], value), key
 
 
+def test_a_state_written_with_the_other_projection_side_is_refused_in_one_line(one_rank_group):
+    """Whole matrices and a flat partition: state stepped under std ((5, 7) from the left), then stepped under right,
+    is refused instead of reading left moments as right ones."""
+    from relora_dist.access import FlatPartition
+
+    shapes = [(6, 4), (5, 7)]
+    weights, data = problem(shapes, steps=1)
+    _, whole, params = run(weights, data, dict(proj="std"))
+    other = ProjectedAdamW([projected_group(params, proj="right")], lr=0.01, betas=BETAS, eps=EPS)
+    for p in params:  # the state alone (load_state_dict would bring the saved group's settings along)
+        other.state[p] = whole.state[p]
+    set_grads(params, data[0])
+    with pytest.raises(ValueError, match="from the left, this run's --galore-proj right from the other side"):
+        other.step()
+    flat = torch.nn.Parameter(torch.cat([w.reshape(-1) for w in weights]))
+    partitions = {id(flat): [FlatPartition(p, p.shape, [(0, p.numel())], o) for p, o in zip(params, [0, 24])]}
+    opts = []
+    for proj in ("std", "right"):
+        opt = ProjectedAdamW([projected_group(params, proj=proj)], lr=0.01, betas=BETAS, eps=EPS)
+        opt.locate_partitions(partitions, one_rank_group)
+        opt.param_groups[0]["params"] = [flat]
+        opts.append(opt)
+    flat.grad = torch.randn_like(flat)
+    opts[0].step()
+    opts[1].state[flat] = opts[0].state[flat]
+    with pytest.raises(ValueError, match="resume with the --rank and --galore-proj it was written with"):
+        opts[1].step()
+
+
 def test_a_refresh_is_computed_by_the_rank_holding_most_of_the_matrix():
     from relora_dist.access import FlatPartition
     from relora_dist.methods.galore.owner_collectives import refresh_owner

@@ -1,11 +1,13 @@
-"""GaLore and Fira on every engine: 2 gloo ranks against the single-process run on the same global batches (same losses
-and exported model), with real SVD refreshes at steps 0, 4 and 8, on a model whose shapes make FSDP2's row shards
-uneven and put DeepSpeed's partition boundaries inside rows (hidden 36, ffn 91, 3 layers); exact resume, resume at
-another world size (2 -> 1 ranks on DDP, FSDP2 and ZeRO-3, 1 -> 2 on ZeRO-1), bf16, replica checks (projectors
-included) and a NaN skipped. Every engine runs the projection named: std (down_proj from the left, its row shards'
-partial products summed where FSDP2 and ZeRO split it) by default, and --galore-proj right equals the single-process
-right run on the engines that split rows too, resumes at another world size included. All 2-rank runs of a method
-share one launch (tests/dist/method_runs.py)."""
+"""GaLore and Fira on DDP and the engines that split rows (ZeRO-1/2/3, FSDP2; every engine with the defaults:
+tests/test_methods_on_engines.py): 2 gloo ranks against the single-process run on the same global batches (same losses
+and exported model), with weight decay, clipping and real SVD refreshes at steps 0, 4 and 8, on a model whose shapes
+make FSDP2's row shards uneven and put DeepSpeed's partition boundaries inside rows (hidden 36, ffn 91, 3 layers);
+exact resume, resume at another world size (2 -> 1 ranks on DDP, FSDP2 and ZeRO-3, 1 -> 2 on ZeRO-1), bf16, the dense
+parameters at another rate (--non-projection-lr-scale), replica checks (projectors included) and a NaN skipped. Every
+engine runs the projection named: std (down_proj from the left, its row shards' partial products summed where FSDP2
+and ZeRO split it) by default, and --galore-proj right equals the single-process right run on the engines that split
+rows too, resumes at another world size included. All 2-rank runs of a method share one launch
+(tests/dist/method_runs.py)."""
 
 import json
 import shutil
@@ -22,11 +24,13 @@ RUN = ["--steps", "10", "--lr", "0.01", "--grad-clip", "0.5", "--weight-decay", 
 # Odd ffn: gate/up rows split unevenly on FSDP2 and cut by ZeRO-3's halves; 3 layers: ZeRO-1/2's boundary inside gate
 UNEVEN = {"hidden_size": 36, "intermediate_size": 91, "num_hidden_layers": 3, "num_attention_heads": 2,
           "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
-WHOLE = ("ddp", "zero0", "fairscale", "zero_redundancy")  # every matrix whole in one optimizer
+WHOLE = ("ddp",)  # every matrix whole in one optimizer (ZeRO-0, fairscale, ZeroRedundancyOptimizer: test_methods_on_engines)
 SPLIT = ("fsdp2", "zero1", "zero2", "zero3")  # rows split across ranks: down_proj's R summed over them
 HOPS = ("ddp", "fsdp2", "zero3")  # stopped on 2 ranks, resumed on 1
 RIGHT = ("zero2",)  # --galore-proj right, 2 ranks throughout
 RIGHT_HOPS = ("fsdp2", "zero3")  # --galore-proj right, stopped on 2 ranks, resumed on 1
+SCALED = ["--non-projection-lr-scale", "4"]  # embeddings, head and norms at 4x: their own param groups on every engine
+SCALED_ENGINES = ("zero2", "fsdp2")
 GROWS = ("zero1",)  # stopped on 1 rank, resumed on 2
 BF16 = ("zero0", "zero2", "zero3", "fsdp2")
 
@@ -41,7 +45,8 @@ def uneven_model(tmp_path) -> list:
 def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method):
     common = SMALL + RUN + ["--method", method, "--micro-batch-size", "2", *uneven_model(tmp_path)]
     one_rank = [run_case("reference", tmp_path, "--micro-batch-size", "4"),
-                run_case("reference-right", tmp_path, "--micro-batch-size", "4", "--galore-proj", "right")]
+                run_case("reference-right", tmp_path, "--micro-batch-size", "4", "--galore-proj", "right"),
+                run_case("reference-scaled", tmp_path, "--micro-batch-size", "4", *SCALED)]
     one_rank += [run_case(f"{name}-grow", tmp_path, *ENGINE_FLAGS[name], "--stop-after", "5", "--save-every", "5",
                           export=False) for name in GROWS]
     launch_runs(one_rank, common, nproc=1, tmp_path=tmp_path)
@@ -51,6 +56,7 @@ def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method
                  for name in HOPS]
     right = ["--galore-proj", "right"]
     two_rank += [run_case(f"{name}-right", tmp_path, *ENGINE_FLAGS[name], *right) for name in RIGHT]
+    two_rank += [run_case(f"{name}-scaled", tmp_path, *ENGINE_FLAGS[name], *SCALED) for name in SCALED_ENGINES]
     two_rank += [run_case(f"{name}-right-hop", tmp_path, *ENGINE_FLAGS[name], *right, "--stop-after", "5", "--save-every",
                           "5", export=False) for name in RIGHT_HOPS]
     two_rank += [run_case("ddp-split", tmp_path, "--stop-after", "6", "--save-every", "3", export=False),
@@ -76,7 +82,8 @@ def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method
 
     resumed = ["ddp-split", "zero2-split", "zero3-split", *(f"{name}-hop" for name in HOPS), *(f"{name}-grow" for name in GROWS)]
     right_runs = [*(f"{name}-right" for name in RIGHT), *(f"{name}-right-hop" for name in RIGHT_HOPS)]
-    references = {"reference": [*WHOLE, *SPLIT, *resumed], "reference-right": right_runs}
+    references = {"reference": [*WHOLE, *SPLIT, *resumed], "reference-right": right_runs,
+                  "reference-scaled": [f"{name}-scaled" for name in SCALED_ENGINES]}
     for reference, runs in references.items():
         losses = [m["loss"] for m in read_metrics(tmp_path / reference)]
         assert len(losses) == 10 and losses[-1] < losses[0]
@@ -84,12 +91,14 @@ def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method
             assert [m["loss"] for m in read_metrics(tmp_path / name)] == pytest.approx(losses, rel=1e-5), name
             difference = max_relative_difference(exported(tmp_path / reference / "hf"), exported(tmp_path / name / "hf"))
             assert difference < 1e-5, (name, difference)
-    # std and right differ (down_proj's side): an engine that ran right instead of std would fail above
-    assert max_relative_difference(exported(tmp_path / "reference" / "hf"), exported(tmp_path / "reference-right" / "hf")) > 1e-3
+    # std and right differ (down_proj's side): an engine that ran right instead of std would fail above; so does
+    # the dense parameters' rate
+    for other in ("reference-right", "reference-scaled"):
+        assert max_relative_difference(exported(tmp_path / "reference" / "hf"), exported(tmp_path / other / "hf")) > 1e-3
     assert max_relative_difference(exported(tmp_path / "ddp" / "hf"), exported(tmp_path / "ddp-split" / "hf")) == 0.0
     travelled = distance(initial_weights(tmp_path / "reference"), exported(tmp_path / "reference" / "hf"))
     for name in BF16:  # bf16 rounding turned into +-lr steps: within a fifth of the distance training moved the weights
-        fp32, bf16 = tmp_path / name, tmp_path / f"{name}-bf16"
+        fp32, bf16 = tmp_path / "reference", tmp_path / f"{name}-bf16"
         assert [m["loss"] for m in read_metrics(bf16)] == pytest.approx([m["loss"] for m in read_metrics(fp32)], rel=3e-2), name
         assert distance(exported(fp32 / "hf"), exported(bf16 / "hf")) < 0.2 * travelled, name
     nan_run = json.loads((tmp_path / "ddp-nan" / "summary.json").read_text())

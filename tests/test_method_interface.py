@@ -144,3 +144,27 @@ def _method_state_round_trips(tmp_path):
     assert torch.equal(loaded["event_steps"], state["event_steps"]) and loaded["version"] == 1
     for name in BUILT_IN:  # the built-in methods keep no state beyond the model and optimizer
         assert method_class(name)(parse_run_config(SMALL + ["--method", name, "--steps", "12", "--warm-start-steps", "3"])[0]).state_dict() == {}
+
+
+@pytest.mark.parametrize("method", ["full", "relora", "galore"])
+def test_non_projection_lr_scale_moves_only_the_parameters_outside_the_projections(method):
+    """--non-projection-lr-scale 4: the embeddings, head and norms take 4x their group's rate, every parameter inside
+    an attention or MLP projection keeps it; at 1 the method's groups are untouched (same objects, no lr_scale)."""
+    from relora_dist.backends.base import set_group_lrs
+    from relora_dist.train.build import build_method_model, run_model_config, scale_non_projection_lr
+    from relora_dist.train.config import standalone_method
+
+    owner = standalone_method(method, rank=4)
+    model = build_method_model(owner, run_model_config(owner, "debug", vocab_size=64, max_positions=64),
+                               owner.phases()[-1][0])
+    groups = owner.param_groups(model)
+    assert scale_non_projection_lr(groups, model, 1.0) is groups
+    scaled = scale_non_projection_lr(groups, model, 4.0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert sorted(id(p) for g in scaled for p in g["params"]) == sorted(id(p) for g in groups for p in g["params"])
+    set_group_lrs(scaled, {g["name"]: 0.01 for g in groups})
+    rates = {names[id(p)]: g["lr"] for g in scaled for p in g["params"]}
+    assert rates["model.embed_tokens.weight"] == rates["lm_head.weight"] == rates["model.norm.weight"] == 0.04
+    inside = [name for name in rates if "_proj." in name]
+    assert inside and all(rates[name] == 0.01 for name in inside)
+    assert all(rates[name] == 0.04 for name in rates if "_proj." not in name)

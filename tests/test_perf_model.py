@@ -206,3 +206,29 @@ def test_cola_costs_its_bottlenecks_and_cola_m_trades_a_forward_for_activations(
     for p, w in ((one, cola), (many, cola_m)):
         assert p.method == w.label
         assert p.hfu / p.mfu == pytest.approx(c.executed_flops_per_token(w.traits) / c.model_flops_per_token(w.traits))
+
+
+def test_the_official_projections_collective_on_split_rows_is_counted_from_the_left_projected_matrices(capsys):
+    """1B (hidden 2048, ffn 5461, 24 layers, no GQA) at GaLore's official rank 512: only down_proj (5461 in, 2048 out)
+    is projected from the left, so each update all-reduces 24 x 512 x 5461 fp32 partial products; a GQA model adds
+    k and v (out < in)."""
+    assert main(["projection", "--preset", "1b", "--world-size", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    payload = 4 * 24 * 512 * 5461
+    assert out["rank"] == 512 and out["reduce_payload_bytes"] == payload
+    assert out["reduce_sent_bytes"] == pytest.approx(2 * 7 / 8 * payload)
+    assert out["whole_moments_extra_bytes"] == pytest.approx(2 * payload * 7 / 8)
+    assert 0 < out["reduce_s"] < out["engine_s"]
+    from relora_dist.models import llama_config
+    from relora_dist.perf.accounting import FULL_RANK, ModelCounts
+
+    config = llama_config("debug", vocab_size=64)
+    plain = ModelCounts.from_config(config, rank=4, seq_len=8, traits=FULL_RANK)
+    config.num_key_value_heads = config.num_attention_heads // 2
+    grouped = ModelCounts.from_config(config, rank=4, seq_len=8, traits=FULL_RANK)
+    h = config.hidden_size
+    assert grouped.n_left_projected - plain.n_left_projected == config.num_hidden_layers * 2 * 4 * h  # k and v
+    assert main(["projection", "--hardware", "tpu"]) == 2
+    assert "unknown hardware 'tpu'" in capsys.readouterr().err
+    assert main(["projection", "--rank", "0"]) == 2
+    assert "--rank must be >= 1" in capsys.readouterr().err

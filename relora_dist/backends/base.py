@@ -293,6 +293,7 @@ def clip_replicated_gradients(params: list[nn.Parameter], max_norm: float) -> fl
 
 def set_group_lrs(param_groups: list[dict], lr: float | Mapping[str, float]) -> None:
     """Set every group's rate: one for all, or each group's by its `name` (a group the mapping misses is an error,
-    not a silent old rate)."""
+    not a silent old rate), times the group's `lr_scale` where it has one (--non-projection-lr-scale)."""
     for group in param_groups:
-        group["lr"] = lr[group["name"]] if isinstance(lr, Mapping) else lr
+        rate = lr[group["name"]] if isinstance(lr, Mapping) else lr
+        group["lr"] = rate * group["lr_scale"] if "lr_scale" in group else rate

@@ -3,6 +3,8 @@
   relora-perfmodel table4 [--json]      the paper's hardware table: predicted vs paper, fits, misses and why
   relora-perfmodel cpu [--json]         this machine's measured profile (GEMM, copy bandwidth, gloo all-reduce)
   relora-perfmodel predict --preset 1b --hardware a100_40gb --world-size 8 [--micro-batch B] [--no-sync] [--method M]
+  relora-perfmodel projection --preset 7b --hardware h100_sxm --world-size 8 [--rank R]
+                                        GaLore/Fira's per-update all-reduce where FSDP2 / ZeRO-3 split the rows
 
 Bad input ends in one line on stderr and exit 2.
 """
@@ -94,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--eta-bw", type=float, default=None)
     pred.add_argument("--phi", type=float, default=None)
     pred.add_argument("--json", action="store_true")
+    proj = sub.add_parser("projection", help="what GaLore/Fira's official projection adds on FSDP2 and ZeRO-3")
+    proj.add_argument("--preset", default="1b", help="model preset (relora_dist.models.PRESETS)")
+    proj.add_argument("--hardware", default="a100_40gb", help="a profile name (relora_dist.perf.hardware.PROFILES)")
+    proj.add_argument("--world-size", type=int, default=8)
+    proj.add_argument("--rank", type=int, default=None, help="GaLore's rank (default: the official one for the size)")
+    proj.add_argument("--param-bytes", type=int, default=2, choices=(2, 4),
+                      help="bytes per parameter the engine gathers and reduce-scatters (2: bf16 mixed precision)")
+    proj.add_argument("--vocab-size", type=int, default=32100)
+    proj.add_argument("--json", action="store_true")
     return parser
 
 
@@ -158,6 +169,36 @@ def _predict(args) -> str:
     ])
 
 
+def _projection(args) -> str:
+    from ..models import llama_config
+    from ..perf.accounting import ModelCounts
+    from ..perf.hardware import PROFILES
+    from ..perf.model import split_rows_projection_cost
+
+    if args.hardware not in PROFILES:
+        raise ValueError(f"unknown hardware {args.hardware!r}; choose one of {', '.join(PROFILES)} (--hardware)")
+    if args.world_size < 1 or (args.rank is not None and args.rank < 1):
+        raise ValueError("--world-size and --rank must be >= 1")
+    method = standalone_method("galore", rank=args.rank)
+    config = llama_config(args.preset, vocab_size=args.vocab_size)
+    rank = method.resolved_rank(config)
+    counts = ModelCounts.from_config(config, rank=rank, seq_len=1, traits=method.cost_traits)
+    cost = split_rows_projection_cost(counts, args.world_size, PROFILES[args.hardware], param_bytes=args.param_bytes)
+    if args.json:
+        return json.dumps({"preset": args.preset, "hardware": args.hardware, "world_size": args.world_size, "rank": rank,
+                           "param_bytes": args.param_bytes, **cost}, indent=1)
+    mib = 2**20
+    return "\n".join([
+        f"{args.preset} GaLore/Fira std, rank {rank}, on {args.world_size}x {args.hardware}: FSDP2 / ZeRO-3 per update",
+        (f"  left-projected partial products all-reduced: {cost['reduce_payload_bytes'] / mib:.1f} MiB fp32, "
+         f"{cost['reduce_sent_bytes'] / mib:.1f} MiB sent per rank, {1e3 * cost['reduce_s']:.2f} ms"),
+        (f"  the engine's own gathers and reduce-scatter: {cost['engine_sent_bytes'] / mib:.0f} MiB sent per rank, "
+         f"{1e3 * cost['engine_s']:.1f} ms (+{cost['reduce_sent_bytes'] / cost['engine_sent_bytes']:.2%} bytes)"),
+        f"  moments kept whole on every rank: +{cost['whole_moments_extra_bytes'] / 2**30:.2f} GiB per rank",
+        "  (--galore-proj right sends none of it and shards those moments; a different optimizer: docs/METHODS.md)",
+    ])
+
+
 def _cpu(args) -> str:
     from ..perf.hardware import measure_cpu_profile
 
@@ -179,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(table.rows, indent=1) if args.json else format_table4(table))
         elif args.command == "cpu":
             print(_cpu(args))
+        elif args.command == "projection":
+            print(_projection(args))
         else:
             print(_predict(args))
     except ValueError as e:

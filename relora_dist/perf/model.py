@@ -210,6 +210,26 @@ def _ring_allreduce(nbytes: float, n: int, bucket_bytes: int, hardware: Hardware
     return 2 * (n - 1) / n * nbytes / hardware.busbw + buckets * 2 * (n - 1) * hardware.latency_s
 
 
+def split_rows_projection_cost(counts: ModelCounts, world_size: int, hardware: Hardware, *,
+                               param_bytes: int = 2) -> dict[str, float]:
+    """What the official (std) GaLore / Fira projection adds per update where an engine splits every matrix's rows
+    across the ranks (FSDP2, ZeRO-3): one all-reduce of the left-projected matrices' fp32 partial products (r x in
+    each, `ModelCounts.n_left_projected`, one bucket) and its ring time; beside it the engine's own traffic (the
+    parameters gathered for forward and again for backward, the gradients reduce-scattered: 3 (n-1)/n of the model
+    at `param_bytes`); and per rank the fp32 moments kept whole instead of a 1/n shard. Bytes are sent per rank."""
+    n = world_size
+    payload = 4 * counts.n_left_projected
+    engine_bytes = 3 * (n - 1) / n * param_bytes * counts.n_full
+    return {
+        "reduce_payload_bytes": payload,
+        "reduce_sent_bytes": 2 * (n - 1) / n * payload,
+        "reduce_s": _ring_allreduce(payload, n, max(payload, 1), hardware),
+        "engine_sent_bytes": engine_bytes,
+        "engine_s": engine_bytes / hardware.busbw,
+        "whole_moments_extra_bytes": 8 * counts.n_left_projected * (n - 1) / n,
+    }
+
+
 def _per_token(w: Workload) -> dict[str, float]:
     """FLOPs and memory-bound bytes per token, forward and backward (note 2.3-2.4; bytes hand-counted, pure bf16)."""
     c, L, h, ff, r, v, traits = w.counts, w.counts.layers, w.counts.hidden, w.ffn, w.rank, w.vocab, w.traits

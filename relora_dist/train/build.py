@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..models import llama_config
+from ..models import LLAMA_PROJECTIONS, llama_config
 from .compile import compile_decoder_layers
 
 
@@ -32,9 +32,27 @@ def set_up_engine(backend, method, model: nn.Module, *, compile: bool = False, c
     compile before fully_shard). Returns the param group names."""
     if compile:
         compile_decoder_layers(model, compile_backend)
-    groups = method.param_groups(model)
+    groups = scale_non_projection_lr(method.param_groups(model), model, method.cfg.optim.non_projection_lr_scale)
     backend.setup(model, method.make_optimizer, groups)
     return [g["name"] for g in groups]
+
+
+def scale_non_projection_lr(groups: list[dict], model: nn.Module, scale: float) -> list[dict]:
+    """--non-projection-lr-scale: each param group split into the parameters inside the attention and MLP projections
+    and the others (embeddings, head, norms), which get `lr_scale` (the engines multiply the group's rate by it).
+    The groups as they are when `scale` is 1."""
+    if scale == 1.0:
+        return groups
+    inside = {id(p) for name, p in model.named_parameters() if set(name.split(".")) & set(LLAMA_PROJECTIONS)}
+    out = []
+    for group in groups:
+        outside = [p for p in group["params"] if id(p) not in inside]
+        projections = [p for p in group["params"] if id(p) in inside]
+        if projections:
+            out.append({**group, "params": projections})
+        if outside:
+            out.append({**group, "params": outside, "lr_scale": scale})
+    return out
 
 
 def build_and_set_up(method, config, step: int, make_backend: Callable[[], object], *, activation_checkpointing: bool = False,

@@ -69,6 +69,8 @@ class OptimConfig:
     """Peak learning rate once low-rank (ReLoRA/LoRA phase); default: --lr. The paper uses about 2x."""
     lora_lr_scope: str = "all"
     """What trains at --lora-lr once low-rank: all (the paper's recipe: every trainable parameter, embeddings, head and norms included) or factors (only the low-rank factors; the rest keeps --lr)."""
+    non_projection_lr_scale: float = 1.0
+    """Multiplier of the learning rate of every parameter outside the attention and MLP projections (embeddings, head, norms), for every method: 1 keeps one rate, as the methods' official recipes; relora-compare sweeps it so that every row, full rank included, gets the same freedom."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.999
@@ -229,6 +231,9 @@ class RunConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.data.val_fraction} (--val-fraction)")
         if self.optim.lr <= 0 or (self.optim.lora_lr is not None and self.optim.lora_lr <= 0):
             raise ValueError("learning rates must be > 0 (--lr, --lora-lr)")
+        if not self.optim.non_projection_lr_scale > 0:
+            raise ValueError(f"non_projection_lr_scale must be > 0, got {self.optim.non_projection_lr_scale}"
+                             " (--non-projection-lr-scale)")
         if self.optim.lora_lr_scope not in LORA_LR_SCOPES:
             raise ValueError(f"lora_lr_scope must be one of {', '.join(LORA_LR_SCOPES)}, got {self.optim.lora_lr_scope!r}"
                              " (--lora-lr-scope)")

@@ -196,6 +196,7 @@ class FlatPartitionStepper:
             device = flat.device
             state["exp_avg"], state["exp_avg_sq"] = (torch.cat(kept).to(device) for kept in moments)
             state["projector"] = torch.cat(projectors).to(device)
+            state["projection_left"] = torch.tensor(lefts)
             if scaling:
                 state["scaling_grad"] = torch.stack(scaling).to(device)
             states[flat] = state
@@ -209,11 +210,15 @@ class FlatPartitionStepper:
         pg = self.group
         partitions = self.partitions[id(flat)]
         slices, ranks, lefts = self._slices(group, partitions)
+        size = sum(_moment_shape(s, r, left).numel() for s, r, left in zip(slices, ranks, lefts))
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-            size = sum(_moment_shape(s, r, left).numel() for s, r, left in zip(slices, ranks, lefts))
             state["exp_avg"], state["exp_avg_sq"] = flat.new_zeros(size), flat.new_zeros(size)
             state["projector"] = flat.new_zeros(sum(r * (s.m if left else s.n) for s, r, left in zip(slices, ranks, lefts)))
+            state["projection_left"] = torch.tensor(lefts)
+        elif state["exp_avg"].numel() != size or _sides(state, len(lefts)) != lefts:
+            raise ValueError("the optimizer state was written with another GaLore rank or projection side: resume with"
+                             " the --rank and --galore-proj it was written with")
         projectors = _projectors(state, slices, ranks, lefts)
         if int(state["step"]) % group["update_gap"] == 0:
             self._refresh(group, flat.grad, partitions, slices, projectors, lefts, first=int(state["step"]) == 0)
@@ -234,9 +239,9 @@ class FlatPartitionStepper:
                 residuals.append(None)
                 continue
             normalized = adam_moments(exp_avg, exp_avg_sq, low, group)
-            back = (lambda x: p @ x) if left else (lambda x: x @ p)
-            updates.append(s.local(back(normalized) * group["scale"]))
-            residuals.append(s.local((g - back(low) * group["scale"]) * fira_scaling(normalized, low, left)) if fira else None)
+            updates.append(s.local(_back(p, normalized, left) * group["scale"]))
+            residuals.append(s.local((g - _back(p, low, left) * group["scale"]) * fira_scaling(normalized, low, left))
+                             if fira else None)
         if fira:
             self._limit(state, residuals, group, pg, flat.device)
         for s, update, residual in zip(slices, updates, residuals):
@@ -312,6 +317,16 @@ class FlatPartitionStepper:
             previous = None if first else projectors[i].clone()
             projectors[i].copy_(self.compute_projector(full.view(s.m, s.n).float(), group["rank"], lefts[i], previous))
         broadcast_from_owners(projectors, owners, pg)
+
+
+def _sides(state: dict, count: int) -> list[bool]:
+    """Which matrices the state projects from the left (a state written before it recorded them: none)."""
+    return [bool(x) for x in state["projection_left"].tolist()] if "projection_left" in state else [False] * count
+
+
+def _back(projector: torch.Tensor, low: torch.Tensor, left: bool) -> torch.Tensor:
+    """back(X): P X (left, P cut to the rows this rank touches) or X P (right)."""
+    return projector @ low if left else low @ projector
 
 
 def _moment_shape(s: MatrixSlice, r: int, left: bool) -> torch.Size:

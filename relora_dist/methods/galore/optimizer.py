@@ -215,8 +215,13 @@ class ProjectedAdamW(torch.optim.Optimizer):
             raise ValueError("projected AdamW got a flat partition but no layout: the engine must call locate_partitions")
         matrices = [_rows_of(p) for p in params if p.grad is not None]
         for rows in matrices:
-            if "step" not in self.state[rows.param]:
-                self.state[rows.param]["step"] = torch.tensor(0.0)
+            state = self.state[rows.param]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+            elif "projection_left" in state and bool(state["projection_left"]) != self._projects_left(group, rows):
+                raise ValueError(f"the optimizer state projects a {rows.shape[0]} x {rows.shape[1]} matrix from the"
+                                 f" {'left' if bool(state['projection_left']) else 'right'}, this run's --galore-proj"
+                                 f" {group['proj']} from the other side: resume with the --galore-proj it was written with")
         gap = group["update_gap"]
         self._refresh(group, [rows for rows in matrices if "projector" not in self.state[rows.param]
                               or int(self.state[rows.param]["step"]) % gap == 0])
