@@ -61,8 +61,8 @@ def measure(preset: str, rank: int | None, repeats: int) -> list[dict]:
         dist.all_reduce(bucket)
 
     def scatter_then_gather(count: int):
-        dist.reduce_scatter_tensor(shard, bucket)
-        dist.all_gather_into_tensor(both[: count * columns * world], torch.cat([shard] * count) if count > 1 else shard)
+        dist.reduce_scatter_single(shard, bucket)
+        dist.all_gather_single(both[: count * columns * world], torch.cat([shard] * count) if count > 1 else shard)
 
     payload = 4 * elements
     patterns = {

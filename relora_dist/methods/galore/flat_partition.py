@@ -102,7 +102,7 @@ def shared_left(partitions, lefts: list[bool]) -> list[int]:
 
 
 class FlatPartitionStepper:
-    """The projected step on flat partitions (right projection of every matrix) for the flat tensors in `partitions`
+    """The projected step on flat partitions (either projection, per matrix) for the flat tensors in `partitions`
     (id of a flat tensor -> its `access.FlatPartition`s, the same order on every rank), spread over process group
     `group`; `compute_projector` computes each refreshed P (the optimizer's, which counts them).
 
