@@ -132,10 +132,10 @@ def projection_side_section(std: dict, right: dict, collectives: dict | None, mo
     ]
     if collectives:
         c0 = collectives["rows"][0]
-        parts += [f"The two ways to sum R on split rows, timed alone ({_machine(collectives)} {c0['world_size']} ranks, "
-                  "one bucket per update, the median of the repeats): all-reduce (relora_dist: every rank keeps the "
+        parts += [f"The two ways to sum R on split rows, timed alone: all-reduce (relora_dist: every rank keeps the "
                   "matrix's moments whole) against reduce-scatter into column shards plus the all-gather the rows' "
-                  "update needs back (N; Fira: N and R).",
+                  f"update needs back (N; Fira: N and R). {_machine(collectives)} {c0['world_size']} ranks, one bucket "
+                  "per update at GaLore's official rank for the size, the median of the repeats.",
                   _table(["preset", "rank", "pattern", "payload MiB", "MiB sent per rank", "ms", "moments MiB per rank"],
                          [[r["preset"], r["rank"], r["pattern"], f"{r['payload_bytes'] / MIB:.2f}",
                            f"{r['sent_bytes_per_rank'] / MIB:.2f}", f"{1e3 * r['seconds']:.2f}",
