@@ -16,16 +16,15 @@ optimizer sends it, and records the bytes each rank sends and the moments each r
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from statistics import median
 
 import torch
 import torch.distributed as dist
-from relora_dist.benchmarks.common import torchrun_command, write_results
 
+from relora_dist.benchmarks.common import write_results
+from relora_dist.benchmarks.throughput import spawn
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.methods.galore.method import galore_rank
 from relora_dist.models import llama_config
@@ -86,10 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/projection_collectives.json")
     args = p.parse_args(argv)
     if args.nproc:
-        forwarded = [a for i, a in enumerate(sys.argv[1:]) if a != "--nproc" and sys.argv[i] != "--nproc"]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        return subprocess.call(torchrun_command(args.nproc, "-m", "relora_dist.benchmarks.projection_collectives",
-                                                *forwarded), env=env)
+        args.module, args.threads = "relora_dist.benchmarks.projection_collectives", 1
+        return spawn(args, sys.argv[1:] if argv is None else argv)
     info = init_distributed()
     rows = [row for preset in args.presets.split(",") for row in measure(preset, args.rank, args.repeats)]
     if info.rank == 0:

@@ -114,10 +114,6 @@ class ModelCounts:
     """GaLore's Adam moments of the projections: 2 r max(m, n) per matrix (--galore-proj std)."""
     n_projectors: int = 0
     """GaLore's projectors: r min(m, n) per matrix (std)."""
-    n_projected_moments_right: int = 0
-    """The same with every matrix projected from the right (--galore-proj right): 2 r out per matrix."""
-    n_projectors_right: int = 0
-    """r in per matrix (right projection)."""
     n_left_projected: int = 0
     """R's elements of the matrices std projects from the left (out < in: down_proj, and k/v under GQA), r in each:
     where an engine splits such a matrix's rows (FSDP2, ZeRO), the payload of the per-step all-reduce of the partial
@@ -157,8 +153,6 @@ class ModelCounts:
             n_pools=L * sum(min(i, o) * (i + o) for i, o in wrapped),
             n_projected_moments=L * sum(_projected_moments(i, o, rank) for i, o in shapes.values()),
             n_projectors=L * sum(min(rank, i, o) * min(i, o) for i, o in shapes.values()),
-            n_projected_moments_right=L * sum(2 * min(rank, i, o) * o for i, o in shapes.values()),
-            n_projectors_right=L * sum(min(rank, i, o) * i for i, o in shapes.values()),
             n_left_projected=L * sum(min(rank, i, o) * i for i, o in shapes.values() if o < i),
         )
 
@@ -187,24 +181,23 @@ class ModelCounts:
             return 0
         return (self.n_lin if traits.frozen_weights else 0) + (self.n_pools if traits.candidate_pools else 0)
 
-    def optimizer_elements(self, traits: CostTraits, *, right: bool = False) -> int:
+    def optimizer_elements(self, traits: CostTraits) -> int:
         """Adam moment elements: 2 per trainable parameter, the projected moments in place of the projections' with
-        projected state (`right`: every matrix projected from the right, --galore-proj right), and a step
+        projected state (--galore-proj std), and a step
         counter per factor element where the optimizer keeps one (fp32, counted as half a moment pair)."""
         check_traits(traits)
         if traits.projected_state:
-            moments = self.n_projected_moments_right if right else self.n_projected_moments
-            elements = 2 * (self.n_full - self.n_lin - self.n_other) + moments
+            elements = 2 * (self.n_full - self.n_lin - self.n_other) + self.n_projected_moments
         else:
             elements = 2 * self.trainable(traits)
         return elements + (self.n_lora if traits.factor_step_counters else 0)
 
-    def projector_elements(self, traits: CostTraits, *, right: bool = False) -> int:
+    def projector_elements(self, traits: CostTraits) -> int:
         """The projected state's projectors (GaLore's, Fira's; Fira's limiter scalar per matrix not counted)."""
         check_traits(traits)
         if not traits.projected_state:
             return 0
-        return self.n_projectors_right if right else self.n_projectors
+        return self.n_projectors
 
     def executed_flops_per_token(self, traits: CostTraits, *, attention: bool = True) -> int:
         """Forward + backward FLOPs actually run per token (dense GEMMs; attention products optional). Projecting a
@@ -266,18 +259,16 @@ class Precision:
         return presets[name]
 
 
-def static_bytes(counts: ModelCounts, traits: CostTraits, precision: Precision, *,
-                 right_projection: bool = False) -> dict[str, int]:
+def static_bytes(counts: ModelCounts, traits: CostTraits, precision: Precision) -> dict[str, int]:
     """Per-replica bytes by category, before any sharding: parameters (held), fp32 masters, gradients and Adam
-    states of the trainable ones (projected moments and projectors with every matrix projected from the right when
-    `right_projection`: --galore-proj right)."""
+    states of the trainable ones (GaLore's projected moments and projectors as --galore-proj std lays them out)."""
     held, trainable = counts.held(traits), counts.trainable(traits)
     return {
         "parameters": precision.weights * held,
         "master": precision.master * trainable,
         "gradients": precision.grads * trainable,
-        "optimizer": precision.adam * counts.optimizer_elements(traits, right=right_projection) // 2,
-        "projectors": precision.adam * counts.projector_elements(traits, right=right_projection) // 2,
+        "optimizer": precision.adam * counts.optimizer_elements(traits) // 2,
+        "projectors": precision.adam * counts.projector_elements(traits) // 2,
         "exact_copies": precision.exact_copies * counts.written_frozen(traits),
     }
 

@@ -70,7 +70,7 @@ class OptimConfig:
     lora_lr_scope: str = "all"
     """What trains at --lora-lr once low-rank: all (the paper's recipe: every trainable parameter, embeddings, head and norms included) or factors (only the low-rank factors; the rest keeps --lr)."""
     non_projection_lr_scale: float = 1.0
-    """Multiplier of the learning rate of every parameter outside the attention and MLP projections (embeddings, head, norms), for every method: 1 keeps one rate, as the methods' official recipes; relora-compare sweeps it so that every row, full rank included, gets the same freedom."""
+    """Multiplier of the learning rate of every parameter outside the attention and MLP projections (embeddings, head, norms), for every method: 1 keeps one rate, as the methods' official recipes; relora-compare's <row>@np<k> rows (full@np4 by default) give every row, full rank included, the freedom GaLore's recipe gives its dense parameters."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.999
