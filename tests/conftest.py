@@ -254,8 +254,9 @@ def launch_runs(cases: list[dict], common: list, *, nproc: int, tmp_path) -> str
         (tmp_path / f"cases_{nproc}.stderr").write_text(out.stderr)
         errors = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line][:20]
         raise AssertionError("\n".join([f"exit {out.returncode}", out.stdout[-2000:], *errors, out.stderr[-3000:]]))
+    (tmp_path / f"cases_{nproc}.stdout").write_text(out.stdout)
     for case in cases:
-        assert f"RUN OK {case['name']}" in out.stdout, case["name"]
+        assert f"RUN OK {case['name']} " in out.stdout, case["name"]
     return out.stdout
 
 

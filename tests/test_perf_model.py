@@ -172,6 +172,27 @@ def test_peak_flops_for_device_names():
     assert peak_flops_for("NVIDIA A10G") == 70e12 and peak_flops_for("cpu") is None
 
 
+def test_the_cpu_peak_is_measured_once_and_times_the_large_gemm_only_where_it_is_quick(monkeypatch):
+    """The mfu column's CPU peak: bf16 without native kernels is measured on the small GEMM (the large one took 2 s
+    each, 13 s a run), fp32 on the large one; a second run in the same process measures nothing."""
+    import torch
+
+    from relora_dist.metrics import columns
+    from relora_dist.perf import hardware
+
+    sizes = []
+    monkeypatch.setattr(hardware, "gemm_rate", lambda n, dtype, repeats: sizes.append(n) or {256: 2e9, 1024: 3e9}[n])
+    columns.cpu_gemm_peak.cache_clear()
+    monkeypatch.setattr(columns, "CPU_PROBE_LARGE_MAX_S", 2 * 1024**3 / 2e9 + 1e-3)  # just slower than the small rate
+    assert columns.device_peak_flops(torch.device("cpu"), "bf16") == (3e9, f"measured bf16 GEMM (n 1024) on "
+                                                                      f"{torch.get_num_threads()} CPU thread(s)")
+    monkeypatch.setattr(columns, "CPU_PROBE_LARGE_MAX_S", 2 * 1024**3 / 2e9 - 1e-3)
+    assert columns.device_peak_flops(torch.device("cpu"), "fp32")[0] == 2e9
+    assert columns.device_peak_flops(torch.device("cpu"), "bf16")[0] == 3e9  # cached: measured once per dtype
+    assert sizes == [256, 1024, 256]
+    columns.cpu_gemm_peak.cache_clear()
+
+
 @pytest.mark.dist
 def test_measure_cpu_profile_is_positive():  # two gloo ranks by mp.spawn
     hw = measure_cpu_profile(threads=1, world_size=2, sizes=ProbeSizes(gemm=256, copy_bytes=8 * 2**20,

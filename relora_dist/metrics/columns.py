@@ -8,6 +8,7 @@ traits the method declares (`relora_dist.perf.accounting.CostTraits`, `Method.co
 
 from __future__ import annotations
 
+import functools
 import resource
 
 import torch
@@ -32,16 +33,37 @@ def throughput_fields(*, tokens: int, examples: int, seconds: float, world_size:
             "examples_per_s": examples / seconds}
 
 
+# The CPU probe: a small GEMM first, the large one only where it is quick. Without native bf16 kernels a 1024 bf16
+# GEMM runs at ~1 GFLOP/s (2 s each, 13 s for the probe on the 2-core CI box) and the small one measures the same rate.
+CPU_PROBE_SIZES = (256, 1024)
+CPU_PROBE_LARGE_MAX_S = 0.1  # the large GEMM is timed only if one is estimated to take less
+
+
 def device_peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
     """(peak FLOP/s per rank, where it came from): the GPU's dense bf16 peak from the table (None for a GPU it does not
-    know), or on a CPU the GEMM rate measured now in the run's dtype on this rank's threads (the best a CPU rank does)."""
-    from ..perf.hardware import gemm_rate, peak_flops_for
+    know), or on a CPU the GEMM rate measured in the run's dtype on this rank's threads (the best a CPU rank does),
+    once per process (cpu_gemm_peak)."""
+    from ..perf.hardware import peak_flops_for
 
     if device.type == "cuda":
         return peak_flops_for(device), f"bf16 dense peak of {torch.cuda.get_device_name(device)}"
+    threads = torch.get_num_threads()
+    rate, n = cpu_gemm_peak(dtype, threads)
+    return rate, f"measured {dtype} GEMM (n {n}) on {threads} CPU thread(s)"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_gemm_peak(dtype: str, threads: int) -> tuple[float, int]:
+    """(FLOP/s, n): the n x n GEMM rate in `dtype` (`threads` is the cache key: torch's thread count when measured)."""
+    from ..perf.hardware import gemm_rate
+
+    small, large = CPU_PROBE_SIZES
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     with torch.random.fork_rng(devices=[]):  # the caller's random streams stay as they are
-        rate = gemm_rate(1024, torch.bfloat16 if dtype == "bf16" else torch.float32, repeats=5)
-    return rate, f"measured {dtype} GEMM on {torch.get_num_threads()} CPU thread(s)"
+        rate = gemm_rate(small, torch_dtype, repeats=3)
+        if 2 * large**3 / rate > CPU_PROBE_LARGE_MAX_S:
+            return rate, small
+        return max(rate, gemm_rate(large, torch_dtype, repeats=5)), large
 
 
 class Utilization:

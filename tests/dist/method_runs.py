@@ -10,6 +10,7 @@ A case's `env` (fault injection) is set for that case only. Prints `RUN OK <name
 import json
 import os
 import sys
+import time
 
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.train.arguments import parse_run_config
@@ -20,6 +21,7 @@ def main(path: str) -> int:
     spec = json.loads(open(path).read())
     info = init_distributed()
     for case in spec["cases"]:
+        started = time.perf_counter()
         saved = {name: os.environ.get(name) for name in case.get("env", {})}
         os.environ.update(case.get("env", {}))
         try:
@@ -32,7 +34,7 @@ def main(path: str) -> int:
                 else:
                     os.environ[name] = value
         if info.rank == 0:
-            print(f"RUN OK {case['name']}", flush=True)
+            print(f"RUN OK {case['name']} {time.perf_counter() - started:.1f}s", flush=True)
     close_distributed()
     return 0
 
