@@ -241,11 +241,13 @@ METHOD_RUNS = REPO / "tests" / "dist" / "method_runs.py"
 ENGINE_FLAGS = {name: label.train_flags(REPO / "launch" / "configs") for name, label in ENGINE_LABELS.items()}
 
 
-def launch_runs(cases: list[dict], common: list, *, nproc: int, tmp_path) -> str:
+def launch_runs(cases: list[dict], common: list, *, nproc: int, tmp_path, launcher: str = "torchrun") -> str:
     spec = tmp_path / f"cases_{nproc}.json"
     spec.write_text(json.dumps({"common": [str(a) for a in common],
                                 "cases": [{**c, "args": [str(a) for a in c["args"]]} for c in cases]}))
-    if nproc > 1:
+    if launcher == "deepspeed":
+        cmd = deepspeed_command(METHOD_RUNS, nproc) + [str(spec)]
+    elif nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(METHOD_RUNS), str(spec)]
     else:
         cmd = [sys.executable, str(METHOD_RUNS), str(spec)]

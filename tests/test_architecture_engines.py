@@ -2,7 +2,8 @@
 single-process run on the same global batches (same losses and exported model, 1e-5 in fp32) with weight decay and
 clipping, exact resume, resume at another world size, bf16, --compile, their own recomputation and a NaN skipped.
 Every engine with the methods' defaults: tests/test_methods_on_engines.py; here the engines that split or gather
-parameters (ZeRO-2/3, FSDP2) and DDP. All 2-rank runs of a method share one launch (tests/dist/method_runs.py)."""
+parameters (ZeRO-2/3, FSDP2) and DDP. The three methods' 2-rank runs share one launch, their 1-rank runs another
+(tests/dist/method_runs.py)."""
 
 import json
 
@@ -10,8 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import (ENGINE_FLAGS, SMALL, distance, exported, initial_weights, launch_runs, max_relative_difference, read_metrics, run_case,
-                      run_cli)
+from conftest import (ENGINE_FLAGS, SMALL, distance, exported, initial_weights, launch_runs, max_relative_difference, read_metrics, run_case)
 import relora_dist  # noqa: F401  (registers the architectures with the Auto classes)
 
 pytestmark = pytest.mark.dist
@@ -27,9 +27,8 @@ RECOMPUTE = {"crnet": ["--crnet-recompute-every", "2"]}
 RECOMPUTE_ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method):
-    common = SMALL + RUN + ["--method", method, "--micro-batch-size", "2"]
+def method_cases(method, tmp_path) -> tuple[list, list]:
+    """(2-rank cases, 1-rank cases) of one method, its runs in tmp_path."""
     two_rank = [run_case(name, tmp_path, *flags) for name, flags in FP32_ENGINES.items()]
     two_rank += [run_case(f"{name}-bf16", tmp_path, *BF16_FLAGS[name], "--dtype", "bf16") for name in BF16_ENGINES]
     two_rank += [run_case(f"{name}-hop", tmp_path, *FP32_ENGINES[name], "--stop-after", "5", "--save-every", "5", export=False)
@@ -40,12 +39,30 @@ def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method
     recomputed = [f"{name}-recompute" for name in RECOMPUTE_ENGINES] if method in RECOMPUTE else []
     two_rank += [run_case(name, tmp_path, *FP32_ENGINES[name.removesuffix("-recompute")], *RECOMPUTE[method])
                  for name in recomputed]
-    launch_runs(two_rank, common, nproc=2, tmp_path=tmp_path)
     one_rank = [run_case("reference", tmp_path, "--micro-batch-size", "4"), run_case("reference-bf16", tmp_path, "--dtype", "bf16"),
                 run_case("compiled", tmp_path, "--compile", "true")]
     one_rank += [run_case(f"{name}-hop", tmp_path, *FP32_ENGINES[name], "--resume") for name in HOPS]
-    launch_runs(one_rank, common, nproc=1, tmp_path=tmp_path)
+    for case in two_rank + one_rank:
+        case["args"] += ["--method", method]
+        case["name"] = f"{method}/{case['name']}"
+    return two_rank, one_rank
 
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory):
+    """Every method's runs: the 2-rank ones in one launch, then the 1-rank ones in another."""
+    root = tmp_path_factory.mktemp("engines")
+    cases = [method_cases(method, root / method) for method in METHODS]
+    common = SMALL + RUN + ["--micro-batch-size", "2"]
+    launch_runs([case for two_rank, _ in cases for case in two_rank], common, nproc=2, tmp_path=root)
+    launch_runs([case for _, one_rank in cases for case in one_rank], common, nproc=1, tmp_path=root)
+    return root
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_engine_equals_the_single_process_run_and_resumes(engine_runs, method):
+    tmp_path = engine_runs / method
+    recomputed = [f"{name}-recompute" for name in RECOMPUTE_ENGINES] if method in RECOMPUTE else []
     reference = tmp_path / "reference"
     losses = [m["loss"] for m in read_metrics(reference)]
     assert len(losses) == 10 and losses[-1] < losses[0]
@@ -70,13 +87,22 @@ def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method
     assert nan_run["skipped"] == 1 and nan_run["steps"] == 10
 
 
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """3 updates of each method with a merged export, one launch."""
+    tmp_path = tmp_path_factory.mktemp("short")
+    launch_runs([run_case(method, tmp_path, "--method", method) for method in METHODS], SMALL + ["--steps", "3"], nproc=1,
+                tmp_path=tmp_path)
+    return tmp_path
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_the_export_loads_with_transformers_auto_class_and_gives_the_trained_logits(tmp_path, method):
-    run_cli(SMALL + ["--method", method, "--steps", "3", "--out", tmp_path, "--export-merged", tmp_path / "hf"])
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+def test_the_export_loads_with_transformers_auto_class_and_gives_the_trained_logits(short_runs, method):
+    run = short_runs / method
+    model = AutoModelForCausalLM.from_pretrained(run / "hf")
     assert model.config.model_type == method
-    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
-    trained = torch.load(tmp_path / "checkpoints" / latest / "model.pt", weights_only=True)
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    trained = torch.load(run / "checkpoints" / latest / "model.pt", weights_only=True)
     assert set(trained) == set(model.state_dict())
     tokens = torch.randint(0, model.config.vocab_size, (2, 16))
     rebuilt = AutoModelForCausalLM.from_config(model.config)

@@ -5,14 +5,15 @@ recompile nothing: the graph count is flat inside each phase.
 DDP and FSDP2 run Inductor; the DeepSpeed and owner-sharded engines run aot_eager, which traces the same graphs
 through the same engine hooks and in-place writes (what differs per engine) without generating code again (what
 does not), to keep the suite's time: ZeRO-3's hooks split each layer into many small graphs. FSDP2 and ZeRO-3 run
-with --shared-lora-input (the group's state is Python side effects the trace must replay)."""
+with --shared-lora-input (the group's state is Python side effects the trace must replay). All six runs share one
+launch (torchrun; the DeepSpeed launcher's own path: tests/test_deepspeed.py)."""
 
 import copy
 
 import pytest
 import torch
 
-from conftest import ENGINE_FLAGS, RELORA_RUN, SMALL, assert_run_equals_reference, read_metrics, run_cli
+from conftest import ENGINE_FLAGS, RELORA_RUN, SMALL, assert_run_equals_reference, launch_runs, read_metrics, run_case
 from relora_dist.backends.labels import ENGINE_LABELS
 from relora_dist import ReLoRAConfig, wrap
 from relora_dist.methods.relora.dropout import input_dropout
@@ -24,19 +25,22 @@ WARM_START = int(RELORA_RUN[RELORA_RUN.index("--warm-start-steps") + 1])
 AOT = ["--compile-backend", "aot_eager"]
 # q/k/v and gate/up share one LoRA down-projection (no dropout here: the same function as per-module GEMMs)
 SHARED = ["--shared-lora-input", "true"]
-# case: (flags, launcher, the backend summary.json names)
 EXTRA = {"ddp": [], "fsdp2": SHARED, "fairscale": AOT, "zero_redundancy": AOT, "zero2": AOT, "zero3": [*AOT, *SHARED]}
-ENGINES = {name: ([*ENGINE_FLAGS[name], *extra], ENGINE_LABELS[name].launcher, ENGINE_LABELS[name].backend)
-           for name, extra in EXTRA.items()}
+# case: (flags, the backend summary.json names)
+ENGINES = {name: ([*ENGINE_FLAGS[name], *extra], ENGINE_LABELS[name].backend) for name, extra in EXTRA.items()}
 
 
 @pytest.fixture(scope="module")
-def shared_inductor_cache(tmp_path_factory):
-    """One Inductor cache for the module's CLI runs: the first compiles, the others mostly read. The in-process tests
-    keep torch's default cache: the inner loop (-m "not dist") compiles their layers once, not on every run."""
+def compiled_runs(tmp_path_factory):
+    """Every engine's compiled run, one launch (tests/dist/method_runs.py resets torch.compile between runs; the runs
+    share one Inductor cache on disk: the first compiles, the others mostly read). The in-process tests keep torch's
+    default cache: the inner loop (-m "not dist") compiles their layers once, not on every run."""
+    root = tmp_path_factory.mktemp("compiled")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
-        yield
+        launch_runs([run_case(name, root, *flags) for name, (flags, _) in ENGINES.items()],
+                    SMALL + RELORA_RUN + ["--compile", "true"], nproc=2, tmp_path=root)
+    return root
 
 
 def assert_no_recompiles(out, flags) -> None:
@@ -51,14 +55,11 @@ def assert_no_recompiles(out, flags) -> None:
 
 
 @pytest.mark.dist
-@pytest.mark.usefixtures("shared_inductor_cache")
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_compiled_run_equals_the_eager_reference_without_recompiles(tmp_path, reference_run, engine):
-    flags, launcher, backend = ENGINES[engine]
-    run_cli(SMALL + RELORA_RUN + flags + ["--compile", "true", "--out", tmp_path, "--export-merged", tmp_path / "hf"],
-            nproc=2, launcher=launcher, timeout=600)
-    assert_run_equals_reference(tmp_path, reference_run, backend)
-    assert_no_recompiles(tmp_path, flags)
+def test_compiled_run_equals_the_eager_reference_without_recompiles(compiled_runs, reference_run, engine):
+    flags, backend = ENGINES[engine]
+    assert_run_equals_reference(compiled_runs / engine, reference_run, backend)
+    assert_no_recompiles(compiled_runs / engine, flags)
 
 
 def test_fused_kernels_inside_compiled_layers_equal_eager():

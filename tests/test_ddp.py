@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SMALL, killed_run, load_run, max_relative_difference, run_cli
+from conftest import REPO, SMALL, killed_run, launch_runs, load_run, max_relative_difference, run_case, run_cli
 
 pytestmark = pytest.mark.dist
 
@@ -15,12 +15,25 @@ RELORA = ["--method", "relora", "--steps", "12", "--warm-start-steps", "3", "--m
           "--restart-warmup-steps", "1"]
 
 
-@pytest.mark.parametrize("prune", ["magnitude", "random"])
-def test_two_ranks_equal_single_process_after_two_merges_and_resets(tmp_path, prune):
-    common = SMALL + RELORA + ["--prune", prune, "--prune-ratio", "0.8"]
-    run_cli(common + ["--out", tmp_path / "ddp", "--check-replicas", "true", "--report-to", "tensorboard"], nproc=2)
+PRUNES = ["magnitude", "random"]
+
+
+@pytest.fixture(scope="module")
+def prune_runs(tmp_path_factory):
+    """Each prune rule on 2 ranks (one launch) and on one process (another)."""
+    root = tmp_path_factory.mktemp("prune")
+    common = SMALL + RELORA + ["--prune-ratio", "0.8"]
+    launch_runs([run_case(f"{prune}/ddp", root, "--prune", prune, "--check-replicas", "true", "--report-to", "tensorboard",
+                          export=False) for prune in PRUNES], common, nproc=2, tmp_path=root)
     # Different micro-batch split on purpose: the global batches must not depend on it.
-    run_cli(common + ["--out", tmp_path / "single", "--micro-batch-size", "4"])
+    launch_runs([run_case(f"{prune}/single", root, "--prune", prune, "--micro-batch-size", "4", export=False)
+                 for prune in PRUNES], common, nproc=1, tmp_path=root)
+    return root
+
+
+@pytest.mark.parametrize("prune", PRUNES)
+def test_two_ranks_equal_single_process_after_two_merges_and_resets(prune_runs, prune):
+    tmp_path = prune_runs / prune
     ddp_summary, ddp_metrics, ddp_state = load_run(tmp_path / "ddp")
     ref_summary, ref_metrics, ref_state = load_run(tmp_path / "single")
     assert ddp_summary["world_size"] == 2 and ref_summary["world_size"] == 1
@@ -52,15 +65,25 @@ def test_replica_check_detects_a_diverged_rank():
     assert "detected: ['diverged']" in out.stdout
 
 
-@pytest.mark.parametrize("prune, dtype", [("magnitude", "fp32"), ("random", "fp32"), ("reset", "fp32"), ("magnitude", "bf16")])
-def test_invariants_on_two_rank_ddp(prune, dtype):
-    """I1-I4 after three merges/resets on DDP, against a single-process reference (tests/dist/invariants.py)."""
+INVARIANT_CASES = [("magnitude", "fp32"), ("random", "fp32"), ("reset", "fp32"), ("magnitude", "bf16")]
+
+
+@pytest.fixture(scope="module")
+def invariants_output():
+    """I1-I4 after three merges/resets on DDP, every case in one launch (tests/dist/invariants.py)."""
     script = REPO / "tests" / "dist" / "invariants.py"
+    cases = ",".join(f"{prune}:{dtype}" for prune, dtype in INVARIANT_CASES)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                          "--backend", "ddp", "--prune", prune, "--dtype", dtype],
-                         capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          "--backend", "ddp", "--cases", cases],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-4000:]
-    assert f"INVARIANTS OK backend=ddp dtype={dtype} prune={prune} world=2 restarts=3" in out.stdout
+    return out.stdout
+
+
+@pytest.mark.parametrize("prune, dtype", INVARIANT_CASES)
+def test_invariants_on_two_rank_ddp(invariants_output, prune, dtype):
+    """Against a single-process reference on the same global batches."""
+    assert f"INVARIANTS OK backend=ddp dtype={dtype} prune={prune} world=2 restarts=3" in invariants_output
 
 
 def test_two_rank_resume_mid_cycle_and_at_another_world_size(tmp_path):

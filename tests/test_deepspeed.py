@@ -8,9 +8,9 @@ import subprocess
 import pytest
 
 from conftest import (REPO, RELORA_RUN as RELORA, SMALL, assert_run_equals_reference, deepspeed_command, exported, killed_run, launch_env,
-                      max_relative_difference, read_metrics, run_cli)
+                      launch_runs, max_relative_difference, read_metrics, run_case, run_cli)
 from relora_dist.backends.deepspeed.engine_config import engine_config
-from relora_dist.cli.train import export_main
+from relora_dist.cli.train import export_main, train_main
 
 CONFIGS = REPO / "launch" / "configs"
 # z{stage}-{dtype}-{prune}[-flags]: see tests/dist/deepspeed_checks.py. Grouped per launch (a start costs ~10 s).
@@ -62,31 +62,48 @@ def test_the_deepspeed_bugs_we_work_around_are_real_on_these_shapes():
         assert f"{bug} PRESENT" in out.stdout, f"DeepSpeed fixed {bug}: its workaround and this canary may go"
 
 
+LAUNCHED = {"zero3": ["--deepspeed", CONFIGS / "zero3.json", "--shared-lora-input", "true"],
+            "zero2": ["--deepspeed", CONFIGS / "zero2.json"]}
+
+
+@pytest.fixture(scope="module")
+def launched_runs(tmp_path_factory):
+    """Per config: a whole run, a run killed at a random update and resumed, and the checkpoint the kill left resumed on
+    one rank for one update, then on two to the end. Both configs' runs share each launch but the kills."""
+    root = tmp_path_factory.mktemp("launched")
+    common = SMALL + RELORA
+
+    def cases(name: str, *args, export=True) -> list[dict]:
+        return [run_case(f"{config}/{name}", root, *flags, *args, export=export) for config, flags in LAUNCHED.items()]
+
+    launch_runs(cases("whole"), common, nproc=2, tmp_path=root, launcher="deepspeed")
+    faults, resumed_at = {}, {}
+    for config, flags in LAUNCHED.items():
+        faults[config] = killed_run(common + flags, root / config / "split", launcher="deepspeed")
+        split = root / config / "split" / "checkpoints"
+        shutil.copytree(split / (split / "latest").read_text().strip(), root / config / "left")
+        resumed_at[config] = json.loads((root / config / "left" / "trainer_state.json").read_text())["controller"]["step"]
+    launch_runs(cases("split", "--resume"), common, nproc=2, tmp_path=root, launcher="deepspeed")
+    # 2 -> 1 rank for one update, then 1 -> 2 ranks to the end: both through universal checkpoints
+    launch_runs([run_case(f"{config}/hop", root, *flags, "--resume", root / config / "left", "--stop-after",
+                          resumed_at[config] + 1, export=False) for config, flags in LAUNCHED.items()],
+                common, nproc=1, tmp_path=root, launcher="deepspeed")
+    launch_runs(cases("hop", "--resume"), common, nproc=2, tmp_path=root, launcher="deepspeed")
+    return root, faults, resumed_at
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("config", ["zero3.json", "zero2.json"])
-def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(tmp_path, reference_run, config):
+@pytest.mark.parametrize("config", list(LAUNCHED))
+def test_deepspeed_launcher_run_equals_single_process_and_resumes_mid_cycle(launched_runs, reference_run, config):
     """relora-train under `deepspeed`: warm start, 2 merges/resets, merged export (consolidated from ZeRO-3
     shards on rank 0) equal to the single-process run; merges at LR 0 (I5); a run stopped mid-cycle and
     resumed from DeepSpeed's own checkpoint after one rank was SIGKILLed at a random update equals the
     uninterrupted one (I6); the checkpoint the kill left, resumed on one rank for one update and then on two
-    again (DeepSpeed universal checkpoints + our frozen W), ends at the reference model too."""
-    # ZeRO-3 with q/k/v and gate/up sharing one LoRA down-projection: a module reads its siblings' A (external
-    # parameters) through inputs DeepSpeed hands each module as a fresh alias
-    shared = ["--shared-lora-input", "true"] if config == "zero3.json" else []
-    common = SMALL + RELORA + ["--deepspeed", CONFIGS / config] + shared
-    run_cli(common + ["--out", tmp_path / "whole", "--export-merged", tmp_path / "whole" / "hf"], nproc=2, launcher="deepspeed")
-    fault = killed_run(common, tmp_path / "split", launcher="deepspeed")
-    left = tmp_path / "split" / "checkpoints" / (tmp_path / "split" / "checkpoints" / "latest").read_text().strip()
-    shutil.copytree(left, tmp_path / "left")
-    run_cli(common + ["--out", tmp_path / "split", "--resume", "--export-merged", tmp_path / "split" / "hf"], nproc=2,
-            launcher="deepspeed")
-    resumed_at = json.loads((tmp_path / "left" / "trainer_state.json").read_text())["controller"]["step"]
-    # 2 -> 1 rank for one update, then 1 -> 2 ranks to the end: both through universal checkpoints
-    run_cli(common + ["--out", tmp_path / "hop", "--resume", tmp_path / "left", "--stop-after", resumed_at + 1], nproc=1,
-            launcher="deepspeed")
-    run_cli(common + ["--out", tmp_path / "hop", "--resume", "--export-merged", tmp_path / "hop" / "hf"], nproc=2,
-            launcher="deepspeed")
-
+    again (DeepSpeed universal checkpoints + our frozen W), ends at the reference model too. ZeRO-3 runs with q/k/v
+    and gate/up sharing one LoRA down-projection: a module reads its siblings' A (external parameters) through inputs
+    DeepSpeed hands each module as a fresh alias."""
+    root, faults, resumed_ats = launched_runs
+    tmp_path, fault, resumed_at = root / config, faults[config], resumed_ats[config]
     assert_run_equals_reference(tmp_path / "whole", reference_run, "deepspeed")
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     # I6: same losses and the same final model, from engine.load_checkpoint + the controller state
@@ -135,13 +152,13 @@ def test_engine_config_fills_batch_clip_precision_and_boundary():
     assert config["managed_gradient_accumulation"] is False and "train_batch_size" not in config
 
 
-@pytest.mark.dist
 @pytest.mark.parametrize("args, message", [
     (["--backend", "deepspeed"], "needs a DeepSpeed JSON config"),
     (["--deepspeed", "/nonexistent/zero2.json"], "cannot read DeepSpeed config"),
     (["--deepspeed", str(CONFIGS / "zero2.json"), "--keep-states-at-switch", "true"], "not supported with --backend deepspeed"),
 ])
-def test_bad_deepspeed_arguments_give_one_line_errors(tmp_path, args, message):
-    result = run_cli(SMALL + ["--steps", "2", "--out", tmp_path] + args, check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_bad_deepspeed_arguments_give_one_line_errors(tmp_path, capsys, log_to_this_tests_stderr, args, message):
+    """Found before any rank starts: relora-train's own entry point, in this process."""
+    assert train_main([str(a) for a in SMALL + ["--steps", "2", "--out", tmp_path] + args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err[-2000:]

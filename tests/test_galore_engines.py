@@ -6,8 +6,8 @@ exact resume, resume at another world size (2 -> 1 ranks on DDP, FSDP2 and ZeRO-
 parameters at another rate (--non-projection-lr-scale), replica checks (projectors included) and a NaN skipped. Every
 engine runs the projection named: std (down_proj from the left, its row shards' partial products summed where FSDP2
 and ZeRO split it) by default, and --galore-proj right equals the single-process right run on the engines that split
-rows too, resumes at another world size included. All 2-rank runs of a method share one launch
-(tests/dist/method_runs.py)."""
+rows too, resumes at another world size included. Both methods' runs share three launches (1 rank, 2 ranks, the
+resumes on 1 rank; tests/dist/method_runs.py)."""
 
 import json
 import shutil
@@ -41,15 +41,13 @@ def uneven_model(tmp_path) -> list:
     return ["--model-config", path]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method):
-    common = SMALL + RUN + ["--method", method, "--micro-batch-size", "2", *uneven_model(tmp_path)]
+def method_cases(method: str, tmp_path) -> tuple[list, list, list]:
+    """One method's runs in tmp_path: (1-rank cases before the 2-rank ones, the 2-rank cases, 1-rank cases after)."""
     one_rank = [run_case("reference", tmp_path, "--micro-batch-size", "4"),
                 run_case("reference-right", tmp_path, "--micro-batch-size", "4", "--galore-proj", "right"),
                 run_case("reference-scaled", tmp_path, "--micro-batch-size", "4", *SCALED)]
     one_rank += [run_case(f"{name}-grow", tmp_path, *ENGINE_FLAGS[name], "--stop-after", "5", "--save-every", "5",
                           export=False) for name in GROWS]
-    launch_runs(one_rank, common, nproc=1, tmp_path=tmp_path)
     two_rank = [run_case(name, tmp_path, *ENGINE_FLAGS[name]) for name in WHOLE + SPLIT]
     two_rank += [run_case(f"{name}-bf16", tmp_path, *ENGINE_FLAGS[name], "--dtype", "bf16") for name in BF16]
     two_rank += [run_case(f"{name}-hop", tmp_path, *ENGINE_FLAGS[name], "--stop-after", "5", "--save-every", "5", export=False)
@@ -65,18 +63,39 @@ def test_every_engine_equals_the_single_process_run_and_resumes(tmp_path, method
                  run_case("zero2-split", tmp_path, *ENGINE_FLAGS["zero2"], "--resume"),
                  run_case("zero3-split", tmp_path, *ENGINE_FLAGS["zero3"], "--stop-after", "5", "--save-every", "5", export=False),
                  run_case("zero3-split", tmp_path, *ENGINE_FLAGS["zero3"], "--resume"),
-                  run_case("fsdp2-checked", tmp_path, *ENGINE_FLAGS["fsdp2"], "--check-replicas", "true", export=False),
+                 run_case("fsdp2-checked", tmp_path, *ENGINE_FLAGS["fsdp2"], "--check-replicas", "true", export=False),
                  run_case("ddp-nan", tmp_path, "--check-replicas", "true", env={"RELORA_INJECT_FAULTS": "nan_loss:4:rank=1"})]
     two_rank += [run_case(f"{name}-grow", tmp_path, *ENGINE_FLAGS[name], "--resume") for name in GROWS]
-    launch_runs(two_rank, common, nproc=2, tmp_path=tmp_path)
+    after = [run_case(f"{name}-hop", tmp_path, *ENGINE_FLAGS[name], "--resume") for name in HOPS]
+    after += [run_case(f"{name}-right-hop", tmp_path, *ENGINE_FLAGS[name], *right, "--resume") for name in RIGHT_HOPS]
+    for case in one_rank + two_rank + after:
+        case["args"] += ["--method", method]
+        case["name"] = f"{method}/{case['name']}"
+    return one_rank, two_rank, after
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory):
+    """Both methods' runs in three launches: 1 rank, 2 ranks, then the resumes on 1 rank."""
+    root = tmp_path_factory.mktemp("engines")
+    common = SMALL + RUN + ["--micro-batch-size", "2", *uneven_model(root)]
+    cases = [method_cases(method, root / method) for method in METHODS]
+    launch_runs([case for before, _, _ in cases for case in before], common, nproc=1, tmp_path=root)
+    launch_runs([case for _, two_rank, _ in cases for case in two_rank], common, nproc=2, tmp_path=root)
     # ZeRO keeps the state per partition: another world size rebuilds it from the per-matrix records saved beside
-    # DeepSpeed's files; a checkpoint without them is refused in one line
-    shutil.copytree(tmp_path / "zero3-hop", tmp_path / "zero3-bare")
-    for records in (tmp_path / "zero3-bare").glob("checkpoints/step_*/optimizer_rows_rank*.pt"):
-        records.unlink()
-    launch_runs([run_case(f"{name}-hop", tmp_path, *ENGINE_FLAGS[name], "--resume") for name in HOPS]
-                + [run_case(f"{name}-right-hop", tmp_path, *ENGINE_FLAGS[name], *right, "--resume") for name in RIGHT_HOPS],
-                common, nproc=1, tmp_path=tmp_path)
+    # DeepSpeed's files; a checkpoint without them is refused in one line (the test below)
+    for method in METHODS:
+        shutil.copytree(root / method / "zero3-hop", root / method / "zero3-bare")
+        for records in (root / method / "zero3-bare").glob("checkpoints/step_*/optimizer_rows_rank*.pt"):
+            records.unlink()
+    launch_runs([case for _, _, after in cases for case in after], common, nproc=1, tmp_path=root)
+    return root, common
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_engine_equals_the_single_process_run_and_resumes(engine_runs, method):
+    root, common = engine_runs
+    tmp_path, common = root / method, common + ["--method", method]
     refused = run_cli(common + [*ENGINE_FLAGS["zero3"], "--resume", "--out", tmp_path / "zero3-bare"], check=False)
     assert refused.returncode != 0 and "cannot reshard; resume on 2 ranks" in refused.stderr, refused.stderr[-2000:]
 

@@ -9,19 +9,30 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import relora_dist as rd
-from relora_dist.cli.train import export_main
+from relora_dist.cli.train import export_main, train_main
 from relora_dist.models import count_parameters, llama_config, relora_trainable_parameters
-from conftest import SMALL, load_run, run_cli
+from conftest import SMALL, launch_runs, load_run, run_case, run_cli
 
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("method", ["full", "relora", "lora", "lora_ws", "control"])
-def test_every_method_trains_with_falling_validation_loss(tmp_path, method):
-    args = SMALL + ["--method", method, "--steps", "24", "--warm-start-steps", "8", "--merge-every", "8",
-                    "--restart-warmup-steps", "2", "--eval-every", "4", "--lora-dropout", "0.1", "--out", tmp_path]
-    run_cli(args)
-    summary, metrics, state = load_run(tmp_path)
+METHODS = ["full", "relora", "lora", "lora_ws", "control"]
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory):
+    """One run of every method, all in one launch (tests/dist/method_runs.py)."""
+    tmp_path = tmp_path_factory.mktemp("methods")
+    common = SMALL + ["--steps", "24", "--warm-start-steps", "8", "--merge-every", "8", "--restart-warmup-steps", "2",
+                      "--eval-every", "4", "--lora-dropout", "0.1"]
+    launch_runs([run_case(method, tmp_path, "--method", method, export=False) for method in METHODS], common, nproc=1,
+                tmp_path=tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_with_falling_validation_loss(method_runs, method):
+    summary, metrics, state = load_run(method_runs / method)
     evals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert summary["method"] == method and summary["steps"] == 24 and len(metrics) == 24
     assert summary["val_loss"] < evals[0] < math.log(1024) + 0.5
@@ -123,8 +134,9 @@ def test_lora_lr_scope_sets_each_param_groups_rate(tmp_path, scope):
     assert full_rank["lr"] == pytest.approx(lora["lr"] * (1.0 if scope == "all" else 0.5), rel=1e-12)
 
 
-def test_local_datasets_hf_tokenizer_and_model_config_json(tmp_path, shared_cache):
-    """--dataset jsonl/parquet, --tokenizer an HF tokenizer directory, --model-config an HF config JSON."""
+def test_local_datasets_hf_tokenizer_and_model_config_json(tmp_path, shared_cache, log_to_this_tests_stderr):
+    """--dataset jsonl/parquet, --tokenizer an HF tokenizer directory, --model-config an HF config JSON (relora-train's
+    entry point in this process: one rank, nothing launched)."""
     import datasets
 
     from relora_dist.data import embedded_corpus_documents
@@ -133,7 +145,7 @@ def test_local_datasets_hf_tokenizer_and_model_config_json(tmp_path, shared_cach
     datasets.Dataset.from_dict({"body": docs}).to_json(tmp_path / "corpus.jsonl")
     first = SMALL + ["--method", "full", "--steps", "4", "--out", tmp_path / "a", "--dataset", tmp_path / "corpus.jsonl",
                      "--text-field", "body", "--vocab-size", "512"]
-    run_cli(first)
+    assert train(first) == 0
     summary, _, _ = load_run(tmp_path / "a")
     assert summary["dataset"].startswith("local json dataset")
     checkpoint = tmp_path / "a" / "checkpoints" / "step_0000004"
@@ -145,24 +157,29 @@ def test_local_datasets_hf_tokenizer_and_model_config_json(tmp_path, shared_cach
     second = SMALL + ["--method", "relora", "--steps", "7", "--warm-start-steps", "2", "--merge-every", "2",
                       "--restart-warmup-steps", "1", "--out", tmp_path / "b", "--dataset", tmp_path / "corpus.parquet",
                       "--tokenizer", checkpoint / "tokenizer", "--model-config", tmp_path / "one_layer.json"]
-    run_cli(second)
+    assert train(second) == 0
     summary, _, state = load_run(tmp_path / "b")
     assert summary["dataset"].startswith("local parquet dataset") and summary["merges"] == 2
     assert not any(k.startswith("model.layers.1.") for k in state)
     assert state["model.embed_tokens.weight"].shape[0] == 512
 
 
-def test_run_directory_is_never_mixed(tmp_path):
+def test_run_directory_is_never_mixed(tmp_path, capsys, log_to_this_tests_stderr):
     """A fresh run refuses an OUT holding another run unless --overwrite; resuming from an older
-    checkpoint drops the metrics logged after it, so every update is recorded exactly once."""
+    checkpoint drops the metrics logged after it, so every update is recorded exactly once (in this process)."""
     args = SMALL + ["--method", "relora", "--steps", "10", "--warm-start-steps", "3", "--merge-every", "4",
                     "--restart-warmup-steps", "1", "--out", tmp_path, "--save-every", "4"]
-    run_cli(args + ["--stop-after", "6"])
-    again = run_cli(args, check=False)
-    assert again.returncode == 2 and "already holds a run; pass --resume" in again.stderr.strip().splitlines()[-1]
-    run_cli(args + ["--resume", tmp_path / "checkpoints" / "step_0000004"])  # as if killed after update 6
+    assert train(args + ["--stop-after", "6"]) == 0
+    capsys.readouterr()
+    assert train(args) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert train(args + ["--resume", tmp_path / "checkpoints" / "step_0000004"]) == 0  # as if killed after update 6
     _, metrics, _ = load_run(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, 11))
-    run_cli(args + ["--overwrite", "true", "--stop-after", "2"])
+    assert train(args + ["--overwrite", "true", "--stop-after", "2"]) == 0
     _, metrics, _ = load_run(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
+
+
+def train(args) -> int:
+    return train_main([str(a) for a in args])

@@ -58,6 +58,7 @@ class Trainer:
             if self.dist.rank == 0:
                 logger.info("host memory: %s", allocator)
         self.faults = FaultPlan.from_env(self.dist.rank)
+        self.graphs_before = compiled_graphs()  # the columns count this run's graphs, not an earlier run's in this process
         self.out = Path(t.out)
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {self.out} is a file; the run directory must be a folder")
@@ -315,7 +316,7 @@ class Trainer:
                     record["val_loss"] = self.evaluate()
                 record["wall_s"] = self.elapsed_before + time.perf_counter() - start_wall  # as summary.json counts it
                 if t.compile:
-                    record["compiled_graphs"] = compiled_graphs()  # flat after each phase's first update: no recompiles
+                    record["compiled_graphs"] = compiled_graphs() - self.graphs_before  # flat within a phase: no recompiles
                 metrics.log(record)
                 if on_update is not None:
                     on_update(step)
@@ -346,7 +347,7 @@ class Trainer:
             "device": str(self.dist.device), "dataset": self.data.source, "startup": self.startup,
         }
         if t.compile:
-            summary["compiled_graphs"] = compiled_graphs()
+            summary["compiled_graphs"] = compiled_graphs() - self.graphs_before
         summary["tokens_per_s_per_rank"] = summary["tokens_per_s"] / self.dist.world_size
         if self.is_main:
             write_summary(self.out, summary)

@@ -1,10 +1,10 @@
 """Invariants I1-I4 on a real engine, against a single-process reference on the same global batches.
 
-torchrun --nproc_per_node 2 tests/dist/invariants.py --backend ddp --prune magnitude [--dtype bf16]
+torchrun --nproc_per_node 2 tests/dist/invariants.py --backend ddp --cases magnitude:fp32,random:fp32,magnitude:bf16
 
 Each rank also trains a plain single-process copy on the *whole* global batch; after every merge and
 reset the engine's model must match it (fp32: ~1e-6 relative), replicas must be bit-identical, and the
-reset must touch only the A/B states. Prints "INVARIANTS OK" on rank 0.
+reset must touch only the A/B states. Prints "INVARIANTS OK ..." on rank 0 after each case (prune rule : dtype).
 """
 
 import argparse
@@ -30,18 +30,24 @@ def relative_difference(a, b):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", default="ddp")
-    parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--prune", default="magnitude")
+    parser.add_argument("--cases", default="magnitude:fp32", help="comma list of prune:dtype")
     args = parser.parse_args()
     info = init_distributed()
+    for case in args.cases.split(","):
+        prune, dtype = case.split(":")
+        check_invariants(info, args.backend, prune, dtype)
+    close_distributed()
+
+
+def check_invariants(info, backend_name: str, prune: str, dtype: str) -> None:
     rank, world = info.rank, info.world_size
-    cfg = rd.ReLoRAConfig(rank=4, alpha=8, dropout=0.0, merge_every=2, restart_warmup_steps=1, prune=args.prune, prune_ratio=0.7)
+    cfg = rd.ReLoRAConfig(rank=4, alpha=8, dropout=0.0, merge_every=2, restart_warmup_steps=1, prune=prune, prune_ratio=0.7)
 
     torch.manual_seed(0)
     model = rd.wrap(build_model(llama_config_from_shape(32, 88, 2, 2, vocab_size=VOCAB, max_positions=64)), cfg)
     reference = copy.deepcopy(model)
     ref_opt = make_optimizer([{"params": [p for p in reference.parameters() if p.requires_grad]}])
-    backend = build_backend(args.backend, device=info.device, dtype=args.dtype)
+    backend = build_backend(backend_name, device=info.device, dtype=dtype)
     backend.setup(model, make_optimizer, [{"params": [p for p in model.parameters() if p.requires_grad]}])
     probe = global_batch(-1)
     checks = 0
@@ -95,14 +101,13 @@ def main():
         # I3: replicated tensors bit-identical on every rank; and equal to the single-process reference.
         mismatches = replica_mismatches(backend.replicated_named_tensors(), info.device)
         assert not mismatches, mismatches
-        if args.dtype == "fp32":
+        if dtype == "fp32":
             diff = relative_difference(reference.state_dict(), backend.unwrapped_model.state_dict())
             assert diff < 1e-5, f"step {step}: engine vs reference differ by {diff:.2e}"
         checks += 1
 
     if rank == 0:
-        print(f"INVARIANTS OK backend={args.backend} dtype={args.dtype} prune={args.prune} world={world} restarts={checks}")
-    close_distributed()
+        print(f"INVARIANTS OK backend={backend_name} dtype={dtype} prune={prune} world={world} restarts={checks}", flush=True)
 
 
 if __name__ == "__main__":

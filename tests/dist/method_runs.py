@@ -2,15 +2,19 @@
 flags plus its own, trained by the same `Trainer` relora-train uses, one after the other in this process group.
 
     torchrun --nproc_per_node 2 tests/dist/method_runs.py CASES.json
+    deepspeed --num_gpus 2 tests/dist/method_runs.py CASES.json   (the launcher puts --local_rank=N first)
 
 CASES.json: {"common": [flags...], "cases": [{"name": ..., "args": [flags...], "env": {VAR: value}}, ...]}.
-A case's `env` (fault injection) is set for that case only. Prints `RUN OK <name>` after each case.
+A case's `env` (fault injection) is set for that case only; torch.compile's caches are reset between cases, as a new
+process would start. Prints `RUN OK <name> <seconds>s` after each case.
 """
 
 import json
 import os
 import sys
 import time
+
+import torch
 
 from relora_dist.distributed import close_distributed, init_distributed
 from relora_dist.train.arguments import parse_run_config
@@ -33,6 +37,7 @@ def main(path: str) -> int:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+        torch.compiler.reset()
         if info.rank == 0:
             print(f"RUN OK {case['name']} {time.perf_counter() - started:.1f}s", flush=True)
     close_distributed()
@@ -40,4 +45,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[-1]))
