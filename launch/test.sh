@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RELORA_EXTRAS="[dev]" source launch/setup_env.sh
-# --durations: the slowest tests in every log (CI keeps the whole run under 35 min)
+# --durations: the slowest tests in every log (CI keeps the whole run under 30 min)
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 tests "$@"

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from conftest import KILL_DEADLINE_S, REPO, RELORA_RUN, SMALL, exported, max_relative_difference, read_metrics, run_cli
+from conftest import (KILL_DEADLINE_S, REPO, RELORA_RUN, SMALL, exported, launch_runs, max_relative_difference, read_metrics,
+                      run_case, run_cli)
 from relora_dist.ranges import assemble_ranges
 from relora_dist.train.checkpoint import resolve_checkpoint
 from relora_dist.train.faults import FaultPlan, parse_faults
@@ -93,17 +94,27 @@ def non_finite_reference(tmp_path_factory, shared_cache):
     return out
 
 
+NON_FINITE_ENGINES = {"ddp": ["--backend", "ddp"], "fsdp2": ["--backend", "fsdp2"],
+                      "zero2": ["--deepspeed", str(REPO / "launch" / "configs" / "zero2.json")]}
+
+
+@pytest.fixture(scope="module")
+def non_finite_runs(tmp_path_factory, shared_cache):
+    """Every engine's run with one rank's NaN loss (rank 1, attempt 5) and another's inf gradients (rank 0, attempt
+    9), one launch."""
+    root = tmp_path_factory.mktemp("non_finite")
+    launch_runs([run_case(name, root, *flags, env={FAULTS: "nan_loss:5:rank=1;inf_grad:9:rank=0"})
+                 for name, flags in NON_FINITE_ENGINES.items()], SMALL + RELORA_RUN, nproc=2, tmp_path=root)
+    return root
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("engine", [["--backend", "ddp"], ["--backend", "fsdp2"],
-                                    ["--deepspeed", str(REPO / "launch" / "configs" / "zero2.json")]],
-                         ids=["ddp", "fsdp2", "zero2"])
-def test_non_finite_updates_are_skipped_on_every_rank_alike(tmp_path, non_finite_reference, engine):
+@pytest.mark.parametrize("engine", list(NON_FINITE_ENGINES))
+def test_non_finite_updates_are_skipped_on_every_rank_alike(non_finite_runs, non_finite_reference, engine):
     """Only one rank sees the NaN loss (rank 1) or the inf gradients (rank 0): both updates are skipped everywhere,
     the merges stay at updates 7 and 10 at LR 0 (I5), and the run equals the single-process run with the same
     two skips."""
-    launcher = "deepspeed" if "--deepspeed" in engine else "torchrun"
-    run_cli(SMALL + RELORA_RUN + engine + ["--out", tmp_path, "--export-merged", tmp_path / "hf"], nproc=2,
-            launcher=launcher, env={FAULTS: "nan_loss:5:rank=1;inf_grad:9:rank=0"})
+    tmp_path = non_finite_runs / engine
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["skipped"] == 2 and summary["steps"] == 12 and summary["merges"] == summary["resets"] == 2
     assert summary["train_tokens"] == 14 * 8 * 64  # 14 global batches consumed for 12 updates

@@ -1,0 +1,107 @@
+"""SST's layer against the research note's oracles (shared/research/sst.md, section 4): the factorisation, the
+enhanced gradient in fp64 against autograd, a resample's bitwise no-op, the step's clamp and unit columns, the re-SVD,
+and the sampling rule."""
+
+import pytest
+import torch
+from torch import nn
+
+from relora_dist.methods.sst.layer import SSTLinear, sample_components
+
+
+def layer(m=12, n=9, rank=3, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(n, m, bias=True).to(dtype)
+    return linear, SSTLinear(linear, rank=rank, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("m, n", [(12, 9), (9, 12)])
+def test_the_factorisation_is_the_weight_and_the_outputs_are_the_linears(m, n):
+    linear, sst = layer(m, n)
+    assert (sst.dense_weight() - linear.weight).norm() <= 1e-6 * linear.weight.norm()
+    x = torch.randn(2, 5, n)
+    assert torch.allclose(sst(x), linear(x), rtol=1e-5, atol=1e-6)
+    assert sst.U.shape == (m, min(m, n)) and sst.V.shape == (n, min(m, n)) and sst.active.unique().numel() == 3
+
+
+def test_the_enhanced_gradients_are_autograds_without_the_sigma_factor_in_fp64():
+    _, sst = layer(dtype=torch.float64)
+    x = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 5, 12, dtype=torch.float64)
+    (sst(x) * target).sum().backward()
+    # autograd through the plain product, the same tensors
+    u_active, v_active = sst.U_active.detach().clone().requires_grad_(), sst.V_active.detach().clone().requires_grad_()
+    sigma, x_plain = sst.sigma.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    u = sst.U.index_copy(1, sst.active, u_active)
+    v = sst.V.index_copy(1, sst.active, v_active)
+    (((x_plain @ v * sigma) @ u.T + sst.bias) * target).sum().backward()
+    chosen = sigma.detach()[sst.active]
+    assert torch.allclose(sst.sigma.grad, sigma.grad, rtol=1e-12) and torch.allclose(x.grad, x_plain.grad, rtol=1e-12)
+    assert torch.allclose(sst.U_active.grad, u_active.grad / chosen, rtol=1e-10)
+    assert torch.allclose(sst.V_active.grad, v_active.grad / chosen, rtol=1e-10)
+    # and the formulas: G = dH^T X, dsigma_i = u_i^T G v_i, G V_S, G^T U_S
+    g = target.reshape(-1, 12).T @ x.detach().reshape(-1, 9)
+    assert torch.allclose(sst.sigma.grad, torch.einsum("mk,mn,nk->k", u.detach(), g, v.detach()), rtol=1e-10)
+    assert torch.allclose(sst.U_active.grad, g @ v.detach()[:, sst.active], rtol=1e-10)
+    assert torch.allclose(sst.V_active.grad, g.T @ u.detach()[:, sst.active], rtol=1e-10)
+    assert sst.U_active.grad.abs().sum() > 0 and sst.V_active.grad.abs().sum() > 0  # no saddle at the start
+
+
+def test_a_resample_is_a_bitwise_no_op_on_the_function():
+    _, sst = layer(m=16, n=16, rank=4)
+    with torch.no_grad():  # the active copies moved away from their columns, as training does
+        sst.U_active.add_(0.1 * torch.randn_like(sst.U_active))
+        sst.V_active.add_(0.1 * torch.randn_like(sst.V_active))
+    x = torch.randn(3, 16)
+    before, old = sst(x), sst.active.clone()
+    generator = torch.Generator().manual_seed(7)
+    sst.resample(generator)
+    assert torch.equal(sst(x), before) and not torch.equal(sst.active, old)
+    assert torch.equal(sst.U_active, sst.U[:, sst.active]) and torch.equal(sst.V_active, sst.V[:, sst.active])
+
+
+def test_a_step_moves_every_sigma_and_only_the_active_columns_which_stay_unit():
+    _, sst = layer(m=16, n=16, rank=4)
+    u, v, sigma = sst.U.clone(), sst.V.clone(), sst.sigma.detach().clone()
+    optimizer = torch.optim.AdamW([sst.sigma, sst.U_active, sst.V_active], lr=0.5)
+    sst(torch.randn(8, 16)).pow(2).sum().backward()
+    optimizer.step()
+    sst.after_step()
+    assert torch.equal(sst.U, u) and torch.equal(sst.V, v)  # every column outside S: bitwise unchanged
+    assert (sst.sigma != sigma).all() and (sst.sigma >= 0).all() and (sst.sigma == 0).any()  # lr 0.5 clamps some
+    for active in (sst.U_active, sst.V_active):
+        assert torch.allclose(active.norm(dim=0), torch.ones(4), atol=1e-6)
+
+
+def test_a_re_svd_keeps_the_function_and_makes_the_bases_orthonormal_again():
+    _, sst = layer(m=16, n=10, rank=4)
+    with torch.no_grad():
+        sst.U_active.add_(0.2 * torch.randn_like(sst.U_active))
+        sst.after_step()
+    x = torch.randn(3, 10)
+    before = sst(x)
+    assert (sst.U.index_copy(1, sst.active, sst.U_active).T @ sst.U.index_copy(1, sst.active, sst.U_active)
+            - torch.eye(10)).abs().max() > 1e-2  # drifted from orthonormal
+    sst.redecompose()
+    assert torch.allclose(sst(x), before, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(sst.U.T @ sst.U, torch.eye(10), atol=1e-5) and torch.allclose(sst.V.T @ sst.V, torch.eye(10), atol=1e-5)
+    assert (sst.sigma >= 0).all() and torch.equal(sst.sigma, sst.sigma.sort(descending=True).values)
+
+
+def test_sampling_is_distinct_the_same_from_the_same_state_and_weighted_by_sigma():
+    sigma = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, 0.5])
+    draws = [sample_components(sigma, 3, torch.Generator().manual_seed(s)) for s in range(3)]
+    assert all(d.unique().numel() == 3 for d in draws)
+    assert torch.equal(sample_components(sigma, 3, torch.Generator().manual_seed(1)), draws[1])  # what every rank draws
+    generator, n = torch.Generator().manual_seed(0), 6000
+    counts = torch.bincount(torch.cat([sample_components(sigma, 1, generator) for _ in range(n)]), minlength=6).double()
+    expected = n * sigma.double() / sigma.sum()
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    p_value = 1 - torch.special.gammainc(torch.tensor(5 / 2, dtype=torch.float64), chi2 / 2)  # chi-square, 5 dof
+    assert p_value > 1e-3, (counts, expected)
+    assert counts[0] > counts[3]  # and a rule that ignored sigma would be refused at this n
+
+
+def test_a_rank_that_leaves_no_frozen_component_is_refused():
+    with pytest.raises(ValueError, match="rank 9 must be in 1..8"):
+        layer(m=12, n=9, rank=9)
