@@ -90,10 +90,10 @@ def test_two_rank_resume_mid_cycle_and_at_another_world_size(tmp_path):
     """I6 on DDP: 2 ranks with one SIGKILLed at a random update end promptly, and resumed on 2 ranks equal the
     uninterrupted run bit for bit; stopped and resumed on 1 rank (same global batches) they agree to float tolerance."""
     common = SMALL + RELORA
-    run_cli(common + ["--out", tmp_path / "whole"], nproc=2)
+    launch_runs([run_case("whole", tmp_path, export=False), run_case("other", tmp_path, "--stop-after", "8", export=False)],
+                common, nproc=2, tmp_path=tmp_path)
     fault = killed_run(common, tmp_path / "split")
     run_cli(common + ["--out", tmp_path / "split", "--resume"], nproc=2)
-    run_cli(common + ["--out", tmp_path / "other", "--stop-after", "8"], nproc=2)
     run_cli(common + ["--out", tmp_path / "other", "--resume"])
     whole_summary, whole_metrics, whole_state = load_run(tmp_path / "whole")
     split_summary, split_metrics, split_state = load_run(tmp_path / "split")

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from conftest import (REPO, RELORA_RUN, SMALL, assert_run_equals_reference, exported, killed_run, launch_env,
-                      max_relative_difference, read_metrics, run_cli)
+from conftest import (REPO, RELORA_RUN, SMALL, assert_run_equals_reference, exported, killed_run, launch_env, launch_runs,
+                      max_relative_difference, read_metrics, run_case, run_cli)
 from relora_dist.cli.train import export_main
 
 pytestmark = pytest.mark.dist
@@ -41,12 +41,12 @@ def test_fsdp2_run_equals_single_process_and_resumes_at_other_world_sizes(tmp_pa
     2 -> 1 -> 2 ranks through torch.distributed.checkpoint ends at the same model; relora-export reads the
     DCP checkpoint offline."""
     common = SMALL + RELORA_RUN + ["--backend", "fsdp2"]
-    run_cli(common + ["--out", tmp_path / "whole", "--export-merged", tmp_path / "whole" / "hf"], nproc=2)
+    launch_runs([run_case("whole", tmp_path), run_case("hop", tmp_path, "--stop-after", "5", export=False)], common, nproc=2,
+                tmp_path=tmp_path)
     fault = killed_run(common, tmp_path / "split")
-    run_cli(common + ["--out", tmp_path / "split", "--resume", "--export-merged", tmp_path / "split" / "hf"], nproc=2)
-    run_cli(common + ["--out", tmp_path / "hop", "--stop-after", "5"], nproc=2)
-    run_cli(common + ["--out", tmp_path / "hop", "--resume", "--stop-after", "9"])
-    run_cli(common + ["--out", tmp_path / "hop", "--resume", "--export-merged", tmp_path / "hop" / "hf"], nproc=2)
+    launch_runs([run_case("hop", tmp_path, "--resume", "--stop-after", "9", export=False)], common, nproc=1, tmp_path=tmp_path)
+    launch_runs([run_case("split", tmp_path, "--resume"), run_case("hop", tmp_path, "--resume")], common, nproc=2,
+                tmp_path=tmp_path)
 
     assert_run_equals_reference(tmp_path / "whole", reference_run, "fsdp2")
     assert [m["loss"] for m in read_metrics(tmp_path / "split")] == [m["loss"] for m in read_metrics(tmp_path / "whole")], fault
