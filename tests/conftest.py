@@ -242,7 +242,8 @@ ENGINE_FLAGS = {name: label.train_flags(REPO / "launch" / "configs") for name, l
 
 
 def launch_runs(cases: list[dict], common: list, *, nproc: int, tmp_path, launcher: str = "torchrun") -> str:
-    spec = tmp_path / f"cases_{nproc}.json"
+    launch = f"cases_{len(list(tmp_path.glob('cases_*.json')))}_{nproc}"  # one name per launch in tmp_path
+    spec = tmp_path / f"{launch}.json"
     spec.write_text(json.dumps({"common": [str(a) for a in common],
                                 "cases": [{**c, "args": [str(a) for a in c["args"]]} for c in cases]}))
     if launcher == "deepspeed":
@@ -253,13 +254,21 @@ def launch_runs(cases: list[dict], common: list, *, nproc: int, tmp_path, launch
         cmd = [sys.executable, str(METHOD_RUNS), str(spec)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=launch_env())
     if out.returncode != 0:  # the ranks' own error lines first: torchrun's summary buries them
-        (tmp_path / f"cases_{nproc}.stderr").write_text(out.stderr)
+        (tmp_path / f"{launch}.stderr").write_text(out.stderr)
         errors = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line][:20]
         raise AssertionError("\n".join([f"exit {out.returncode}", out.stdout[-2000:], *errors, out.stderr[-3000:]]))
-    (tmp_path / f"cases_{nproc}.stdout").write_text(out.stdout)
+    (tmp_path / f"{launch}.stdout").write_text(out.stdout)
     for case in cases:
         assert f"RUN OK {case['name']} " in out.stdout, case["name"]
     return out.stdout
+
+
+def for_method(cases: list[dict], method: str) -> list[dict]:
+    """`cases` run with --method `method` and named `method/<name>` (several methods' cases in one launch)."""
+    for case in cases:
+        case["args"] += ["--method", method]
+        case["name"] = f"{method}/{case['name']}"
+    return cases
 
 
 def distance(a: dict, b: dict) -> float:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import (ENGINE_FLAGS, SMALL, distance, exported, initial_weights, launch_runs, max_relative_difference, read_metrics, run_case)
+from conftest import (ENGINE_FLAGS, SMALL, distance, exported, for_method, initial_weights, launch_runs, max_relative_difference,
+                      read_metrics, run_case)
 import relora_dist  # noqa: F401  (registers the architectures with the Auto classes)
 
 pytestmark = pytest.mark.dist
@@ -42,10 +43,7 @@ def method_cases(method, tmp_path) -> tuple[list, list]:
     one_rank = [run_case("reference", tmp_path, "--micro-batch-size", "4"), run_case("reference-bf16", tmp_path, "--dtype", "bf16"),
                 run_case("compiled", tmp_path, "--compile", "true")]
     one_rank += [run_case(f"{name}-hop", tmp_path, *FP32_ENGINES[name], "--resume") for name in HOPS]
-    for case in two_rank + one_rank:
-        case["args"] += ["--method", method]
-        case["name"] = f"{method}/{case['name']}"
-    return two_rank, one_rank
+    return for_method(two_rank, method), for_method(one_rank, method)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import shutil
 
 import pytest
 
-from conftest import (ENGINE_FLAGS, REPO, SMALL, distance, exported, initial_weights, launch_runs, max_relative_difference,
-                      read_metrics, run_case, run_cli)
+from conftest import (ENGINE_FLAGS, REPO, SMALL, distance, exported, for_method, initial_weights, launch_runs,
+                      max_relative_difference, read_metrics, run_case, run_cli)
 
 pytestmark = pytest.mark.dist
 
@@ -68,10 +68,7 @@ def method_cases(method: str, tmp_path) -> tuple[list, list, list]:
     two_rank += [run_case(f"{name}-grow", tmp_path, *ENGINE_FLAGS[name], "--resume") for name in GROWS]
     after = [run_case(f"{name}-hop", tmp_path, *ENGINE_FLAGS[name], "--resume") for name in HOPS]
     after += [run_case(f"{name}-right-hop", tmp_path, *ENGINE_FLAGS[name], *right, "--resume") for name in RIGHT_HOPS]
-    for case in one_rank + two_rank + after:
-        case["args"] += ["--method", method]
-        case["name"] = f"{method}/{case['name']}"
-    return one_rank, two_rank, after
+    return for_method(one_rank, method), for_method(two_rank, method), for_method(after, method)
 
 
 @pytest.fixture(scope="module")

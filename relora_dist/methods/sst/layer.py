@@ -20,6 +20,11 @@ import torch
 from torch import nn
 
 
+def with_active(frozen: torch.Tensor, active_copy: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """The whole basis: the frozen columns with the trainable copies of the active ones in place."""
+    return frozen.index_copy(1, active, active_copy)
+
+
 class SpectralLinearFunction(torch.autograd.Function):
     """y = x V diag(sigma) U^T with U, V assembled from the frozen columns and the active copies. Backward: the input
     gradient and sigma's are autograd's (dsigma_i = u_i^T G v_i); the active columns get the enhanced gradient
@@ -27,7 +32,7 @@ class SpectralLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, u, v, sigma, u_active, v_active, active):
-        u_full, v_full = u.index_copy(1, active, u_active), v.index_copy(1, active, v_active)
+        u_full, v_full = with_active(u, u_active, active), with_active(v, v_active, active)
         projected = x @ v_full  # (..., k): x V
         ctx.save_for_backward(x, u_full, v_full, sigma, active, projected)
         return (projected * sigma) @ u_full.T
@@ -81,8 +86,7 @@ class SSTLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """U diag(sigma) V^T with the active columns in place (the export's `weight`)."""
         with torch.no_grad():
-            u = self.U.index_copy(1, self.active, self.U_active)
-            v = self.V.index_copy(1, self.active, self.V_active)
+            u, v = with_active(self.U, self.U_active, self.active), with_active(self.V, self.V_active, self.active)
             return (u * self.sigma) @ v.T
 
     @torch.no_grad()
