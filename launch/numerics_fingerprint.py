@@ -57,6 +57,8 @@ METHOD_ARGS = {
     "fira": ["--galore-update-gap", "5"],
     # a switch of up to 2 vectors a side before most updates
     "switchlora": ["--switchlora-interval", "2", "--switchlora-freeze-steps", "1", "--switchlora-descent-rate", "100"],
+    # resamples every 3 updates, re-SVDs every 6
+    "sst": ["--sst-iteration-steps", "3", "--sst-round-iterations", "2", "--sst-restart-warmup", "1"],
 }
 # single process, then 2 ranks of each engine label (relora_dist/backends/labels.py)
 ENGINES = {"single": (1, "python", []),

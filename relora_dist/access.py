@@ -179,6 +179,14 @@ class TensorAccess(ABC):
         full = {id(p): t.reshape(-1) for p, t in zip(distinct, self.full_fp32(distinct))}
         return [full[id(p)][lo:hi] for p, lo, hi in wanted[self.rank]]
 
+    def reduction_share(self, param: nn.Parameter) -> list[tuple[int, torch.Tensor]]:
+        """(start, flat fp32 values) of this rank's share of `param` for a sum over the ranks (`all_reduce_sum_`): the
+        shares of all ranks are disjoint and cover the tensor once, masters where they exist (SST's column norms: each
+        rank sums its share, one all-reduce adds them). Default: every rank holds the whole (`world` 1)."""
+        if self.world != 1:
+            raise NotImplementedError(f"{type(self).__name__} does not say its reduction shares")
+        return [(0, self.full_fp32([param])[0].reshape(-1))]
+
     def after_write(self, params: list[nn.Parameter]) -> None:
         """Values of these params were written outside the engine's step: drop engine caches of them (e.g. ZeRO++
         secondary partitions) and round exact copies into low-precision holders (`fp32_frozen_parameters`). Every
@@ -255,6 +263,10 @@ class FlatRangeShards(PartitionedAccess):
 
     def spans(self, params):
         return [[self.owned(p, r) for r in range(self.world)] for p in params]
+
+    def reduction_share(self, param):
+        lo, hi = self.owned(param, self.rank)
+        return [(lo, self.local_fp32(param)[: hi - lo])] if hi > lo else []
 
     def _overlaps(self, wanted: list[Range], holder: int) -> list[tuple[int, int, int]]:
         """(index into `wanted`, lo, hi): the parts of each wanted range that `holder` owns."""

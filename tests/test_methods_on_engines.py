@@ -5,10 +5,10 @@ merged export to 1e-5 after 6 updates.
 The model is one no other test uses, chosen so that engines split matrices unevenly: hidden 36, ffn 91 (FSDP2's row
 shards uneven; ZeRO-1/2/3's partition boundaries inside rows), one key/value head (k and v 18 x 36: std GaLore projects
 them from the left too, as down_proj), 3 layers. Every method's event period is shortened so that its events happen
-within the run (a ReLoRA merge, GaLore refreshes, SwitchLoRA switches); the rest is each method's default. Adam eps
-1e-3 and few updates keep the reduction order's rounding from being amplified into the check. A method that cannot be
-exact on an engine must refuse it before any work, in one line (the pre-flight checks relora-train runs on every rank
-first); it is then not run. Two launches in all (tests/dist/method_runs.py): the references on one process, every
+within the run (a ReLoRA merge, GaLore refreshes, SwitchLoRA switches, SST's resamples and a re-SVD); the rest is
+each method's default. Adam eps 1e-3 and few updates keep the reduction order's rounding from being amplified into the
+check. A method that cannot be exact on an engine must refuse it before any work, in one line (the pre-flight checks
+relora-train runs on every rank first); it is then not run. Two launches in all (tests/dist/method_runs.py): the references on one process, every
 2-rank run in one."""
 
 import json
@@ -25,7 +25,8 @@ MODEL = {"hidden_size": 36, "intermediate_size": 91, "num_hidden_layers": 3, "nu
          "num_key_value_heads": 1, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 # What makes each family's events fall inside 6 updates; a flag a method does not read leaves it alone
 EVENTS = ["--warm-start-steps", "2", "--merge-every", "2", "--restart-warmup-steps", "1", "--galore-update-gap", "3",
-          "--switchlora-interval", "2", "--switchlora-freeze-steps", "1"]
+          "--switchlora-interval", "2", "--switchlora-freeze-steps", "1", "--sst-iteration-steps", "2",
+          "--sst-round-iterations", "2", "--sst-restart-warmup", "1"]
 
 
 def refusal(args: list) -> str | None:

@@ -1,12 +1,14 @@
-"""SST's layer against the research note's oracles (shared/research/sst.md, section 4): the factorisation, the
-enhanced gradient in fp64 against autograd, a resample's bitwise no-op, the step's clamp and unit columns, the re-SVD,
-and the sampling rule."""
+"""SST's layer and its events (on one process's access layer) against the research note's oracles
+(shared/research/sst.md, section 4): the factorisation, the enhanced gradient in fp64 against autograd, a resample's
+bitwise no-op with the moments zeroed, the step's clamp and unit columns, the re-SVD, and the sampling rules."""
 
 import pytest
 import torch
 from torch import nn
 
-from relora_dist.methods.sst.layer import SSTLinear, sample_components
+from relora_dist.access import ReplicatedAccess
+from relora_dist.methods.sst.events import column_sums_of_squares, project, redecompose, resample
+from relora_dist.methods.sst.layer import SSTLinear, sample_components, sampling_weights
 
 
 def layer(m=12, n=9, rank=3, dtype=torch.float32, seed=0):
@@ -47,17 +49,21 @@ def test_the_enhanced_gradients_are_autograds_without_the_sigma_factor_in_fp64()
     assert sst.U_active.grad.abs().sum() > 0 and sst.V_active.grad.abs().sum() > 0  # no saddle at the start
 
 
-def test_a_resample_is_a_bitwise_no_op_on_the_function():
+def test_a_resample_is_a_bitwise_no_op_on_the_function_and_zeroes_the_active_moments():
     _, sst = layer(m=16, n=16, rank=4)
-    with torch.no_grad():  # the active copies moved away from their columns, as training does
-        sst.U_active.add_(0.1 * torch.randn_like(sst.U_active))
-        sst.V_active.add_(0.1 * torch.randn_like(sst.V_active))
+    optimizer = torch.optim.AdamW([sst.sigma, sst.U_active, sst.V_active], lr=1e-2)
+    sst(torch.randn(8, 16)).pow(2).sum().backward()
+    optimizer.step()  # the active copies moved away from their columns, as training does
     x = torch.randn(3, 16)
-    before, old = sst(x), sst.active.clone()
-    generator = torch.Generator().manual_seed(7)
-    sst.resample(generator)
+    before, old, params = sst(x), sst.active.clone(), [sst.sigma, sst.U_active, sst.V_active]
+    sigma_moment = optimizer.state[sst.sigma]["exp_avg"].clone()
+    resample([sst], ReplicatedAccess(optimizer), torch.Generator().manual_seed(7), "sigma")
     assert torch.equal(sst(x), before) and not torch.equal(sst.active, old)
     assert torch.equal(sst.U_active, sst.U[:, sst.active]) and torch.equal(sst.V_active, sst.V[:, sst.active])
+    for active in (sst.U_active, sst.V_active):
+        assert not optimizer.state[active]["exp_avg"].any() and not optimizer.state[active]["exp_avg_sq"].any()
+    assert torch.equal(optimizer.state[sst.sigma]["exp_avg"], sigma_moment)  # sigma's components keep their meaning
+    assert [p for p in optimizer.param_groups[0]["params"]] == params  # the same Parameter objects
 
 
 def test_a_step_moves_every_sigma_and_only_the_active_columns_which_stay_unit():
@@ -66,7 +72,7 @@ def test_a_step_moves_every_sigma_and_only_the_active_columns_which_stay_unit():
     optimizer = torch.optim.AdamW([sst.sigma, sst.U_active, sst.V_active], lr=0.5)
     sst(torch.randn(8, 16)).pow(2).sum().backward()
     optimizer.step()
-    sst.after_step()
+    project([sst], ReplicatedAccess(optimizer))
     assert torch.equal(sst.U, u) and torch.equal(sst.V, v)  # every column outside S: bitwise unchanged
     assert (sst.sigma != sigma).all() and (sst.sigma >= 0).all() and (sst.sigma == 0).any()  # lr 0.5 clamps some
     for active in (sst.U_active, sst.V_active):
@@ -77,31 +83,46 @@ def test_a_re_svd_keeps_the_function_and_makes_the_bases_orthonormal_again():
     _, sst = layer(m=16, n=10, rank=4)
     with torch.no_grad():
         sst.U_active.add_(0.2 * torch.randn_like(sst.U_active))
-        sst.after_step()
+    project([sst], ReplicatedAccess())
     x = torch.randn(3, 10)
-    before = sst(x)
     assert (sst.U.index_copy(1, sst.active, sst.U_active).T @ sst.U.index_copy(1, sst.active, sst.U_active)
             - torch.eye(10)).abs().max() > 1e-2  # drifted from orthonormal
-    sst.redecompose()
+    optimizer = torch.optim.AdamW([sst.sigma, sst.U_active, sst.V_active])
+    sst(x).sum().backward()
+    optimizer.step()
+    before = sst(x)
+    redecompose([sst], ReplicatedAccess(optimizer))
     assert torch.allclose(sst(x), before, rtol=1e-5, atol=1e-5)
+    assert all(not optimizer.state[p]["exp_avg"].any() for p in (sst.sigma, sst.U_active, sst.V_active))
     assert torch.allclose(sst.U.T @ sst.U, torch.eye(10), atol=1e-5) and torch.allclose(sst.V.T @ sst.V, torch.eye(10), atol=1e-5)
     assert (sst.sigma >= 0).all() and torch.equal(sst.sigma, sst.sigma.sort(descending=True).values)
 
 
-def test_sampling_is_distinct_the_same_from_the_same_state_and_weighted_by_sigma():
+@pytest.mark.parametrize("rule", ["sigma", "mixed", "uniform"])
+def test_sampling_is_distinct_the_same_from_the_same_state_and_follows_its_rule(rule):
     sigma = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, 0.5])
-    draws = [sample_components(sigma, 3, torch.Generator().manual_seed(s)) for s in range(3)]
+    draws = [sample_components(sigma, 3, torch.Generator().manual_seed(s), rule) for s in range(3)]
     assert all(d.unique().numel() == 3 for d in draws)
-    assert torch.equal(sample_components(sigma, 3, torch.Generator().manual_seed(1)), draws[1])  # what every rank draws
+    assert torch.equal(sample_components(sigma, 3, torch.Generator().manual_seed(1), rule), draws[1])  # every rank's
     generator, n = torch.Generator().manual_seed(0), 6000
-    counts = torch.bincount(torch.cat([sample_components(sigma, 1, generator) for _ in range(n)]), minlength=6).double()
-    expected = n * sigma.double() / sigma.sum()
+    counts = torch.bincount(torch.cat([sample_components(sigma, 1, generator, rule) for _ in range(n)]), minlength=6).double()
+    stated = {"sigma": sigma / sigma.sum(), "mixed": (1 / 6 + sigma / sigma.sum()) / 2, "uniform": torch.full((6,), 1 / 6)}
+    expected = n * stated[rule].double()
+    assert torch.allclose(sampling_weights(sigma, rule) / sampling_weights(sigma, rule).sum(), stated[rule].double())
     chi2 = ((counts - expected) ** 2 / expected).sum()
     p_value = 1 - torch.special.gammainc(torch.tensor(5 / 2, dtype=torch.float64), chi2 / 2)  # chi-square, 5 dof
     assert p_value > 1e-3, (counts, expected)
-    assert counts[0] > counts[3]  # and a rule that ignored sigma would be refused at this n
+    assert (counts[0] > 1.5 * counts[3]) == (rule != "uniform")  # a rule that ignored sigma would be refused at this n
+
+
+def test_column_sums_of_squares_of_any_flat_range_add_up_to_the_whole():
+    matrix = torch.randn(7, 5)
+    flat = matrix.reshape(-1)
+    for cuts in ([0, 35], [0, 3, 35], [0, 4, 5, 13, 20, 35], [0, 12, 14, 35]):
+        total = sum(column_sums_of_squares(lo, flat[lo:hi], 5) for lo, hi in zip(cuts, cuts[1:]))
+        assert torch.allclose(total, matrix.square().sum(0), rtol=1e-6)
 
 
 def test_a_rank_that_leaves_no_frozen_component_is_refused():
-    with pytest.raises(ValueError, match="rank 9 must be in 1..8"):
+    with pytest.raises(ValueError, match=r"sst rank 9 must be in 1..8 .*\(--rank\)"):
         layer(m=12, n=9, rank=9)

@@ -207,8 +207,13 @@ class Trainer:
             if not event.routine:
                 metrics.event(f"update {self.step}: {message}", step=self.step)
         if self.cfg.train.check_replicas and any(not e.rebuild for e in events):
-            check_replicas(self.backend.replicated_named_tensors(), self.dist.device, f"update {self.step}")
+            check_replicas(self.backend.replicated_named_tensors() + self._method_tensors(), self.dist.device,
+                           f"update {self.step}")
         return timing
+
+    def _method_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The method's own state that is a tensor (random generators, counters): the same on every rank."""
+        return [(f"method/{key}", value) for key, value in self.method.state_dict().items() if torch.is_tensor(value)]
 
     def _rebuild(self, event: Event) -> str:
         """Take the model back from the engine, let the method restructure it, set the engine up again (a new

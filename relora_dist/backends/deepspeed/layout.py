@@ -181,6 +181,15 @@ class PartitionedMasters(PartitionedAccess):
         return [full[id(p)][lo:hi] if id(p) in full else _frozen_fp32(self.shadows, p, lo, hi)
                 for p, lo, hi in wanted[self.rank]]
 
+    def reduction_share(self, param):
+        """A trainable param's master fragment; a frozen one (held whole everywhere) counted by rank 0."""
+        found = self._master_view(param)
+        if found is not None:
+            return [(found[0], found[1].float())]
+        if not param.requires_grad and self.rank == 0:
+            return [(0, _frozen_fp32(self.shadows, param, 0, param.numel()))]
+        return []
+
     def param_pieces(self, param):
         pieces = self.shadows.with_copy(param, [Piece(0, [_flat(param.data)])])  # frozen params have no master fragment
         found = self._master_view(param)

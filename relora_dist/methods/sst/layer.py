@@ -11,7 +11,8 @@ Storage: `U`, `V` (m x k, n x k) hold every component and are frozen parameters,
 checkpoints them like a weight; `U_active`, `V_active` (m x r, n x r) are the trainable copies of the columns listed
 in the buffer `active`. The forward assembles U and V with the active copies in their columns, so which components
 are active changes nothing of the arithmetic: a resample (the active copies written back, others loaded) leaves the
-function bitwise unchanged.
+function bitwise unchanged. What happens between updates (the step's projection, the resample, the re-SVD) is
+`events.py`, on the access layer.
 """
 
 from __future__ import annotations
@@ -19,19 +20,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...models import LLAMA_PROJECTIONS
+
+SAMPLING_RULES = ("sigma", "mixed", "uniform")
+SST_STATE_SUFFIXES = (".U", ".V", ".sigma", ".U_active", ".V_active", ".active")
+
 
 def with_active(frozen: torch.Tensor, active_copy: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """The whole basis: the frozen columns with the trainable copies of the active ones in place."""
-    return frozen.index_copy(1, active, active_copy)
+    return frozen.index_copy(1, active, active_copy.to(frozen.dtype))
 
 
 class SpectralLinearFunction(torch.autograd.Function):
     """y = x V diag(sigma) U^T with U, V assembled from the frozen columns and the active copies. Backward: the input
     gradient and sigma's are autograd's (dsigma_i = u_i^T G v_i); the active columns get the enhanced gradient
-    G V_S = dH^T (X V_S) and G^T U_S = X^T (dH U_S), without the sigma_S factor autograd would apply."""
+    G V_S = dH^T (X V_S) and G^T U_S = X^T (dH U_S), without the sigma_S factor autograd would apply. Under autocast
+    the backward runs in the forward's autocast state (as torch.amp.custom_bwd does)."""
 
     @staticmethod
     def forward(ctx, x, u, v, sigma, u_active, v_active, active):
+        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         u_full, v_full = with_active(u, u_active, active), with_active(v, v_active, active)
         projected = x @ v_full  # (..., k): x V
         ctx.save_for_backward(x, u_full, v_full, sigma, active, projected)
@@ -40,42 +48,82 @@ class SpectralLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, u_full, v_full, sigma, active, projected = ctx.saved_tensors
-        back = grad_out @ u_full  # (..., k): dH U
-        grad_x = (back * sigma) @ v_full.T
-        back, projected = back.reshape(-1, back.shape[-1]), projected.reshape(-1, projected.shape[-1])
-        grad_sigma = (back * projected).sum(0)
-        grad_u_active = grad_out.reshape(-1, grad_out.shape[-1]).T @ projected[:, active]
-        grad_v_active = x.reshape(-1, x.shape[-1]).T @ back[:, active]
-        return grad_x, None, None, grad_sigma, grad_u_active, grad_v_active, None
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            back = grad_out @ u_full  # (..., k): dH U
+            grad_x = (back * sigma) @ v_full.T
+            back, projected = back.reshape(-1, back.shape[-1]), projected.reshape(-1, projected.shape[-1])
+            grad_sigma = (back * projected).sum(0)
+            grad_u_active = grad_out.reshape(-1, grad_out.shape[-1]).T @ projected[:, active]
+            grad_v_active = x.reshape(-1, x.shape[-1]).T @ back[:, active]
+        return (grad_x.to(x.dtype), None, None, grad_sigma.to(sigma.dtype), grad_u_active.to(u_full.dtype),
+                grad_v_active.to(v_full.dtype), None)
 
 
-def sample_components(sigma: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
-    """r distinct component indices, drawn without replacement with probability proportional to the singular values
-    (the paper: multinomial sampling weighted by their magnitude), sorted. Every rank draws the same from the same
-    generator state and the same (full) sigma."""
+def decompose(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, sigma, V) of `weight` in its dtype, with one sign convention, so that engines whose inputs differ by
+    rounding get the same bases: each pair (u_i, v_i) flipped together so that v_i's largest entry is positive, and
+    the u_i of a null component (sigma_i <= k eps sigma_max; the clamp at 0 makes them) flipped alone so that its
+    largest entry is, since its sign relative to v_i is rounding (flipping it moves W by 2 sigma_i at most)."""
+    u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
+    v = vh.T
+    flip = _largest_entry_negative(v)
+    u, v = torch.where(flip, -u, u), torch.where(flip, -v, v)
+    null = sigma <= sigma.max() * sigma.numel() * torch.finfo(weight.dtype).eps
+    u = torch.where(null & _largest_entry_negative(u), -u, u)
+    return u.contiguous(), sigma, v.contiguous()  # LAPACK returns column-major bases
+
+
+def _largest_entry_negative(basis: torch.Tensor) -> torch.Tensor:
+    return basis.gather(0, basis.abs().argmax(0, keepdim=True)) < 0
+
+
+def sampling_weights(sigma: torch.Tensor, rule: str) -> torch.Tensor:
+    """Each component's weight in the draw: `sigma` (the paper: multinomial sampling weighted by the singular values'
+    magnitude), `mixed` (half uniform, half by sigma: p_i = (1/k + sigma_i / sum sigma) / 2, one secondary reading of
+    the paper, unconfirmed) or `uniform`."""
     weights = sigma.detach().double().clamp(min=0)
-    if not weights.sum() > 0:
-        weights = torch.ones_like(weights)
+    uniform = torch.ones_like(weights)
+    if rule == "uniform" or not weights.sum() > 0:
+        return uniform
+    if rule == "mixed":
+        return uniform / weights.numel() + weights / weights.sum()
+    return weights
+
+
+def sample_components(sigma: torch.Tensor, rank: int, generator: torch.Generator, rule: str = "sigma") -> torch.Tensor:
+    """r distinct component indices, drawn without replacement with probability proportional to `sampling_weights`,
+    sorted. Every rank draws the same from the same generator state and the same (full) sigma."""
+    weights = sampling_weights(sigma, rule)
     return torch.multinomial(weights, rank, replacement=False, generator=generator).sort().values
 
 
 class SSTLinear(nn.Module):
     """See the module docstring. `bias` keeps nn.Linear's name; the export writes U diag(sigma) V^T as `weight`."""
 
-    def __init__(self, linear: nn.Linear, *, rank: int, generator: torch.Generator):
+    keep_fp32 = ("U", "V")  # resamples and re-SVDs write them in place: an engine holding them in bf16 keeps fp32 copies
+
+    def __init__(self, linear: nn.Linear, *, rank: int, generator: torch.Generator, rule: str = "sigma", name: str = ""):
         super().__init__()
         m, n = linear.out_features, linear.in_features
         k = min(m, n)
         if not 0 < rank < k:
-            raise ValueError(f"SST rank {rank} must be in 1..{k - 1} for a {m} x {n} weight (min(m, n) - 1 at most)")
-        u, sigma, vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
-        dtype = linear.weight.dtype
+            raise ValueError(f"sst rank {rank} must be in 1..{k - 1} for {name or 'a layer'} ({m} x {n}: min(m, n) - 1"
+                             f" at most) (--rank)")
+        weight = linear.weight.detach()
+        if weight.is_meta:  # a config check builds on the meta device: shapes only
+            u, sigma, v = (torch.empty(shape, dtype=weight.dtype, device="meta") for shape in ((m, k), (k,), (n, k)))
+            active = torch.arange(rank)
+        else:
+            u, sigma, v = decompose(weight.double())
+            active = sample_components(sigma, rank, generator, rule)
+        dtype = weight.dtype
         self.U = nn.Parameter(u.to(dtype), requires_grad=False)
-        self.V = nn.Parameter(vh.T.contiguous().to(dtype), requires_grad=False)
+        self.V = nn.Parameter(v.to(dtype), requires_grad=False)
         self.sigma = nn.Parameter(sigma.to(dtype))
-        self.register_buffer("active", sample_components(sigma, rank, generator))
-        self.U_active = nn.Parameter(self.U[:, self.active].clone())
-        self.V_active = nn.Parameter(self.V[:, self.active].clone())
+        self.register_buffer("active", active.to(weight.device if not weight.is_meta else "cpu"))
+        self.U_active = nn.Parameter(self.U.detach()[:, :rank].clone() if weight.is_meta else self.U[:, active].clone())
+        self.V_active = nn.Parameter(self.V.detach()[:, :rank].clone() if weight.is_meta else self.V[:, active].clone())
         self.bias = linear.bias
         self.in_features, self.out_features, self.rank = n, m, rank
 
@@ -86,35 +134,41 @@ class SSTLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """U diag(sigma) V^T with the active columns in place (the export's `weight`)."""
         with torch.no_grad():
-            u, v = with_active(self.U, self.U_active, self.active), with_active(self.V, self.V_active, self.active)
-            return (u * self.sigma) @ v.T
+            return spectral_weight(self.U, self.V, self.sigma, self.U_active, self.V_active, self.active)
 
-    @torch.no_grad()
-    def resample(self, generator: torch.Generator) -> None:
-        """Write the active copies back into their columns, draw r components from sigma and load theirs: an exact
-        copy both ways, the function unchanged bit for bit. (The active slots' optimizer moments are the method's to
-        reset.)"""
-        self.U.index_copy_(1, self.active, self.U_active)
-        self.V.index_copy_(1, self.active, self.V_active)
-        self.active.copy_(sample_components(self.sigma, self.rank, generator))
-        self.U_active.copy_(self.U[:, self.active])
-        self.V_active.copy_(self.V[:, self.active])
 
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """After every optimizer step: sigma clamped at 0, the active columns back to unit length (the magnitude is
-        sigma's alone)."""
-        self.sigma.clamp_(min=0)
-        for active in (self.U_active, self.V_active):
-            active.div_(active.norm(dim=0, keepdim=True).clamp(min=torch.finfo(active.dtype).tiny))
+def spectral_weight(u, v, sigma, u_active, v_active, active) -> torch.Tensor:
+    """U diag(sigma) V^T in fp32 from the stored tensors (frozen bases, singular values, active copies and indices)."""
+    u, v = with_active(u.float(), u_active, active), with_active(v.float(), v_active, active)
+    return (u * sigma.float()) @ v.T
 
-    @torch.no_grad()
-    def redecompose(self) -> None:
-        """The round's re-SVD: U diag(sigma) V^T decomposed again in fp64, so U and V are orthonormal again and the
-        function is unchanged (to rounding); the active slots keep their indices, now meaning the new components."""
-        u, sigma, vh = torch.linalg.svd(self.dense_weight().double(), full_matrices=False)
-        self.U.copy_(u)
-        self.V.copy_(vh.T)
-        self.sigma.copy_(sigma)
-        self.U_active.copy_(self.U[:, self.active])
-        self.V_active.copy_(self.V[:, self.active])
+
+def wrap_sst(model: nn.Module, *, rank: int, generator: torch.Generator, rule: str) -> list[SSTLinear]:
+    """Every projection of the decoder (`models.LLAMA_PROJECTIONS`) replaced by its SSTLinear, in module order;
+    embeddings, norms and the head stay dense."""
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS]
+    if not targets:
+        raise ValueError("sst found no projection to wrap (expected LLaMA's q/k/v/o and gate/up/down projections)")
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SSTLinear(linear, rank=rank, generator=generator, rule=rule, name=name))
+    return sst_layers(model)
+
+
+def sst_layers(model: nn.Module) -> list[SSTLinear]:
+    return [module for module in model.modules() if isinstance(module, SSTLinear)]
+
+
+def sst_dense_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain model's weights: every SST layer's U diag(sigma) V^T as its `weight` (computed in fp32, rounded once
+    into the bases' dtype); the bases, singular values and active copies dropped."""
+    out = {key: value for key, value in state.items() if not key.endswith(SST_STATE_SUFFIXES)}
+    for key in state:
+        if key.endswith(".sigma"):
+            prefix = key[: -len(".sigma")]
+            u = state[f"{prefix}.U"]
+            out[f"{prefix}.weight"] = spectral_weight(*(state[f"{prefix}.{part}"] for part in
+                                                        ("U", "V", "sigma", "U_active", "V_active", "active"))).to(u.dtype)
+    return out
