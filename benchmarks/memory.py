@@ -56,7 +56,8 @@ def layer_activation_bytes(args, config, traits: CostTraits, rank: int | None) -
     """The decoder layers' part of the measured figure, by the exact per-layer accounting (CPU eager path)."""
     per_layer = layer_bytes_per_token(config.hidden_size, config.intermediate_size, config.num_attention_heads,
                                       traits=traits, element_size=2 if args.dtype == "bf16" else 4, rank=rank or 0,
-                                      dropout=args.lora_dropout > 0, only_lr_act=getattr(config, "only_lr_act", False))
+                                      dropout=args.lora_dropout > 0, only_lr_act=getattr(config, "only_lr_act", False),
+                                      kv_width=config.hidden_size * config.num_key_value_heads // config.num_attention_heads)
     return config.num_hidden_layers * per_layer
 
 

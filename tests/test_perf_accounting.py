@@ -78,6 +78,35 @@ def test_architecture_flops_per_token_are_exact(name, settings):
     assert counter.get_total_flops() == counts.executed_flops_per_token(traits, attention=False) * BATCH * SEQ
 
 
+def test_sst_counts_flops_and_static_bytes_are_exact():
+    """SST (every projection in its singular basis): held U, V, sigma and the r active columns of each basis, trained
+    sigma and the active columns; forward + backward of the factored form, 4 N_bases + 2 N_lora + 6 (N_other + N_head)
+    counted by torch; Adam's moments after a real step; the bases are what bf16 DeepSpeed keeps fp32 copies of."""
+    method = standalone_method("sst", rank=RANK)
+    traits = method.cost_traits
+    config = tiny()
+    torch.manual_seed(0)
+    model = method.prepare_model(build_model(config), 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    counts = ModelCounts.from_config(config, rank=RANK, seq_len=SEQ, traits=traits)
+    assert counts.held(traits) == sum(p.numel() for p in model.parameters())
+    assert counts.trainable(traits) == sum(p.numel() for p in params)
+    bases = [p for name, p in model.named_parameters() if name.endswith((".U", ".V"))]
+    assert counts.written_frozen(traits) == counts.n_bases == sum(p.numel() for p in bases)
+    tokens = torch.randint(0, 97, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(params)
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    assert counter.get_total_flops() == counts.executed_flops_per_token(traits, attention=False) * BATCH * SEQ
+    assert counts.model_flops_per_token(traits) == counts.model_flops_per_token(FULL)  # it trains the full-rank model
+    optimizer.step()
+    measured = sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items()
+                   if k in ("exp_avg", "exp_avg_sq"))
+    expected = static_bytes(counts, traits, Precision.named("fp32"))
+    assert expected["optimizer"] == measured and expected["gradients"] == sum(4 * p.numel() for p in params)
+    assert expected["parameters"] == 4 * counts.held(traits)
+
+
 class JointAdapters(Method):
     """A plug-in method perf has never heard of: LoRA factors beside projections that keep training (W is not
     frozen). It declares its costs and nothing else; no built-in method declares this combination."""
@@ -128,6 +157,8 @@ def test_cost_traits_refuse_contradictions_and_perf_refuses_names():
         CostTraits(candidate_pools=True)
     with pytest.raises(ValueError, match="recompute_at_factors needs recompute"):
         CostTraits(low_rank_factors=True, recompute_at_factors=True)
+    with pytest.raises(ValueError, match="spectral_basis holds no dense W"):
+        CostTraits(spectral_basis=True, frozen_weights=True)
     counts = ModelCounts.from_config(tiny(), rank=RANK, seq_len=SEQ, traits=FULL)
     with pytest.raises(TypeError, match="cost traits"):
         counts.trainable("relora")  # a name counts nothing: the method's cost_traits do

@@ -9,6 +9,7 @@ import relora_dist as rd
 from relora_dist.architectures.cola import cola_config
 from relora_dist.architectures.crnet import crnet_config
 from relora_dist.methods import method_class
+from relora_dist.methods.sst.layer import wrap_sst
 from relora_dist.models import llama_config_from_shape
 from relora_dist.perf.activations import (SavedActivations, crnet_recompute_layer_bytes, head_bytes_per_token,
                                           layer_bytes_per_token)
@@ -31,6 +32,8 @@ def saved_bytes(layers, *, method, dtype, dropout=0.0, vocab=113, only_lr_act=Fa
     model = AutoModelForCausalLM.from_config(config)
     if method == "relora":
         rd.wrap(model, rd.ReLoRAConfig(rank=RANK, alpha=8, dropout=dropout, fused_kernels="off"))
+    if method == "sst":
+        wrap_sst(model, rank=RANK, generator=torch.Generator().manual_seed(0), rule="sigma")
     model = model.to(dtype).train()
     tokens = torch.randint(0, vocab, (BATCH, SEQ))
     with SavedActivations(model) as saved:
@@ -39,7 +42,7 @@ def saved_bytes(layers, *, method, dtype, dropout=0.0, vocab=113, only_lr_act=Fa
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method, dropout", [("full", 0.0), ("relora", 0.0), ("relora", 0.1)])
+@pytest.mark.parametrize("method, dropout", [("full", 0.0), ("relora", 0.0), ("relora", 0.1), ("sst", 0.0)])
 def test_layer_bytes_per_token_are_exact(method, dropout, dtype):
     per_layer = (saved_bytes(3, method=method, dtype=dtype, dropout=dropout)
                  - saved_bytes(1, method=method, dtype=dtype, dropout=dropout)) / 2 / (BATCH * SEQ)

@@ -69,6 +69,12 @@ class CostTraits:
     """Backward runs every decoder layer's forward again (2 more FLOPs per layer weight, the attention products'
     forward once more) and keeps only the recomputation's boundaries: the layer's input and its attention output
     (e 2h per token and layer)."""
+    spectral_basis: bool = False
+    """Each wrapped projection is held in its singular basis (SST): frozen U (m x k) and V (n x k) with every
+    component (N_bases, k = min(m, n)), trainable singular values (N_sigma) and trainable copies of r columns of each
+    (N_lora's r (m + n)); no dense W. The forward is factored: x V, scaled, times U^T (2 k (m + n) FLOPs per token),
+    the input gradient the same again, the active columns' gradients 2 r (m + n); backward keeps x V (e k per token and
+    projection). MFU counts the full-rank model, which it trains."""
     recompute_at_factors: bool = False
     """The recomputed segments are cut at the factors' r-wide activations: backward keeps those 7 as well (e 7r per
     token and layer), and the last layer's final factor, whose input a boundary keeps, is not recomputed (2 r h
@@ -84,6 +90,9 @@ class CostTraits:
             raise ValueError(f"cost traits: {', '.join(missing)} need low_rank_factors")
         if self.recompute_at_factors and not self.recompute:
             raise ValueError("cost traits: recompute_at_factors needs recompute")
+        clashing = [name for name in ("frozen_weights", "low_rank_factors", "replaces_dense") if getattr(self, name)]
+        if self.spectral_basis and clashing:
+            raise ValueError(f"cost traits: spectral_basis holds no dense W and no factors beside it ({', '.join(clashing)})")
 
     @property
     def adapters(self) -> bool:
@@ -120,6 +129,10 @@ class ModelCounts:
     products, and half the moments every rank holding rows of it keeps whole."""
     n_pools: int = 0
     """SwitchLoRA's candidate pools: min(m, n) (m + n) per wrapped matrix."""
+    n_bases: int = 0
+    """SST's frozen bases U and V: min(m, n) (m + n) per wrapped matrix (as many elements as SwitchLoRA's pools)."""
+    n_sigma: int = 0
+    """SST's singular values: min(m, n) per wrapped matrix."""
 
     @classmethod
     def from_config(cls, config: LlamaConfig, *, rank: int | None, seq_len: int, traits: CostTraits,
@@ -151,6 +164,8 @@ class ModelCounts:
         return cls(
             **layout,
             n_pools=L * sum(min(i, o) * (i + o) for i, o in wrapped),
+            n_bases=L * sum(min(i, o) * (i + o) for i, o in wrapped),
+            n_sigma=L * sum(min(i, o) for i, o in wrapped),
             n_projected_moments=L * sum(_projected_moments(i, o, rank) for i, o in shapes.values()),
             n_projectors=L * sum(min(rank, i, o) * min(i, o) for i, o in shapes.values()),
             n_left_projected=L * sum(min(rank, i, o) * i for i, o in shapes.values() if o < i),
@@ -163,6 +178,8 @@ class ModelCounts:
 
     def trainable(self, traits: CostTraits) -> int:
         check_traits(traits)
+        if traits.spectral_basis:  # singular values and r active columns of U and V per projection
+            return self.n_sigma + self.n_lora + self.n_other + self.n_head + self.n_emb + self.n_norm
         if not (traits.frozen_weights or traits.replaces_dense):  # the dense projections train
             return self.n_full + (self.n_lora if traits.low_rank_factors else 0)
         return (self.n_lora if traits.low_rank_factors else 0) + self.n_other + self.n_head + self.n_emb + self.n_norm
@@ -171,15 +188,16 @@ class ModelCounts:
         """Parameters resident on a replica (frozen W and candidate pools included)."""
         check_traits(traits)
         held = self.trainable(traits) + (self.n_lin if traits.frozen_weights else 0)
-        return held + (self.n_pools if traits.candidate_pools else 0)
+        return held + (self.n_pools if traits.candidate_pools else 0) + (self.n_bases if traits.spectral_basis else 0)
 
     def written_frozen(self, traits: CostTraits) -> int:
-        """Frozen elements written in place every update (SwitchLoRA folds into W and parks in its pools), which an
-        engine holding bf16 parameters keeps an fp32 copy of."""
+        """Frozen elements written in place (SwitchLoRA folds into W and parks in its pools every update, SST writes its
+        bases at resamples and re-SVDs), which an engine holding bf16 parameters keeps an fp32 copy of."""
         check_traits(traits)
         if not traits.rewrites_frozen:
             return 0
-        return (self.n_lin if traits.frozen_weights else 0) + (self.n_pools if traits.candidate_pools else 0)
+        return ((self.n_lin if traits.frozen_weights else 0) + (self.n_pools if traits.candidate_pools else 0)
+                + (self.n_bases if traits.spectral_basis else 0))
 
     def optimizer_elements(self, traits: CostTraits) -> int:
         """Adam moment elements: 2 per trainable parameter, the projected moments in place of the projections' with
@@ -206,8 +224,10 @@ class ModelCounts:
         check_traits(traits)
         # Causal flash attention: QK^T and PV over half the (s x s) scores, 2 s h forward, 5 s h backward.
         products = 7 * self.seq_len * self.hidden * self.layers
-        held_dense = 0 if traits.replaces_dense else self.n_lin  # the wrapped projections' dense W, if run at all
+        held_dense = 0 if traits.replaces_dense or traits.spectral_basis else self.n_lin  # the wrapped dense W, if run
         dense = 6 * (self.n_other + self.n_head) + (4 if traits.frozen_weights else 6) * held_dense
+        if traits.spectral_basis:  # factored forward and input gradient through both bases, the active columns' grads
+            dense += 4 * self.n_bases + 2 * self.n_lora
         factors = self.n_lora if traits.low_rank_factors else 0
         dense += 6 * factors
         if traits.recompute:  # every layer's forward once more in backward (the head's not)

@@ -1,6 +1,6 @@
 """Bytes autograd keeps alive for backward, measured with `saved_tensors_hooks`.
 
-Counted once per storage (views of one buffer share it) and never for parameters: what remains is the
+Counted once per storage (views of one buffer share it) and never for parameters or buffers: what remains is the
 activation memory a micro-batch adds on top of the static state (research/perf_model.md 2.2). Frozen W
 is a parameter, so a frozen linear's saved input only counts if autograd really saves it.
 """
@@ -17,7 +17,8 @@ class SavedActivations:
     """`with SavedActivations(model) as saved: loss = model(...)` then `saved.bytes`."""
 
     def __init__(self, model: nn.Module):
-        self._parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        static = [*model.parameters(), *model.buffers()]  # module state (SST's index buffers), not activations
+        self._parameter_storages = {t.untyped_storage().data_ptr() for t in static}
         self._seen: set[int] = set()
         self.bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda packed: packed)
@@ -50,7 +51,7 @@ def saved_bytes_per_token(model: nn.Module, input_ids: torch.Tensor, *, autocast
 
 
 def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, traits: CostTraits, element_size: int, rank: int = 0,
-                          dropout: bool = False, only_lr_act: bool = False) -> int:
+                          dropout: bool = False, only_lr_act: bool = False, kv_width: int | None = None) -> int:
     """Saved bytes per token of one decoder layer on torch's eager CPU path (measured exactly, see
     tests/test_perf_activations.py), by the method's cost traits.
 
@@ -64,6 +65,8 @@ def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, traits: CostTrai
     - carried outputs (CR-Net, layers >= 1): the previous layer's outputs that β Y_prev needs for β's gradient where
       nothing else keeps them (q, k, o, down), e 4h (and 14e bytes a layer for the β scalars, independent of the
       tokens); with a dense first layer, layer 0 is a full-rank layer;
+    - a spectral basis (SST): each projection's x V, k = min(m, n) wide: e(5h + 2 kv) with kv the key/value width
+      (`kv_width`, default h) for q, o, gate, up, down (k = h, as ff > h) and k, v;
     - recompute: only the recomputation's boundaries instead of all of the above: the layer's input and its
       attention output, e 2h (CR-Net's rebuilding layers, `crnet_recompute_layer_bytes`: the layers that keep the
       previous layer's outputs keep more); cut at the factors (CoLA-M) the 7 r-wide activations too, e(2h + 7r).
@@ -81,6 +84,8 @@ def layer_bytes_per_token(hidden: int, ffn: int, heads: int, *, traits: CostTrai
         saved -= e * f
     if traits.carried_outputs:
         saved += 4 * e * h
+    if traits.spectral_basis:
+        saved += e * (5 * h + 2 * (h if kv_width is None else min(kv_width, h)))
     if traits.adapters and dropout:
         saved += e * (10 * h + f)
     return saved

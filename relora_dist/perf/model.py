@@ -45,13 +45,14 @@ class ActivationCoefficients:
         """The coefficients measured exactly on CPU with saved_tensors_hooks (note 2.2), bf16, by cost trait: full
         rank (28h + 8ff); low-rank factors keep their r-wide intermediate (14r), σ between them σ(x A) too (14r
         more), only_lr_act drops the outer SiLU's input (2ff less), carried outputs the previous layer's (8h);
+        a spectral basis each projection's x V (14h: k = h in the paper's models, no grouped keys and values);
         adapters' dropout (`dropout` > 0) its mask and output (14h + ff fused on CUDA, 20h + 2ff with the CPU's
         bf16 noise); recomputing keeps only the layer's input and attention output (4h), cut at the factors the
         r-wide activations too (14r) (perf.activations.layer_bytes_per_token)."""
         check_traits(traits)
         if traits.recompute:
             return cls(4, 0, 14 if traits.recompute_at_factors else 0, layer=0)
-        h, ff = 28 + (8 if traits.carried_outputs else 0), 8 - (2 if only_lr_act else 0)
+        h, ff = 28 + (8 if traits.carried_outputs else 0) + (14 if traits.spectral_basis else 0), 8 - (2 if only_lr_act else 0)
         r = (14 if traits.low_rank_factors else 0) + (14 if traits.factor_activation else 0)
         if traits.adapters and dropout != 0:
             if dropout_path == "cuda":  # fused native_dropout: a bool mask and the bf16 output
@@ -233,7 +234,7 @@ def split_rows_projection_cost(counts: ModelCounts, world_size: int, hardware: H
 def _per_token(w: Workload) -> dict[str, float]:
     """FLOPs and memory-bound bytes per token, forward and backward (note 2.3-2.4; bytes hand-counted, pure bf16)."""
     c, L, h, ff, r, v, traits = w.counts, w.counts.layers, w.counts.hidden, w.ffn, w.rank, w.vocab, w.traits
-    gemm = c.n_other + c.n_head + (0 if traits.replaces_dense else c.n_lin)  # factors in place of W: no dense GEMM
+    gemm = c.n_other + c.n_head + (0 if traits.replaces_dense or traits.spectral_basis else c.n_lin)  # no dense W GEMM
     attention_f, attention_b = 2 * w.seq_len * h * L, 5 * w.seq_len * h * L  # causal flash, recompute in backward
     t = {"gemm_f": 2 * gemm + attention_f, "gemm_b": 4 * gemm + attention_b, "lora_f": 0.0, "lora_b": 0.0,
          "bytes_f": L * (130 * h + 10 * ff) + 12 * v, "bytes_b": L * (260 * h + 20 * ff) + 14 * v,
@@ -246,6 +247,11 @@ def _per_token(w: Workload) -> dict[str, float]:
         io = c.n_lora / r  # sum of (in + out) over the wrapped projections and layers
         t["lora_f"], t["lora_b"] = 2 * c.n_lora, 4 * c.n_lora
         t["lora_bytes_f"], t["lora_bytes_b"] = 2 * io + 28 * r * L, 4 * io + 56 * r * L
+    if traits.spectral_basis:  # the factored forward and input gradient through both bases (k wide, dense-like
+        # GEMMs); the active columns' gradients have LoRA's shapes (the r-wide slices of x V and dH U read)
+        t["gemm_f"] += 2 * c.n_bases
+        t["gemm_b"] += 2 * c.n_bases
+        t["lora_b"], t["lora_bytes_b"] = 2 * c.n_lora, 28 * r * L
     if traits.adapters:
         # Dropout, x scale, in-place add (kept at lora_dropout=0: the note's hand count does not split them out).
         t["bytes_f"] += L * (80 * h + 25 * ff)

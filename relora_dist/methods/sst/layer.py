@@ -42,12 +42,15 @@ class SpectralLinearFunction(torch.autograd.Function):
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         u_full, v_full = with_active(u, u_active, active), with_active(v, v_active, active)
         projected = x @ v_full  # (..., k): x V
-        ctx.save_for_backward(x, u_full, v_full, sigma, active, projected)
+        # The parameters are saved, not the assembled bases (a copy of U and V per layer until backward), as
+        # nn.Linear saves its weight: engines that gather parameters gather them again for backward.
+        ctx.save_for_backward(x, u, v, sigma, u_active, v_active, active, projected)
         return (projected * sigma) @ u_full.T
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, u_full, v_full, sigma, active, projected = ctx.saved_tensors
+        x, u, v, sigma, u_active, v_active, active, projected = ctx.saved_tensors
+        u_full, v_full = with_active(u, u_active, active), with_active(v, v_active, active)
         device_type, enabled, dtype = ctx.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             back = grad_out @ u_full  # (..., k): dH U

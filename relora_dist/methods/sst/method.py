@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ...perf.accounting import CostTraits
 from ...randomness import keyed_generator
 from ..base import Event, Method, register_method
 from ..lr_schedule import jagged_cosine
@@ -59,6 +60,8 @@ class SST(Method):
     description = "SST: every projection in its singular basis, sampled singular vectors, re-SVD each round (Zhao et al. 2024)"
     config_section = "sst"
     config_class = SSTSettings
+    # Each projection in its singular basis (no dense W), the bases written in place at resamples and re-SVDs.
+    cost_traits = CostTraits(spectral_basis=True, rewrites_frozen=True)
 
     def __init__(self, cfg):
         super().__init__(cfg)
