@@ -1,8 +1,8 @@
 """SST on every engine beyond the generic test (tests/test_methods_on_engines.py, which holds every engine to the
 single-process run at SST's defaults with its events shortened): with --check-replicas (the active components S,
 the bases and the method's random stream identical on every rank), ZeRO-3 with every parameter partitioned, exact
-resume (2 ranks -> 2 on DDP and ZeRO-2, 2 -> 1 on FSDP2 and ZeRO-3, 1 -> 2 on ZeRO-1), bf16, and bf16's exact
-copies of the bases. A resample every 2 updates and a re-SVD at update 4 (each run stops at 3 or goes through 6).
+resume (2 ranks -> 2 on DDP and ZeRO-2, 2 -> 1 on FSDP2 and ZeRO-3, 1 -> 2 on ZeRO-1), a rank killed after a
+checkpoint (FSDP2), bf16, and bf16's exact copies of the bases. A resample every 2 updates and a re-SVD at update 4 (each run stops at 3 or goes through 6).
 All 2-rank runs share one launch (tests/dist/method_runs.py).
 
 DeepSpeed in bf16 keeps U and V exact in fp32 copies beside its bf16 params (resamples and re-SVDs write them): at an
@@ -19,7 +19,7 @@ from relora_dist.backends.deepspeed.checkpoint import saved_frozen_parameters
 from relora_dist.backends.deepspeed.fp32_copies import saved_shadows
 
 from conftest import (ENGINE_FLAGS, SMALL, distance, exported, initial_weights, launch_runs, max_relative_difference,
-                      read_metrics, run_case)
+                      read_metrics, run_case, run_cli)
 
 pytestmark = pytest.mark.dist
 
@@ -45,12 +45,18 @@ def test_sst_on_every_engine_checks_its_replicas_resumes_and_keeps_its_bases_exa
     launch_runs([run_case("reference", tmp_path, "--micro-batch-size", "4"),
                  run_case("still-reference", tmp_path, *flags["zero2"], "--dtype", "bf16", *STILL_RUN),
                  run_case("zero1-grow", tmp_path, *flags["zero1"], *STOP, export=False)], common, nproc=1, tmp_path=tmp_path)
+    # rank 1 killed at update 5, after the checkpoint of update 3: the resume redoes the re-SVD and resample of 4
+    killed = run_cli(common + [*flags["fsdp2"], "--save-every", "3", "--out", tmp_path / "fsdp2-killed"], nproc=2,
+                     check=False, env={"RELORA_INJECT_FAULTS": "kill:5:rank=1"})
+    assert killed.returncode != 0
+    assert (tmp_path / "fsdp2-killed" / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     checked = ("--check-replicas", "true")
     two_rank = [run_case("zero3-partitioned", tmp_path, *flags["zero3-partitioned"], *checked)]
     two_rank += [run_case(f"{name}-split", tmp_path, *flags[name], *checked, *STOP, export=False) for name in SPLITS]
     two_rank += [run_case(f"{name}-split", tmp_path, *flags[name], *checked, "--resume") for name in SPLITS]
     two_rank += [run_case(f"{name}-hop", tmp_path, *flags[name], *checked, *STOP, export=False) for name in HOPS]
-    two_rank += [run_case("zero1-grow", tmp_path, *flags["zero1"], *checked, "--resume")]
+    two_rank += [run_case("zero1-grow", tmp_path, *flags["zero1"], *checked, "--resume"),
+                 run_case("fsdp2-killed", tmp_path, *flags["fsdp2"], "--resume")]
     two_rank += [run_case(f"{name}-bf16", tmp_path, *flags[name], "--dtype", "bf16", *checked) for name in BF16]
     two_rank += [run_case(f"{name}-still", tmp_path, *flags[name], "--dtype", "bf16", *STILL_RUN, *checked)
                  for name in STILL]
@@ -63,7 +69,8 @@ def test_sst_on_every_engine_checks_its_replicas_resumes_and_keeps_its_bases_exa
     assert [m["lr"] == 0 for m in records] == [True, False, True, False, True, False]  # warm-up, then jagged restarts
     expected = [m["loss"] for m in records]
     weights = exported(tmp_path / "reference" / "hf")
-    for name in ["zero3-partitioned", *(f"{n}-split" for n in SPLITS), *(f"{n}-hop" for n in HOPS), "zero1-grow"]:
+    for name in ["zero3-partitioned", *(f"{n}-split" for n in SPLITS), *(f"{n}-hop" for n in HOPS), "zero1-grow",
+                 "fsdp2-killed"]:
         assert [m["loss"] for m in read_metrics(tmp_path / name)] == pytest.approx(expected, rel=1e-5), name
         difference = max_relative_difference(weights, exported(tmp_path / name / "hf"))
         assert difference < 1e-5, (name, difference)
