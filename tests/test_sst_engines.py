@@ -2,7 +2,8 @@
 single-process run at SST's defaults with its events shortened): with --check-replicas (the active components S,
 the bases and the method's random stream identical on every rank), ZeRO-3 with every parameter partitioned, exact
 resume (2 ranks -> 2 on DDP and ZeRO-2, 2 -> 1 on FSDP2 and ZeRO-3, 1 -> 2 on ZeRO-1), a rank killed after a
-checkpoint (FSDP2), bf16, and bf16's exact copies of the bases. A resample every 2 updates and a re-SVD at update 4 (each run stops at 3 or goes through 6).
+checkpoint (FSDP2), the dense forward (--sst-forward dense) on FSDP2 and ZeRO-3, bf16, and bf16's exact copies of the
+bases. A resample every 2 updates and a re-SVD at update 4 (each run stops at 3 or goes through 6).
 All 2-rank runs share one launch (tests/dist/method_runs.py).
 
 DeepSpeed in bf16 keeps U and V exact in fp32 copies beside its bf16 params (resamples and re-SVDs write them): at an
@@ -33,6 +34,7 @@ SPLITS = ("ddp", "zero2")  # stopped and resumed on 2 ranks
 STILL_RUN = ["--lr", "1e-30", "--save-every", "4", "--keep-checkpoints", "3"]
 STILL = ("zero2", "zero3-partitioned")  # bf16 at LR 1e-30: only the events move U and V
 BF16 = ("zero3", "fsdp2")
+DENSE = ("zero3-partitioned", "fsdp2")  # W rebuilt in the forward
 
 
 def test_sst_on_every_engine_checks_its_replicas_resumes_and_keeps_its_bases_exact_in_bf16(tmp_path):
@@ -44,6 +46,7 @@ def test_sst_on_every_engine_checks_its_replicas_resumes_and_keeps_its_bases_exa
     common = SMALL + RUN + ["--micro-batch-size", "2", "--model-config", config]
     launch_runs([run_case("reference", tmp_path, "--micro-batch-size", "4"),
                  run_case("still-reference", tmp_path, *flags["zero2"], "--dtype", "bf16", *STILL_RUN),
+                 run_case("reference-dense", tmp_path, "--micro-batch-size", "4", "--sst-forward", "dense"),
                  run_case("zero1-grow", tmp_path, *flags["zero1"], *STOP, export=False)], common, nproc=1, tmp_path=tmp_path)
     # rank 1 killed at update 5, after the checkpoint of update 3: the resume redoes the re-SVD and resample of 4
     killed = run_cli(common + [*flags["fsdp2"], "--save-every", "3", "--out", tmp_path / "fsdp2-killed"], nproc=2,
@@ -58,6 +61,7 @@ def test_sst_on_every_engine_checks_its_replicas_resumes_and_keeps_its_bases_exa
     two_rank += [run_case("zero1-grow", tmp_path, *flags["zero1"], *checked, "--resume"),
                  run_case("fsdp2-killed", tmp_path, *flags["fsdp2"], "--resume")]
     two_rank += [run_case(f"{name}-bf16", tmp_path, *flags[name], "--dtype", "bf16", *checked) for name in BF16]
+    two_rank += [run_case(f"{name}-dense", tmp_path, *flags[name], "--sst-forward", "dense", *checked) for name in DENSE]
     two_rank += [run_case(f"{name}-still", tmp_path, *flags[name], "--dtype", "bf16", *STILL_RUN, *checked)
                  for name in STILL]
     launch_runs(two_rank, common, nproc=2, tmp_path=tmp_path)
@@ -74,6 +78,10 @@ def test_sst_on_every_engine_checks_its_replicas_resumes_and_keeps_its_bases_exa
         assert [m["loss"] for m in read_metrics(tmp_path / name)] == pytest.approx(expected, rel=1e-5), name
         difference = max_relative_difference(weights, exported(tmp_path / name / "hf"))
         assert difference < 1e-5, (name, difference)
+    dense = exported(tmp_path / "reference-dense" / "hf")  # the same arithmetic in another order
+    assert max_relative_difference(weights, dense) < 1e-5
+    for name in DENSE:
+        assert max_relative_difference(dense, exported(tmp_path / f"{name}-dense" / "hf")) < 1e-5, name
     travelled = distance(initial_weights(tmp_path / "reference"), weights)
     for name in BF16:  # bf16 rounding: within a fifth of the distance training moved the weights
         bf16 = tmp_path / f"{name}-bf16"

@@ -8,7 +8,7 @@ from torch import nn
 
 from relora_dist.access import ReplicatedAccess
 from relora_dist.methods.sst.events import column_sums_of_squares, project, redecompose, resample
-from relora_dist.methods.sst.layer import SSTLinear, sample_components, sampling_weights
+from relora_dist.methods.sst.layer import SSTLinear, forward_flops, pick_forward, sample_components, sampling_weights
 
 
 def layer(m=12, n=9, rank=3, dtype=torch.float32, seed=0):
@@ -47,6 +47,30 @@ def test_the_enhanced_gradients_are_autograds_without_the_sigma_factor_in_fp64()
     assert torch.allclose(sst.U_active.grad, g @ v.detach()[:, sst.active], rtol=1e-10)
     assert torch.allclose(sst.V_active.grad, g.T @ u.detach()[:, sst.active], rtol=1e-10)
     assert sst.U_active.grad.abs().sum() > 0 and sst.V_active.grad.abs().sum() > 0  # no saddle at the start
+
+
+def test_the_dense_forward_computes_the_factored_ones_outputs_and_gradients_in_fp64():
+    torch.manual_seed(0)
+    linear = nn.Linear(9, 12).double()
+    layers = {mode: SSTLinear(linear, rank=3, generator=torch.Generator().manual_seed(0), forward=mode)
+              for mode in ("factored", "dense")}
+    x, target = torch.randn(2, 5, 9, dtype=torch.float64), torch.randn(2, 5, 12, dtype=torch.float64)
+    grads = {}
+    for mode, sst in layers.items():
+        inputs = x.clone().requires_grad_()
+        (sst(inputs) * target).sum().backward()
+        grads[mode] = [inputs.grad] + [p.grad for p in (sst.sigma, sst.U_active, sst.V_active)]
+    assert layers["dense"].dense and not layers["factored"].dense
+    assert torch.allclose(layers["dense"](x), layers["factored"](x), rtol=1e-12)
+    for dense, factored in zip(grads["dense"], grads["factored"]):
+        assert torch.allclose(dense, factored, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_picks_the_forward_with_fewer_flops_for_the_tokens_of_a_micro_batch():
+    assert forward_flops(256, 256, 32, 1000, "factored") == 1000 * (4 * 256 * 512 + 2 * 32 * 512)
+    assert forward_flops(256, 256, 32, 1000, "dense") == 1000 * 6 * 256**2 + 4 * 256**3 + 2 * 256**2 * 32
+    assert pick_forward(256, 256, 32, 64, "auto") == "factored" and pick_forward(256, 256, 32, 4096, "auto") == "dense"
+    assert pick_forward(256, 256, 32, 4096, "factored") == "factored"
 
 
 def test_a_resample_is_a_bitwise_no_op_on_the_function_and_zeroes_the_active_moments():

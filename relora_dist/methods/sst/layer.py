@@ -23,6 +23,25 @@ from torch import nn
 from ...models import LLAMA_PROJECTIONS
 
 SAMPLING_RULES = ("sigma", "mixed", "uniform")
+FORWARDS = ("factored", "dense", "auto")
+
+
+def forward_flops(out_features: int, in_features: int, rank: int, tokens: int, forward: str) -> int:
+    """FLOPs of one forward + backward of a layer over `tokens` tokens (one micro-batch): `factored` through both bases,
+    4 k (m + n) a token, and the active columns' gradients, 2 r (m + n) a token; `dense` with W rebuilt in the forward,
+    6 m n a token, plus W itself and G V (2 m n k each) and G^T U_S (2 m n r) once per micro-batch."""
+    m, n = out_features, in_features
+    k = min(m, n)
+    if forward == "factored":
+        return tokens * (4 * k * (m + n) + 2 * rank * (m + n))
+    return tokens * 6 * m * n + 4 * m * n * k + 2 * m * n * rank
+
+
+def pick_forward(out_features: int, in_features: int, rank: int, tokens: int, forward: str) -> str:
+    """`auto`: the forward with fewer FLOPs at this many tokens per micro-batch (`forward_flops`); else as named."""
+    if forward != "auto":
+        return forward
+    return min(("factored", "dense"), key=lambda f: forward_flops(out_features, in_features, rank, tokens, f))
 SST_STATE_SUFFIXES = (".U", ".V", ".sigma", ".U_active", ".V_active", ".active")
 
 
@@ -34,33 +53,47 @@ def with_active(frozen: torch.Tensor, active_copy: torch.Tensor, active: torch.T
 class SpectralLinearFunction(torch.autograd.Function):
     """y = x V diag(sigma) U^T with U, V assembled from the frozen columns and the active copies. Backward: the input
     gradient and sigma's are autograd's (dsigma_i = u_i^T G v_i); the active columns get the enhanced gradient
-    G V_S = dH^T (X V_S) and G^T U_S = X^T (dH U_S), without the sigma_S factor autograd would apply. Under autocast
-    the backward runs in the forward's autocast state (as torch.amp.custom_bwd does)."""
+    G V_S = dH^T (X V_S) and G^T U_S = X^T (dH U_S), without the sigma_S factor autograd would apply. `dense`: W
+    rebuilt in the forward and y = x W^T, the same gradients through G = dH^T X (`forward_flops` says which costs
+    less). Under autocast the backward runs in the forward's autocast state (as torch.amp.custom_bwd does)."""
 
     @staticmethod
-    def forward(ctx, x, u, v, sigma, u_active, v_active, active):
+    def forward(ctx, x, u, v, sigma, u_active, v_active, active, dense=False):
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        ctx.dense = dense
         u_full, v_full = with_active(u, u_active, active), with_active(v, v_active, active)
-        projected = x @ v_full  # (..., k): x V
         # The parameters are saved, not the assembled bases (a copy of U and V per layer until backward), as
         # nn.Linear saves its weight: engines that gather parameters gather them again for backward.
+        if dense:
+            weight = (u_full * sigma) @ v_full.T
+            ctx.save_for_backward(x, u, v, sigma, u_active, v_active, active, weight)
+            return x @ weight.T
+        projected = x @ v_full  # (..., k): x V
         ctx.save_for_backward(x, u, v, sigma, u_active, v_active, active, projected)
         return (projected * sigma) @ u_full.T
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, u, v, sigma, u_active, v_active, active, projected = ctx.saved_tensors
+        x, u, v, sigma, u_active, v_active, active, saved = ctx.saved_tensors
         u_full, v_full = with_active(u, u_active, active), with_active(v, v_active, active)
         device_type, enabled, dtype = ctx.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            back = grad_out @ u_full  # (..., k): dH U
-            grad_x = (back * sigma) @ v_full.T
-            back, projected = back.reshape(-1, back.shape[-1]), projected.reshape(-1, projected.shape[-1])
-            grad_sigma = (back * projected).sum(0)
-            grad_u_active = grad_out.reshape(-1, grad_out.shape[-1]).T @ projected[:, active]
-            grad_v_active = x.reshape(-1, x.shape[-1]).T @ back[:, active]
+            if ctx.dense:
+                grad_x = grad_out @ saved  # dH W
+                gradient = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # G = dH^T X
+                along_v = gradient @ v_full  # G V
+                grad_sigma = (u_full * along_v).sum(0)
+                grad_u_active = along_v[:, active]
+                grad_v_active = gradient.T @ u_full[:, active]
+            else:
+                back = grad_out @ u_full  # (..., k): dH U
+                grad_x = (back * sigma) @ v_full.T
+                back, projected = back.reshape(-1, back.shape[-1]), saved.reshape(-1, saved.shape[-1])
+                grad_sigma = (back * projected).sum(0)
+                grad_u_active = grad_out.reshape(-1, grad_out.shape[-1]).T @ projected[:, active]
+                grad_v_active = x.reshape(-1, x.shape[-1]).T @ back[:, active]
         return (grad_x.to(x.dtype), None, None, grad_sigma.to(sigma.dtype), grad_u_active.to(u_full.dtype),
-                grad_v_active.to(v_full.dtype), None)
+                grad_v_active.to(v_full.dtype), None, None)
 
 
 def decompose(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,7 +139,8 @@ class SSTLinear(nn.Module):
 
     keep_fp32 = ("U", "V")  # resamples and re-SVDs write them in place: an engine holding them in bf16 keeps fp32 copies
 
-    def __init__(self, linear: nn.Linear, *, rank: int, generator: torch.Generator, rule: str = "sigma", name: str = ""):
+    def __init__(self, linear: nn.Linear, *, rank: int, generator: torch.Generator, rule: str = "sigma", name: str = "",
+                 forward: str = "factored"):
         super().__init__()
         m, n = linear.out_features, linear.in_features
         k = min(m, n)
@@ -129,9 +163,11 @@ class SSTLinear(nn.Module):
         self.V_active = nn.Parameter(self.V.detach()[:, :rank].clone() if weight.is_meta else self.V[:, active].clone())
         self.bias = linear.bias
         self.in_features, self.out_features, self.rank = n, m, rank
+        self.dense = forward == "dense"  # `auto` is resolved by the caller, which knows the tokens per micro-batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = SpectralLinearFunction.apply(x, self.U, self.V, self.sigma, self.U_active, self.V_active, self.active)
+        y = SpectralLinearFunction.apply(x, self.U, self.V, self.sigma, self.U_active, self.V_active, self.active,
+                                         self.dense)
         return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:
@@ -146,9 +182,11 @@ def spectral_weight(u, v, sigma, u_active, v_active, active) -> torch.Tensor:
     return (u * sigma.float()) @ v.T
 
 
-def wrap_sst(model: nn.Module, *, rank: int, generator: torch.Generator, rule: str) -> list[SSTLinear]:
+def wrap_sst(model: nn.Module, *, rank: int, generator: torch.Generator, rule: str, forward: str = "factored",
+             tokens: int = 0) -> list[SSTLinear]:
     """Every projection of the decoder (`models.LLAMA_PROJECTIONS`) replaced by its SSTLinear, in module order;
-    embeddings, norms and the head stay dense."""
+    embeddings, norms and the head stay dense. `forward` `auto` picks each layer's forward for `tokens` tokens per
+    micro-batch (`pick_forward`)."""
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS]
     if not targets:
@@ -156,7 +194,8 @@ def wrap_sst(model: nn.Module, *, rank: int, generator: torch.Generator, rule: s
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SSTLinear(linear, rank=rank, generator=generator, rule=rule, name=name))
+        chosen = pick_forward(linear.out_features, linear.in_features, rank, tokens, forward)
+        setattr(parent, child, SSTLinear(linear, rank=rank, generator=generator, rule=rule, name=name, forward=chosen))
     return sst_layers(model)
 
 

@@ -6,7 +6,7 @@ their moments zeroed and the learning rate restarts on a jagged schedule; every 
 are decomposed again. Between updates, everything acts through the access layer (`events.py`).
 
 The knobs live in the `sst:` section (--rank, --sst-iteration-steps, --sst-round-iterations, --sst-sampling,
---sst-restart-warmup). The official code could not be retrieved; docs/METHODS.md says which choices that left.
+--sst-restart-warmup, --sst-forward). The official code could not be retrieved; docs/METHODS.md says which choices that left.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ...randomness import keyed_generator
 from ..base import Event, Method, register_method
 from ..lr_schedule import jagged_cosine
 from .events import project, redecompose, resample
-from .layer import SAMPLING_RULES, sst_dense_state, sst_layers, wrap_sst
+from .layer import FORWARDS, SAMPLING_RULES, sst_dense_state, sst_layers, wrap_sst
 
 
 @dataclass
@@ -38,6 +38,10 @@ class SSTSettings:
     paper's multinomial sampling); mixed: half uniform, half by sigma (one secondary reading, unconfirmed); uniform."""
     restart_warmup: int = 10
     """Updates of the LR's linear re-warm-up after every resample (jagged schedule; 0: no restarts)."""
+    forward: str = "factored"
+    """factored: (x V) diag(sigma) U^T, what relora_dist.perf counts; dense: W = U diag(sigma) V^T rebuilt in every
+    forward and y = x W^T; auto: per layer, the one with fewer FLOPs at --micro-batch-size x --seq-len tokens
+    (benchmarks/sst_forward.py times both)."""
 
     def __post_init__(self):
         if self.rank <= 0:
@@ -49,6 +53,8 @@ class SSTSettings:
         if self.sampling not in SAMPLING_RULES:
             raise ValueError(f"sst sampling must be one of {', '.join(SAMPLING_RULES)}, got {self.sampling!r}"
                              f" (--sst-sampling)")
+        if self.forward not in FORWARDS:
+            raise ValueError(f"sst forward must be one of {', '.join(FORWARDS)}, got {self.forward!r} (--sst-forward)")
         if not 0 <= self.restart_warmup < self.iteration_steps:
             raise ValueError(f"sst restart_warmup {self.restart_warmup} must be in [0, {self.iteration_steps - 1}]: an"
                              f" iteration of {self.iteration_steps} updates shorter than its warm-up (--sst-restart-warmup)")
@@ -73,7 +79,8 @@ class SST(Method):
     def prepare_model(self, model, step):
         s = self.settings
         layers = wrap_sst(model, rank=s.rank, generator=keyed_generator(self.cfg.train.seed, 0, "sst", "wrap"),
-                          rule=s.sampling)
+                          rule=s.sampling, forward=s.forward,
+                          tokens=self.cfg.train.micro_batch_size * self.cfg.data.seq_len)
         if self.round_iterations is None:
             self.round_iterations = math.ceil(max(min(layer.in_features, layer.out_features) for layer in layers) / s.rank)
         return model
