@@ -182,6 +182,49 @@ def switchlora_section(bench: dict) -> str:
     ])
 
 
+def sst_section(bench: dict, forward: dict | None = None) -> str:
+    """SST against full rank per engine: speed, bytes per update (the gradients and the projection's all-reduce of
+    column norms), and the bytes of each resample and re-SVD with their periods; the forward's rule apart."""
+    rows = {(r["engine"], r["method"]): r for r in bench["rows"]}
+    r0 = bench["rows"][0]
+    header = ["engine", "ex/s vs full", "MiB sent/update", "of which projection KiB", "resample MiB (every)",
+              "re-SVD MiB (every)", "vs full rank's bytes (amortised)"]
+    body = []
+    for (engine, method), r in rows.items():
+        full = rows.get((engine, "full"))
+        if method != "sst" or full is None:
+            continue
+        events = r.get("events", {})
+        project, resample, resvd = (events.get(name, {"bytes": 0, "every": 1}) for name in ("project", "resample", "resvd"))
+        amortised = r["bytes_per_update"] + project["bytes"] + resample["bytes"] / resample["every"] \
+            + resvd["bytes"] / resvd["every"]
+        body.append([engine, f"{r['examples_per_s'] / full['examples_per_s']:.2f}x",
+                     f"{(r['bytes_per_update'] + project['bytes']) / MIB:.2f}", f"{project['bytes'] / 1024:.1f}",
+                     f"{resample['bytes'] / MIB:.3f} ({resample['every']})", f"{resvd['bytes'] / MIB:.2f} ({resvd['every']})",
+                     f"{amortised / full['bytes_per_update'] - 1:+.0%}"])
+    parts = [
+        "## SST per engine (`relora-bench`)",
+        f"{_machine(bench)} Preset {r0['preset']}, vocab {_arg(bench, '--vocab-size', 32100)}, seq {r0['seq_len']}, "
+        f"{r0['dtype']}, {r0['world_size']} ranks, micro-batch {r0['micro_batch_size']} x {r0['accumulation_steps']} "
+        f"accumulation, rank {_arg(bench, '--rank', 128)}, the factored forward, the methods' updates interleaved. "
+        f"{_timing(r0)} Bytes per update: the gradients (sigma and the active columns of U and V, with the dense "
+        "embeddings, norms and head) and the all-reduce of every active column's sum of squares after the step; a "
+        "resample fetches the rows each rank's pieces cover (nothing on the row-sharded engines, where U and its active "
+        "copy hold the same rows) and gathers sigma; a re-SVD fetches each layer whole to its owner and all-reduces "
+        "the result (docs/METHODS.md). Periods in updates: --sst-iteration-steps and a round of ceil(k / r) iterations.",
+        _table(header, body),
+    ]
+    if forward is not None:
+        rows = forward["rows"]
+        parts += [f"The forward (`benchmarks/sst_forward.py`, one layer, {forward.get('threads', 1)} thread, r "
+                  f"{rows[0]['rank']}; `--sst-forward auto` picks the fewer FLOPs, the faster one in "
+                  f"{forward['auto_agrees']} of {len(rows)} cases):",
+                  _table(["shape", "in x out", "tokens", "factored ms", "dense ms", "dense / factored", "auto picks"],
+                         [[r["shape"], f"{r['in']} x {r['out']}", r["tokens"], r["factored_ms"], r["dense_ms"],
+                           f"{r['dense_over_factored']:.2f}", r["auto_picks"]] for r in rows])]
+    return "\n\n".join(parts)
+
+
 def _timing(row: dict) -> str:
     updates = len(row["update_s_all"])
     if row.get("interleaved"):
@@ -561,6 +604,10 @@ def main(argv=None) -> int:
             [json.loads(f.read_text()) for f in sorted(results.glob("perfmodel_projection_*.json"))]))
     if (results / "throughput_switchlora.json").exists():
         sections.append(switchlora_section(json.loads((results / "throughput_switchlora.json").read_text())))
+    if (results / "throughput_sst.json").exists():
+        forward = results / "sst_forward.json"
+        sections.append(sst_section(json.loads((results / "throughput_sst.json").read_text()),
+                                    json.loads(forward.read_text()) if forward.exists() else None))
     lora_path = sorted((results / "lora_path").glob("*.json"))
     if lora_path:
         sections.append(lora_path_section({f.stem: json.loads(f.read_text()) for f in lora_path}))

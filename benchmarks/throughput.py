@@ -190,18 +190,22 @@ class Case:
         self.backend.zero_grad()
         return watch.seconds["forward"] + watch.seconds["backward"]
 
-    def periodic_events(self) -> tuple[float, float, int]:
-        """Each recurring event of the method once: (seconds, seconds amortised per update, bytes sent)."""
+    def periodic_events(self) -> tuple[float, float, int, dict]:
+        """Each recurring event of the method once: (seconds, seconds amortised per update, bytes sent, and per event
+        name its seconds, bytes sent and period in updates)."""
         seconds = amortised = 0.0
-        with CollectiveCounter() as counter:
-            for event, period in self.method.periodic_events():
+        each = {}
+        for event, period in self.method.periodic_events():
+            with CollectiveCounter() as counter:
                 synchronize(self.info.device)
                 start = time.perf_counter()
                 self.method.apply(event, self.backend.unwrapped_model, self.backend.shard_access())
                 synchronize(self.info.device)
-                seconds += time.perf_counter() - start
-                amortised += (time.perf_counter() - start) / period
-        return seconds, amortised, counter.total_bytes
+                elapsed = time.perf_counter() - start
+            seconds += elapsed
+            amortised += elapsed / period
+            each[event.name] = {"s": elapsed, "bytes": counter.total_bytes, "every": period}
+        return seconds, amortised, sum(e["bytes"] for e in each.values()), each
 
     def close(self) -> None:
         self.backend.close()
@@ -231,7 +235,7 @@ def summarize(args, info, case: Case, measured: list[dict], busbw_gbs: float, pe
     if case.backend.defers_gradient_sync and info.world_size > 1:
         baseline = statistics.median(case.compute_only_seconds() for _ in range(max(1, args.updates // 2)))
         exposed = max(0.0, median["forward"] + median["backward"] - baseline)
-    merge_s, merge_amortised_s, merge_bytes = case.periodic_events()
+    merge_s, merge_amortised_s, merge_bytes, events = case.periodic_events()
     traits = case.method.cost_traits
     low_rank = traits.adapters  # the adapter knobs (rank, dropout, input sharing) apply
     global_batch = args.micro_batch_size * args.accumulation_steps * info.world_size
@@ -259,7 +263,7 @@ def summarize(args, info, case: Case, measured: list[dict], busbw_gbs: float, pe
         "executed_flops_per_token": utilization.counts.executed_flops_per_token(traits),
         "peak_flops_per_gpu": peak_flops, "peak_source": peak_source,
         **utilization.fields(speed["tokens_per_s_per_rank"]),
-        "merge_reset_s": merge_s, "merge_reset_bytes": merge_bytes, "merge_every": args.merge_every,
+        "merge_reset_s": merge_s, "merge_reset_bytes": merge_bytes, "merge_every": args.merge_every, "events": events,
         "examples_per_s_amortised": global_batch / amortised_s,
     }
     row.update(memory_fields(info.device))

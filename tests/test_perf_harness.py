@@ -118,8 +118,8 @@ def test_memory_census_matches_the_accounting(tmp_path):
     """DDP holds everything whole: parameters and gradients exactly as counted, Adam states plus AdamW's per-parameter
     step scalars. FSDP2 holds half of the parameters, gradients and states (up to row padding), GaLore's moments
     exactly as counted."""
-    result = harness("memory", ["--engines", "ddp,fsdp2", "--methods", "full,relora,galore,switchlora", "--gpu-memory-gb",
-                                "1"], tmp_path)
+    result = harness("memory", ["--engines", "ddp,fsdp2", "--methods", "full,relora,galore,switchlora,sst",
+                                "--gpu-memory-gb", "1"], tmp_path)
     rows = by_case(result["rows"], "engine", "method")
     # SwitchLoRA: its candidate pools held as parameters, a step counter per factor element in the optimizer
     assert rows["ddp", "switchlora"]["expected_parameters"] > rows["ddp", "relora"]["expected_parameters"]
@@ -128,7 +128,7 @@ def test_memory_census_matches_the_accounting(tmp_path):
         assert galore["census_projectors"] == galore["expected_projectors"] > 0
         # the moments: row shards of the right-projected matrices, down_proj's r x n whole on every rank; step scalars
         assert galore["expected_optimizer"] <= galore["census_optimizer"] <= galore["expected_optimizer"] + 4 * 100
-    for method in ("full", "relora", "switchlora"):
+    for method in ("full", "relora", "switchlora", "sst"):  # SST: U, V, sigma and the active copies held
         ddp, fsdp2 = rows["ddp", method], rows["fsdp2", method]
         for key in ("parameters", "gradients"):
             assert ddp[f"census_{key}"] == ddp[f"expected_{key}"]
@@ -141,12 +141,14 @@ def test_memory_census_matches_the_accounting(tmp_path):
 
 @pytest.mark.dist
 def test_memory_census_counts_deepspeeds_exact_copies(tmp_path):
-    """DeepSpeed bf16 keeps SwitchLoRA's W and pools in fp32 copies beside its bf16 parameters, whole on every rank at
-    ZeRO-2: the census finds exactly the bytes the accounting predicts, and nothing for ReLoRA (which declares none)."""
-    result = harness("memory", ["--engines", "zero2", "--methods", "relora,switchlora", "--dtype", "bf16",
+    """DeepSpeed bf16 keeps SwitchLoRA's W and pools (SST's U and V) in fp32 copies beside its bf16 parameters, whole on
+    every rank at ZeRO-2: the census finds exactly the bytes the accounting predicts, and nothing for ReLoRA (which declares none)."""
+    result = harness("memory", ["--engines", "zero2", "--methods", "relora,switchlora,sst", "--dtype", "bf16",
                                 "--gpu-memory-gb", "1"], tmp_path)
     rows = by_case(result["rows"], "engine", "method")
-    switchlora, relora = rows["zero2", "switchlora"], rows["zero2", "relora"]
+    switchlora, relora, sst = rows["zero2", "switchlora"], rows["zero2", "relora"], rows["zero2", "sst"]
+    assert sst["census_exact_copies"] == sst["expected_exact_copies"] > 0  # U and V
+    assert sst["census_parameters"] == sst["expected_parameters"]
     assert switchlora["census_exact_copies"] == switchlora["expected_exact_copies"] > 0
     assert relora["census_exact_copies"] == relora["expected_exact_copies"] == 0
     assert switchlora["census_parameters"] == switchlora["expected_parameters"]  # bf16 W, pools and factors

@@ -12,9 +12,9 @@
   where the shards of U and U_active hold the same rows, as FSDP2's row shards do).
 - `redecompose` (every round, T2 iterations): each layer's U, V, sigma and active copies fetched whole to one owner
   (layer i to rank i mod world), U diag(sigma) V^T decomposed again in fp32 there (`layer.decompose`: one sign
-  convention), and the result sent to every rank
-  (one all-reduce per layer in which only the owner's values are non-zero), which writes its pieces; the moments of
-  sigma and the active copies zeroed. The only time U or V is gathered outside a forward.
+  convention), and the result sent to every rank (one all-reduce per layer in which only the owner's values are
+  non-zero), which writes its pieces; the moments of sigma and the active copies zeroed. The only time U or V is
+  gathered outside a forward.
 """
 
 from __future__ import annotations
