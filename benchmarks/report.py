@@ -239,7 +239,7 @@ def _activations(row: dict) -> str:
     return measured if layers is None else f"{measured} ({layers / 1024:.1f})"
 
 
-def memory_section(data: dict) -> str:
+def memory_section(data: dict, title: str = "Memory per rank", plot: str | None = "memory.png") -> str:
     rows = data["rows"]
     r0 = rows[0]
     cats = ("parameters", "gradients", "optimizer", "projectors", "master", "other")
@@ -250,7 +250,7 @@ def memory_section(data: dict) -> str:
              f"{r['static_census'] / MIB:.1f} / {r['static_expected'] / MIB:.1f}", f"{r['peak_sampled'] / MIB:.0f}",
              _activations(r), r["largest_micro_batch"]] for r in rows]
     return "\n\n".join([
-        "## Memory per rank (`relora-memprof`)",
+        f"## {title} (`relora-memprof`)",
         f"{_machine(data)} Preset {r0['preset']}, vocab {_arg(data, '--vocab-size', 32100)}, seq {r0['seq_len']}, "
         f"{r0['dtype']}, {r0['world_size']} ranks, micro-batch {r0['micro_batch_size']}. "
         f"Census of live tensors between the last backward and the step; peak = {r0['peak_source']} sampled in a "
@@ -266,7 +266,7 @@ def memory_section(data: dict) -> str:
         "measured with saved_tensors_hooks on one sequence; in brackets the decoder layers' share by the exact per-layer "
         "accounting (`relora_dist.perf.activations.layer_bytes_per_token`; the rest is the embeddings, final norm and "
         "loss).",
-        "![memory breakdown](benchmarks/results/memory.png)",
+        *([f"![memory breakdown](benchmarks/results/{plot})"] if plot else []),
     ])
 
 
@@ -604,6 +604,9 @@ def main(argv=None) -> int:
             [json.loads(f.read_text()) for f in sorted(results.glob("perfmodel_projection_*.json"))]))
     if (results / "throughput_switchlora.json").exists():
         sections.append(switchlora_section(json.loads((results / "throughput_switchlora.json").read_text())))
+    if (results / "memory_sst.json").exists():
+        sections.append(memory_section(json.loads((results / "memory_sst.json").read_text()), "SST memory per rank",
+                                       plot=None))
     if (results / "throughput_sst.json").exists():
         forward = results / "sst_forward.json"
         sections.append(sst_section(json.loads((results / "throughput_sst.json").read_text()),

@@ -33,7 +33,7 @@ HOPS = ("fsdp2", "zero3-partitioned")  # stopped on 2 ranks, resumed on 1
 SPLITS = ("ddp", "zero2")  # stopped and resumed on 2 ranks
 STILL_RUN = ["--lr", "1e-30", "--save-every", "4", "--keep-checkpoints", "3"]
 STILL = ("zero2", "zero3-partitioned")  # bf16 at LR 1e-30: only the events move U and V
-BF16 = ("zero3", "fsdp2")
+BF16 = ("zero0", "zero1", "zero3", "fsdp2")  # ZeRO-0: replicated fp32 masters; ZeRO-1: partitioned ones
 DENSE = ("zero3-partitioned", "fsdp2")  # W rebuilt in the forward
 
 
