@@ -215,13 +215,13 @@ def sst_section(bench: dict, forward: dict | None = None) -> str:
         _table(header, body),
     ]
     if forward is not None:
-        rows = forward["rows"]
+        cases = forward["rows"]
         parts += [f"The forward (`benchmarks/sst_forward.py`, one layer, {forward.get('threads', 1)} thread, r "
-                  f"{rows[0]['rank']}; `--sst-forward auto` picks the fewer FLOPs, the faster one in "
-                  f"{forward['auto_agrees']} of {len(rows)} cases):",
+                  f"{cases[0]['rank']}; `--sst-forward auto` picks the fewer FLOPs, the faster one in "
+                  f"{forward['auto_agrees']} of {len(cases)} cases):",
                   _table(["shape", "in x out", "tokens", "factored ms", "dense ms", "dense / factored", "auto picks"],
-                         [[r["shape"], f"{r['in']} x {r['out']}", r["tokens"], r["factored_ms"], r["dense_ms"],
-                           f"{r['dense_over_factored']:.2f}", r["auto_picks"]] for r in rows])]
+                         [[c["shape"], f"{c['in']} x {c['out']}", c["tokens"], c["factored_ms"], c["dense_ms"],
+                           f"{c['dense_over_factored']:.2f}", c["auto_picks"]] for c in cases])]
     return "\n\n".join(parts)
 
 

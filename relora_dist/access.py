@@ -120,10 +120,11 @@ def fp32_frozen_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def write_pieces(pieces: list[Piece], full_flat: torch.Tensor) -> None:
-    """Copy this rank's ranges of a full flat tensor into every holder of them."""
+def write_pieces(pieces: list[Piece], full_flat: torch.Tensor, start: int = 0) -> None:
+    """Copy this rank's ranges of a flat tensor into every holder of them; `full_flat` holds the elements from `start`
+    on (0: the whole tensor) and covers every piece."""
     for piece in pieces:
-        src = full_flat[piece.start : piece.start + piece.numel]
+        src = full_flat[piece.start - start : piece.start - start + piece.numel]
         for view in piece.views:
             view.copy_(src.to(device=view.device, dtype=view.dtype))
 

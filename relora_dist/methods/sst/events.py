@@ -21,15 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ...access import Piece, TensorAccess, write_pieces
+from ...access import TensorAccess, write_pieces
 from .layer import SSTLinear, decompose, sample_components, with_active
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _write(piece: Piece, values: torch.Tensor) -> None:
-    for view in piece.views:
-        view.copy_(values.to(view.device, view.dtype))
 
 
 def _zero_moments(access: TensorAccess, params) -> None:
@@ -119,9 +114,7 @@ def resample(layers: list[SSTLinear], access: TensorAccess, generator: torch.Gen
         written_back = with_active(basis, next(fetched).view(-1, r), layer.active.to(basis.device))
         loaded = written_back[:, new.to(basis.device)]
         for param, values, width in ((frozen, written_back, k), (copy, loaded, r)):
-            flat, first = values.reshape(-1), band[0] * width
-            for piece in access.param_pieces(param):
-                _write(piece, flat[piece.start - first : piece.start - first + piece.numel])
+            write_pieces(access.param_pieces(param), values.reshape(-1), start=band[0] * width)
     for layer, new in zip(layers, chosen):
         layer.active.copy_(new)
     _zero_moments(access, [p for layer in layers for p in (layer.U_active, layer.V_active)])

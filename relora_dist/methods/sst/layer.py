@@ -158,9 +158,9 @@ class SSTLinear(nn.Module):
         self.U = nn.Parameter(u.to(dtype), requires_grad=False)
         self.V = nn.Parameter(v.to(dtype), requires_grad=False)
         self.sigma = nn.Parameter(sigma.to(dtype))
-        self.register_buffer("active", active.to(weight.device if not weight.is_meta else "cpu"))
-        self.U_active = nn.Parameter(self.U.detach()[:, :rank].clone() if weight.is_meta else self.U[:, active].clone())
-        self.V_active = nn.Parameter(self.V.detach()[:, :rank].clone() if weight.is_meta else self.V[:, active].clone())
+        self.register_buffer("active", active if weight.is_meta else active.to(weight.device))
+        self.U_active = nn.Parameter(self.U.detach()[:, active].clone())
+        self.V_active = nn.Parameter(self.V.detach()[:, active].clone())
         self.bias = linear.bias
         self.in_features, self.out_features, self.rank = n, m, rank
         self.dense = forward == "dense"  # `auto` is resolved by the caller, which knows the tokens per micro-batch
