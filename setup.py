@@ -2,6 +2,10 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# Hugging Face Trainer and the accelerate it drives, as relora_dist.integrations.transformers is tested with them
+# (it reaches into the accelerator Trainer builds: see relora_dist/integrations/transformers.py).
+HF_TRAINER = ["transformers==5.25.0", "accelerate==1.15.0"]
+
 setup(
     name="relora-dist",
     version="0.1.0",
@@ -33,7 +37,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.1"],
         "wandb": ["wandb>=0.19"],  # --report-to wandb
-        "dev": ["pytest>=8.0", "triton>=3.1", "wandb>=0.19"],
+        # relora_dist.integrations.transformers (Hugging Face Trainer): the versions it is tested with.
+        "hf": HF_TRAINER,
+        "dev": ["pytest>=8.0", "triton>=3.1", "wandb>=0.19", *HF_TRAINER],
     },
     entry_points={
         "console_scripts": [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, LlamaConfig, LlamaForCausalLM
 
 # name: (hidden, ffn, layers, heads). "tiny" and "debug" are CPU-sized flavours for tests and the demo.
 PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -103,7 +103,9 @@ def save_hf_model(state: dict, config: LlamaConfig, tokenizer, out_dir: str | Pa
     as safetensors, the config and the tokenizer. Another architecture than LLaMA needs `import relora_dist` first."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_config(config)
+    # The class itself, not from_config: inside a ZeRO-3 Trainer run from_config builds under deepspeed.zero.Init,
+    # whose collectives would wait for ranks that write nothing.
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:

@@ -241,17 +241,20 @@ METHOD_RUNS = REPO / "tests" / "dist" / "method_runs.py"
 ENGINE_FLAGS = {name: label.train_flags(REPO / "launch" / "configs") for name, label in ENGINE_LABELS.items()}
 
 
-def launch_runs(cases: list[dict], common: list, *, nproc: int, tmp_path, launcher: str = "torchrun") -> str:
+def launch_runs(cases: list[dict], common: list, *, nproc: int, tmp_path, launcher: str = "torchrun",
+                script: Path = METHOD_RUNS) -> str:
+    """The cases run one after another in one launch of `script` (tests/dist/method_runs.py: relora-train runs;
+    hf_trainer_runs.py: examples/hf_trainer.py runs); its stdout once every case printed `RUN OK <name>`."""
     launch = f"cases_{len(list(tmp_path.glob('cases_*.json')))}_{nproc}"  # one name per launch in tmp_path
     spec = tmp_path / f"{launch}.json"
     spec.write_text(json.dumps({"common": [str(a) for a in common],
                                 "cases": [{**c, "args": [str(a) for a in c["args"]]} for c in cases]}))
     if launcher == "deepspeed":
-        cmd = deepspeed_command(METHOD_RUNS, nproc) + [str(spec)]
+        cmd = deepspeed_command(script, nproc) + [str(spec)]
     elif nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(METHOD_RUNS), str(spec)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), str(spec)]
     else:
-        cmd = [sys.executable, str(METHOD_RUNS), str(spec)]
+        cmd = [sys.executable, str(script), str(spec)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=launch_env())
     if out.returncode != 0:  # the ranks' own error lines first: torchrun's summary buries them
         (tmp_path / f"{launch}.stderr").write_text(out.stderr)

@@ -55,4 +55,17 @@ def build_backend(name: str, *, device: torch.device, dtype: str, micro_batch_si
                max_norm=max_norm, **options)
 
 
-__all__ = ["Backend", "BACKENDS", "backend_class", "build_backend", "option_sections"]
+def adopt_engine(wrapped, optimizer, *, dtype: str = "fp32", fp32_values=None) -> Backend:
+    """The registered engine that built `wrapped` (a model another framework wrapped: Hugging Face Trainer through
+    accelerate), adopted around it and `optimizer` (`Backend.adopt`). A wrapper no engine recognises is a one-line
+    ValueError."""
+    engines = sorted((backend_class(name) for name in BACKENDS), key=lambda engine: engine.adopts_bare_modules)
+    for engine in engines:  # the engine that takes a bare module (one process) only after every wrapper's own
+        backend = engine.adopt(wrapped, optimizer, dtype=dtype, fp32_values=fp32_values)
+        if backend is not None:
+            return backend
+    raise ValueError(f"relora_dist reaches the tensors of {', '.join(BACKENDS)} engines; the model was wrapped in"
+                     f" {type(wrapped).__name__}, which none of them recognises")
+
+
+__all__ = ["Backend", "BACKENDS", "adopt_engine", "backend_class", "build_backend", "option_sections"]

@@ -114,6 +114,8 @@ class Backend(ABC):
     # For the throughput harness: no_sync() really defers the gradient reduction (DeepSpeed reduces inside
     # its own backward/step).
     defers_gradient_sync: ClassVar[bool] = True
+    # `adopt` takes a bare module (a single process): asked after the engines that recognise their own wrappers.
+    adopts_bare_modules: ClassVar[bool] = False
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -137,6 +139,17 @@ class Backend(ABC):
         return "whole"
 
     # -- lifecycle ------------------------------------------------------------------------------------
+    @classmethod
+    def adopt(cls, wrapped: nn.Module, optimizer: torch.optim.Optimizer, *, dtype: str = "fp32",
+              fp32_values: Mapping[str, torch.Tensor] | None = None) -> "Backend | None":
+        """This engine around a model and optimizer another framework built and wrapped (Hugging Face Trainer through
+        accelerate), for the access layer, replica checks and the export; None when `wrapped` is not this engine's.
+        `fp32_values`: the exact values of the frozen parameters a method declares `keep_fp32`, taken before the
+        engine cast the model (an engine holding them in bf16 keeps fp32 copies from these). The framework keeps
+        the training ops (forward, backward, step, checkpoints); the adopted engine adds what it does after
+        setting up its own (ZeRO-3's dormant partitions, a flat-partition optimizer's layout)."""
+        return None
+
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], param_groups: list[dict]) -> None:
         """Wrap `model` and build its optimizer from param groups. Called again when a method rebuilds the model."""
@@ -218,6 +231,13 @@ class Backend(ABC):
     @abstractmethod
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote (every rank calls it, after `setup`)."""
+
+    def save_adopted(self, directory: Path) -> None:
+        """An adopted engine (`adopt`): what it keeps beyond the framework's own checkpoint files, into `directory`
+        (every rank calls it). Default: nothing."""
+
+    def load_adopted(self, directory: Path) -> None:
+        """An adopted engine: restore what `save_adopted` wrote, after the framework loaded its own files."""
 
     @classmethod
     def checkpoint_model_source(cls, directory: Path) -> Path:

@@ -44,6 +44,7 @@ class DDPBackend(Backend):
     Options = DDPOptions
     options_section = "ddp"
     carries_states = True
+    adopts_bare_modules = True
 
     def __init__(self, *, device: torch.device, dtype: str = "fp32", count_gradient_bytes: bool = False,
                  allreduce_every_microbatch: bool = False, emulate_busbw: float | None = None, **batch):
@@ -55,6 +56,17 @@ class DDPBackend(Backend):
         self._module: nn.Module | None = None
         self._wrapped: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def adopt(cls, wrapped, optimizer, *, dtype="fp32", fp32_values=None):
+        replicated = isinstance(wrapped, DistributedDataParallel)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if not replicated and world > 1:
+            return None  # a bare module in a larger world is another engine's
+        module = wrapped.module if replicated else wrapped
+        backend = cls(device=next(module.parameters()).device, dtype=dtype)
+        backend._module, backend._wrapped, backend._optimizer = module, wrapped, optimizer
+        return backend
 
     def setup(self, model, make_optimizer, param_groups):
         self._module = model.to(self.device)

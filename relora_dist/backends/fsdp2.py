@@ -105,6 +105,15 @@ class FSDP2Backend(Backend):
         return "rows"
 
     # -- lifecycle ----------------------------------------------------------------------------------
+    @classmethod
+    def adopt(cls, wrapped, optimizer, *, dtype="fp32", fp32_values=None):
+        if not isinstance(wrapped, FSDPModule):
+            return None
+        backend = cls(device=next(wrapped.parameters()).device, dtype=dtype)
+        _check_row_sharding(wrapped, RowShards(None, None, backend.device))
+        backend._model, backend._optimizer = wrapped, optimizer
+        return backend
+
     def setup(self, model, make_optimizer, param_groups):
         self.ensure_process_group()  # FSDP2 needs a mesh even in a plain single process
         mesh = init_device_mesh(self.device.type, (self.world_size,))

@@ -9,6 +9,7 @@ import inspect
 from dataclasses import fields
 from pathlib import Path
 
+from ..backends import BACKENDS
 from ..methods import method_class, method_names, method_sections
 from .config import SHARED_METHOD_FIELDS, RunConfig, flag_for, section_specs
 
@@ -101,8 +102,6 @@ def _is_bool(annotation: str) -> bool:
 
 
 def build_parser(prog: str = "relora-train") -> argparse.ArgumentParser:
-    from ..backends import BACKENDS
-
     parser = _Parser(prog=prog, description="Low-rank and full-rank pre-training of LLaMA models (--method).",
                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with one section per top-level key (see the README's config reference).")
@@ -111,31 +110,64 @@ def build_parser(prog: str = "relora-train") -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     shared_done: set[str] = set()
     for section, (cls, defaults) in section_specs().items():
-        group = parser.add_argument_group(section)
-        docs = field_docs(cls)
-        for f in fields(cls):
-            flag = flag_for(section, f.name)
-            if flag is None or (section in method_sections() and f.name in shared_done):
-                continue
-            dest = f"{section}.{f.name}"
-            if section in method_sections() and f.name in SHARED_METHOD_FIELDS:
-                shared_done.add(f.name)
-                dest = f"method.{f.name}"  # routed to the section of the method in use
-            kwargs = dict(dest=dest, help=docs.get(f.name, ""))
-            if f.name == "resume":
-                kwargs.update(nargs="?", const="latest", metavar="CKPT")
-            elif _is_bool(str(f.type)):
-                kwargs.update(action=_Switch)
-            elif (section, f.name) == ("train", "method"):
-                kwargs.update(type=_one_of("method", method_names(), "--method"), metavar="{" + ",".join(method_names()) + "}",
-                              help="; ".join(f"{n}: {method_class(n).description}" for n in method_names()) + ".")
-            elif (section, f.name) == ("train", "backend"):
-                kwargs.update(type=_one_of("backend", BACKENDS, "--backend"), metavar="{" + ",".join(BACKENDS) + "}")
-            else:
-                kwargs.update(type=_converter(str(f.type)), metavar=f.name.upper())
-            kwargs["help"] = _help_text(kwargs["help"])
-            group.add_argument(f"--{flag}", **kwargs)
+        _add_section_flags(parser, section, cls, shared_done)
     return parser
+
+
+def add_method_flags(parser: argparse.ArgumentParser, optim_fields: tuple[str, ...] = ()) -> None:
+    """Every method section's flags as relora-train names them (--rank, --merge-every, --galore-update-proj-gap, ...),
+    and the optim section's `optim_fields`, for a script of its own (examples/hf_trainer.py); `method_settings` reads
+    them back. Values given are kept, others left out (argument_default=SUPPRESS)."""
+    shared_done: set[str] = set()
+    _add_section_flags(parser, "optim", section_specs()["optim"][0], shared_done, only=optim_fields)
+    for section, (cls, _) in method_sections().items():
+        _add_section_flags(parser, section, cls, shared_done)
+
+
+def method_settings(args: argparse.Namespace, method: str) -> dict:
+    """The fields `add_method_flags` set for `method`: its own section's (the shared --rank included) and the optim
+    fields, as one mapping (relora_dist.integrations.transformers' method_settings). Flags of other methods'
+    sections are left out, as relora-train leaves them unread."""
+    own = method_class(method).config_section
+    out = {}
+    for dest, value in vars(args).items():
+        section, _, name = dest.partition(".")
+        if not name:
+            continue
+        if section == "method":
+            section = _section_with(name, method)
+        if section in ("optim", own):
+            out[name] = value
+    return out
+
+
+def _add_section_flags(parser, section: str, cls: type, shared_done: set[str], only: tuple[str, ...] | None = None) -> None:
+    group = parser.add_argument_group(section)
+    docs = field_docs(cls)
+    for f in fields(cls):
+        flag = flag_for(section, f.name)
+        if only is not None and f.name not in only:
+            continue
+        if flag is None or (section in method_sections() and f.name in shared_done):
+            continue
+        dest = f"{section}.{f.name}"
+        if section in method_sections() and f.name in SHARED_METHOD_FIELDS:
+            shared_done.add(f.name)
+            dest = f"method.{f.name}"  # routed to the section of the method in use
+        kwargs = dict(dest=dest, help=docs.get(f.name, ""))
+        if f.name == "resume":
+            kwargs.update(nargs="?", const="latest", metavar="CKPT")
+        elif _is_bool(str(f.type)):
+            kwargs.update(action=_Switch)
+        elif (section, f.name) == ("train", "method"):
+            kwargs.update(type=_one_of("method", method_names(), "--method"), metavar="{" + ",".join(method_names()) + "}",
+                          help="; ".join(f"{n}: {method_class(n).description}" for n in method_names()) + ".")
+        elif (section, f.name) == ("train", "backend"):
+            kwargs.update(type=_one_of("backend", BACKENDS, "--backend"), metavar="{" + ",".join(BACKENDS) + "}")
+        else:
+            kwargs.update(type=_converter(str(f.type)), metavar=f.name.upper())
+        kwargs["help"] = _help_text(kwargs["help"])
+        group.add_argument(f"--{flag}", **kwargs)
 
 
 def parse_run_config(argv: list[str] | None = None, prog: str = "relora-train") -> tuple[RunConfig, argparse.Namespace]:

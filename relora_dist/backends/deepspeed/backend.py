@@ -101,6 +101,34 @@ class DeepSpeedBackend(Backend):
         # DeepSpeed casts every parameter to bf16: take the exact values of the frozen ones a method writes first.
         exact = {name: p.detach().float().clone() for name, p in fp32_frozen_parameters(model)} if self.dtype == "bf16" else {}
         self.engine, *_ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer, config=config)
+        self._after_initialize(exact)
+
+    @classmethod
+    def adopt(cls, wrapped, optimizer, *, dtype="fp32", fp32_values=None):
+        import sys
+
+        if "deepspeed" not in sys.modules:  # no DeepSpeedEngine exists without it; importing it takes seconds
+            return None
+        from deepspeed import DeepSpeedEngine
+
+        if not isinstance(wrapped, DeepSpeedEngine):
+            return None
+        backend = cls.__new__(cls)
+        Backend.__init__(backend, device=wrapped.device, dtype=dtype, micro_batch_size=wrapped.train_micro_batch_size_per_gpu(),
+                         accumulation_steps=wrapped.gradient_accumulation_steps(), max_norm=wrapped.gradient_clipping())
+        backend.config, backend.stage = getattr(wrapped, "config", None) or {}, wrapped.zero_optimization_stage()
+        backend.engine, backend.shadows, backend._guard = wrapped, FrozenShadows(), None
+        if backend.device.type == "cpu":
+            atexit.register(_remove_cpu_shm_buffers, backend.rank)
+        backend._after_initialize(dict(fp32_values or {}) if dtype == "bf16" else {})
+        return backend
+
+    def _after_initialize(self, exact: dict[str, torch.Tensor]) -> None:
+        """What follows deepspeed.initialize, whoever called it: ZeRO-3's dormant partitions and external parameters,
+        the fp32 copies of the declared frozen parameters (`exact`: their values before DeepSpeed cast them), and the
+        layout a flat-partition optimizer needs."""
+        import deepspeed
+
         if self.stage == 3:
             self._partition_dormant()
         if exact:
@@ -197,6 +225,13 @@ class DeepSpeedBackend(Backend):
         if self._partitioned_optimizer() is not None:
             save_portable_state(directory, self.engine.optimizer, self.engine.module, self.rank)
         self.shadows.save(directory, self.rank)
+
+    def save_adopted(self, directory):
+        self.shadows.save(Path(directory), self.rank)
+
+    def load_adopted(self, directory):
+        if self.shadows:
+            self._restore_exact_copies(Path(directory))
 
     def _partitioned_optimizer(self):
         """The optimizer inside the ZeRO wrapper when its state is laid out per flat partition, else None."""
