@@ -5,14 +5,13 @@ the same batches; resume from a Trainer checkpoint against the uninterrupted run
 (tests/dist/hf_trainer_runs.py runs a launch's cases one after another)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, distance, exported, launch_runs, max_relative_difference
-
-pytestmark = pytest.mark.dist
 
 RUNS = REPO / "tests" / "dist" / "hf_trainer_runs.py"
 CONFIGS = REPO / "launch" / "configs"
@@ -40,6 +39,7 @@ def run_record(out: Path) -> dict:
     return json.loads((out / "run.json").read_text())
 
 
+@pytest.mark.dist
 def test_methods_under_trainer_equal_one_process_on_deepspeed_and_fsdp2(tmp_path):
     one = [case(f"one/{m}", tmp_path, "--method", m, "--micro-batch-size", "4") for m in ("relora", "galore", "switchlora", "sst")]
     one.append(case("relora-train", tmp_path, "--method", "relora", "--micro-batch-size", "4", "--eval-every", "0",
@@ -100,3 +100,53 @@ def initial_model(merged: Path) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(merged))
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def trainer_arguments(tmp_path):
+    """TrainingArguments of a 1-process CPU run (no launcher, no process group): what the refusals are checked on.
+    What they leave process-wide (accelerate's state, environment variables) is undone afterwards."""
+    from accelerate.state import AcceleratorState
+    from transformers import TrainingArguments
+
+    environment = dict(os.environ)
+
+    def make(**overrides):
+        return TrainingArguments(**{"output_dir": str(tmp_path), "max_steps": 6, "use_cpu": True, "report_to": "none",
+                                    **overrides})
+    yield make
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.clear()
+    os.environ.update(environment)
+
+
+@pytest.mark.parametrize("overrides, settings, expected", [
+    ({"optim": "galore_adamw_layerwise"}, {}, "optim=galore_adamw_layerwise would replace the method's optimizer"),
+    ({"optim": "adafactor"}, {}, "optim=adafactor would replace"),
+    ({"lr_scheduler_type": "cosine"}, {}, "lr_scheduler_type=cosine: the method's own schedule drives the LR"),
+    ({"max_steps": -1}, {}, "set TrainingArguments(max_steps=N)"),
+    ({}, {"merge_evry": 3}, "method_settings merge_evry unknown to --method relora"),
+    ({}, {"warm_start_steps": 2}, "rebuilds the model mid-run"),
+    ({}, {"merge_every": 2, "restart_warmup_steps": 5}, "merge_every (2 updates) must be >="),
+])
+def test_trainer_options_that_would_change_the_method_are_refused_in_one_line(trainer_arguments, overrides, settings,
+                                                                                expected):
+    from relora_dist.integrations.transformers import MethodTrainer
+    from relora_dist.models import llama_config
+
+    with pytest.raises(ValueError) as refusal:
+        MethodTrainer(model=llama_config("debug", vocab_size=64), args=trainer_arguments(**overrides), method="relora",
+                      method_settings=settings)
+    assert expected in str(refusal.value) and "\n" not in str(refusal.value)
+
+
+def test_an_architecture_method_needs_its_config_and_optimizers_are_the_methods(trainer_arguments):
+    from relora_dist.integrations.transformers import MethodTrainer
+    from relora_dist.models import build_model, llama_config
+
+    args = trainer_arguments()
+    with pytest.raises(ValueError, match="--method cola trains its own architecture: pass its config"):
+        MethodTrainer(model=build_model(llama_config("debug", vocab_size=64)), args=args, method="cola")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="MethodTrainer builds the method's optimizer and schedule: pass no optimizers="):
+        MethodTrainer(model=llama_config("debug", vocab_size=64), args=args, method="relora", optimizers=(optimizer, None))

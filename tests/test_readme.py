@@ -25,7 +25,7 @@ def test_library_snippet_runs_and_merges():
 
     from relora_dist.models import build_model, llama_config_from_shape
 
-    snippet = README.split("```python", 1)[1].split("```", 1)[0]
+    snippet = README.split("## Library", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     torch.manual_seed(0)
     total_steps = 45
     model = build_model(llama_config_from_shape(32, 88, 2, 2, vocab_size=50, max_positions=32))
