@@ -145,8 +145,9 @@ def test_an_architecture_method_needs_its_config_and_optimizers_are_the_methods(
     from relora_dist.models import build_model, llama_config
 
     args = trainer_arguments()
-    with pytest.raises(ValueError, match="--method cola trains its own architecture: pass its config"):
-        MethodTrainer(model=build_model(llama_config("debug", vocab_size=64)), args=args, method="cola")
+    for method in ("cola", "control"):  # another architecture; another size
+        with pytest.raises(ValueError, match=f"--method {method} trains a model of its own"):
+            MethodTrainer(model=build_model(llama_config("debug", vocab_size=64)), args=args, method=method)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="MethodTrainer builds the method's optimizer and schedule: pass no optimizers="):
         MethodTrainer(model=llama_config("debug", vocab_size=64), args=args, method="relora", optimizers=(optimizer, None))

@@ -33,6 +33,7 @@ from ..access import fp32_frozen_parameters
 from ..backends import adopt_engine, backend_class
 from ..methods import method_class
 from ..models import save_hf_model
+from ..train.build import scale_non_projection_lr
 from ..train.checkpoint import load_method_state, save_method_state
 from ..train.config import RunConfig
 
@@ -155,7 +156,7 @@ class MethodTrainer(Trainer):
         if args is None:
             raise ValueError("MethodTrainer needs TrainingArguments (max_steps, learning_rate, ...)")
         check_trainer_arguments(args, kwargs.get("optimizers", (None, None)))
-        self.method_name, self.method_settings = method, dict(method_settings or {})
+        self.method_name = method
         self.method = method_class(method)(run_config(method, args, method_settings))
         self.method.validate()
         if len(self.method.phases()) > 1:
@@ -178,9 +179,9 @@ class MethodTrainer(Trainer):
             model = self.method.build_model(self.method.model_config(model))
         elif model is None:
             raise ValueError("MethodTrainer needs model= (a causal LM, or a config to build the method's model from)")
-        elif type(self.method.model_config(model.config)) is not type(model.config):
-            raise ValueError(f"--method {self.method_name} trains its own architecture: pass its config"
-                             f" (model=config) and MethodTrainer builds the model")
+        elif self.method.model_config(model.config).to_dict() != model.config.to_dict():
+            raise ValueError(f"--method {self.method_name} trains a model of its own (another architecture or size):"
+                             f" pass the base config (model=config) and MethodTrainer builds it")
         return self.method.prepare_model(model, 0)
 
     # -- engine -------------------------------------------------------------------------------------------
@@ -196,8 +197,6 @@ class MethodTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            from ..train.build import scale_non_projection_lr
-
             opt_model = self.model if model is None else model
             groups = scale_non_projection_lr(self.method.param_groups(opt_model), opt_model,
                                              self.method.cfg.optim.non_projection_lr_scale)
@@ -265,10 +264,14 @@ class MethodTrainer(Trainer):
         record = directory / METHOD_FILE
         if not record.is_file():
             raise ValueError(f"checkpoint {directory} has no {METHOD_FILE}: not written by MethodTrainer")
-        saved = json.loads(record.read_text())
-        if saved != json.loads(json.dumps(self._method_record())):
-            raise ValueError(f"checkpoint {directory} was written by --method {saved.get('method')} with other settings"
-                             f" ({saved.get('settings')}); this run: {self._method_record()['settings']}")
+        saved, this = json.loads(record.read_text()), json.loads(json.dumps(self._method_record()))
+        if saved["method"] != this["method"]:
+            raise ValueError(f"checkpoint {directory} was written by --method {saved['method']}; this run: {this['method']}")
+        changed = sorted(k for k in saved["settings"].keys() | this["settings"].keys()
+                         if saved["settings"].get(k) != this["settings"].get(k))
+        if changed:
+            raise ValueError(f"checkpoint {directory} was written with other {this['method']} settings: " + ", ".join(
+                f"{k} {saved['settings'].get(k)!r} there, {this['settings'].get(k)!r} here" for k in changed))
         self.method.load_state_dict(load_method_state(directory))
         self.adopt_engine().load_adopted(directory)
 
