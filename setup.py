@@ -39,7 +39,7 @@ setup(
         "wandb": ["wandb>=0.19"],  # --report-to wandb
         # relora_dist.integrations.transformers (Hugging Face Trainer): the versions it is tested with.
         "hf": HF_TRAINER,
-        "dev": ["pytest>=8.0", "triton>=3.1", "wandb>=0.19", *HF_TRAINER],
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.6", "triton>=3.1", "wandb>=0.19", *HF_TRAINER],
     },
     entry_points={
         "console_scripts": [

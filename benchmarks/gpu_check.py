@@ -4,7 +4,9 @@
 2. `benchmarks/fused_kernels.py --quick`: fused kernels against cuBLAS, the PEFT-style unfused path and torch.compile
    at d 2048 / 4096, r 64 / 128 / 256, bf16; targets: fused forward <= 1.10x the dense GEMM at d 4096 / r 64
    (the roofline is 1.03x), fused forward+backward <= 0.8x the unfused one;
-3. 30-update ReLoRA runs (warm start, two merges) at world size 1 under DDP, ZeRO-2, ZeRO-3 and FSDP2, eager and
+3. `examples/hf_trainer.py` (ReLoRA inside Hugging Face Trainer, two merges) on accelerate's own GPU paths, unpatched:
+   DeepSpeed ZeRO-2 and FSDP2, each run's adopted engine checked (`run.json`);
+4. 30-update ReLoRA runs (warm start, two merges) at world size 1 under DDP, ZeRO-2, ZeRO-3 and FSDP2, eager and
    `--compile`, fused kernels on and off: tokens/s (median per update), MFU, peak memory from NVML.
 
 Writes DIR/gpu_check.json and DIR/summary.txt. Exit 0 when every step ran and passed, 1 when one broke or did
@@ -34,7 +36,10 @@ RUN_ARGS = ["--model", MODEL["preset"], "--vocab-size", str(MODEL["vocab_size"])
             "--restart-warmup-steps", "2", "--lr", "1e-3", "--eval-every", "0", "--eval-batches", "1", "--save-every", "0",
             "--progress", "false"]
 TARGETS = {"fused_fwd_vs_dense": 1.10, "fused_fwd_bwd_vs_unfused": 0.8}  # at K = N = 4096, r = 64, bf16
-STEP_TIMEOUT_S = {"kernel_tests": 180, "kernel_bench": 120, "run": 90}
+STEP_TIMEOUT_S = {"kernel_tests": 180, "kernel_bench": 120, "hf_trainer": 90, "run": 90}
+HF_TRAINER = {"deepspeed": ["--deepspeed", "launch/configs/zero2.json"], "fsdp2": ["--fsdp2"]}  # engine: example flags
+HF_TRAINER_ARGS = ["--method", "relora", "--model", "tiny", "--steps", "24", "--merge-every", "10",
+                   "--restart-warmup-steps", "2", "--bf16"]
 
 
 @dataclass
@@ -182,7 +187,26 @@ def main(argv=None) -> int:
     else:
         checks.append(out_of_time("kernel_bench"))
 
-    # 3. training runs
+    # 3. Hugging Face Trainer on its own GPU engines
+    for engine, flags in HF_TRAINER.items():
+        name = f"hf_trainer/{engine}"
+        if left(1) <= 5:
+            checks.append(out_of_time(name))
+            continue
+        run_out = out / "runs" / name.replace("/", "_")
+        command = torchrun_command(1, "examples/hf_trainer.py", *HF_TRAINER_ARGS, *flags, "--out", str(run_out))
+        check, _ = run_step(name, command, timeout_s=left(STEP_TIMEOUT_S["hf_trainer"]), env=env)
+        if check.ok:
+            try:
+                record = json.loads((run_out / "run.json").read_text())
+                merges = max(r.get("merges", 0) for r in record["log_history"])
+                check.detail = {"engine": record["engine"], "merges": merges}
+                check.ok = record["engine"] == engine and merges == 2
+            except (OSError, KeyError, ValueError) as e:
+                check.ok, check.error = False, f"run.json unreadable: {e}"
+        checks.append(check)
+
+    # 4. training runs
     for case in plan_runs():
         if left(1) <= 5:
             checks.append(out_of_time(case.name))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO, distance, exported, launch_runs, max_relative_difference
 
@@ -65,8 +66,11 @@ def test_methods_under_trainer_equal_one_process_on_deepspeed_and_fsdp2(tmp_path
                  refused="the DeepSpeed config has a 'optimizer' section")]
     launch_runs(two, COMMON, nproc=2, tmp_path=tmp_path, script=RUNS)
 
-    # The 1-process Trainer run is relora-train's on the same batches, bit for bit
+    # The 1-process Trainer run is relora-train's on the same batches, bit for bit; its merged export is a plain model
     assert max_relative_difference(exported(tmp_path / "relora-train" / "merged"), exported(tmp_path / "one/relora/merged")) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "one/relora/merged")
+    assert type(loaded).__name__ == "LlamaForCausalLM" and max_relative_difference(
+        exported(tmp_path / "one/relora/merged"), {k: v.detach() for k, v in loaded.state_dict().items()}) == 0
     for method, engine in CASES:
         out = tmp_path / f"{method}/{engine}"
         record = run_record(out)
@@ -95,8 +99,6 @@ def test_methods_under_trainer_equal_one_process_on_deepspeed_and_fsdp2(tmp_path
 
 def initial_model(merged: Path) -> dict:
     """The plain model every run starts from (the example seeds with --seed 0 and builds the config it exported)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(merged))
     return {k: v.detach() for k, v in model.state_dict().items()}
