@@ -22,10 +22,10 @@ COMMON = ["--model", "debug", "--seq-len", "64", "--steps", "6", "--global-batch
           "--galore-update-gap", "2", "--switchlora-interval", "2", "--switchlora-freeze-steps", "1", "--sst-iteration-steps", "2",
           "--sst-round-iterations", "2", "--sst-restart-warmup", "1", "--grad-clip", "0.3",
           "--eps", "1e-3"]  # as tests/conftest.py's SMALL: Adam's rounding amplified less
-ENGINES = {"zero2": ["--deepspeed", CONFIGS / "zero2.json"], "zero3": ["--deepspeed", CONFIGS / "zero3.json"],
+ENGINES = {"ddp": [], "zero2": ["--deepspeed", CONFIGS / "zero2.json"], "zero3": ["--deepspeed", CONFIGS / "zero3.json"],
            "fsdp2": ["--fsdp2"]}
-ENGINE_NAMES = {"zero2": "deepspeed", "zero3": "deepspeed", "fsdp2": "fsdp2"}
-CASES = [("relora", "zero2"), ("relora", "zero3"), ("relora", "fsdp2"), ("galore", "zero2"), ("galore", "zero3"),
+ENGINE_NAMES = {"ddp": "ddp", "zero2": "deepspeed", "zero3": "deepspeed", "fsdp2": "fsdp2"}
+CASES = [("relora", "ddp"), ("relora", "zero2"), ("relora", "zero3"), ("relora", "fsdp2"), ("galore", "zero2"), ("galore", "zero3"),
          ("galore", "fsdp2"), ("switchlora", "zero2"), ("switchlora", "zero3"), ("sst", "zero2")]
 # Resumed from the checkpoint before the last (every N updates): a merge, GaLore's projector refresh and SST's resample
 # (its generator's draw) come after it

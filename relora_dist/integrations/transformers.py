@@ -136,6 +136,9 @@ class _MethodEvents(TrainerCallback):
     def __init__(self, trainer: "MethodTrainer"):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.adopt_engine()
+
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.after_update(state.global_step)
 
@@ -207,13 +210,14 @@ class MethodTrainer(Trainer):
         if self.lr_scheduler is None:
             self.lr_scheduler = MethodSchedule(optimizer or self.optimizer, self.method)
             self._created_lr_scheduler = True
-        self.adopt_engine()  # Trainer creates the scheduler right after its accelerator wrapped the model
+        if self.is_deepspeed_enabled:  # wrapped just now: adopted before a checkpoint load needs the optimizer's hooks
+            self.adopt_engine()
         return self.lr_scheduler
 
     def adopt_engine(self):
         """The engine Trainer's accelerator built, adopted for the method's events (once per wrapping)."""
         wrapped = self._wrapped_model()
-        if wrapped is None or (self.engine is not None and self.engine.model is wrapped):
+        if self.engine is not None and self.engine.model is wrapped:
             return self.engine
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer wraps it
         self.engine = adopt_engine(wrapped, optimizer, dtype=self.method.cfg.train.dtype, fp32_values=self.fp32_values)
@@ -223,11 +227,10 @@ class MethodTrainer(Trainer):
         return self.engine
 
     def _wrapped_model(self):
+        """DeepSpeed's engine as soon as accelerate built it; otherwise what Trainer keeps as `model_wrapped` (DDP, the
+        fully_shard-ed model, or the model itself in one process), set once it prepared the model."""
         deepspeed = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
-        if deepspeed is not None:
-            return deepspeed.engine
-        models = self.accelerator._models  # what accelerator.prepare wrapped (accelerate 1.15)
-        return models[-1] if models else None
+        return deepspeed.engine if deepspeed is not None else self.model_wrapped
 
     # -- events, logs ---------------------------------------------------------------------------------------
     def after_update(self, step: int) -> None:
