@@ -115,7 +115,7 @@ def build_parser(prog: str = "relora-train") -> argparse.ArgumentParser:
 
 
 def add_method_flags(parser: argparse.ArgumentParser, optim_fields: tuple[str, ...] = ()) -> None:
-    """Every method section's flags as relora-train names them (--rank, --merge-every, --galore-update-proj-gap, ...),
+    """Every method section's flags as relora-train names them (--rank, --merge-every, --galore-update-gap, ...),
     and the optim section's `optim_fields`, for a script of its own (examples/hf_trainer.py); `method_settings` reads
     them back. Values given are kept, others left out (argument_default=SUPPRESS)."""
     shared_done: set[str] = set()
