@@ -59,7 +59,11 @@ def test_methods_under_trainer_equal_one_process_on_deepspeed_and_fsdp2(tmp_path
         if save:
             two.append(case(f"{method}/{engine}-resumed", tmp_path, "--method", method, "--micro-batch-size", "2",
                             *ENGINES[engine], *save, "--resume", resume_from=str(tmp_path / f"{method}/{engine}")))
-    two += [case("relora/zero2-bf16", tmp_path, "--method", "relora", "--micro-batch-size", "2", *ENGINES["zero2"], "--bf16"),
+    planted = "checkpoint-3/global_step3/zero_pp_rank_1_mp_rank_00_model_states.pt"
+    two += [case("relora/zero3-planted", tmp_path, "--method", "relora", "--micro-batch-size", "2", *ENGINES["zero3"],
+                 "--save-steps", "3", "--resume", resume_from=str(tmp_path / "relora/zero3"), plant=planted,
+                 refused=f"checkpoint file {tmp_path / 'relora/zero3-planted' / planted} is not plain data (it names posix.system)"),
+            case("relora/zero2-bf16", tmp_path, "--method", "relora", "--micro-batch-size", "2", *ENGINES["zero2"], "--bf16"),
             case("fsdp2-on-cpu", tmp_path, "--method", "relora", "--micro-batch-size", "2", "--fsdp2", cpu_fsdp2=False,
                  refused="FSDP2 was asked for, but accelerate built MULTI_CPU instead"),
             case("ds-optimizer", tmp_path, "--method", "relora", "--micro-batch-size", "2", "--deepspeed", optimizer_section,
@@ -84,6 +88,8 @@ def test_methods_under_trainer_equal_one_process_on_deepspeed_and_fsdp2(tmp_path
             assert run_record(resumed)["resumed_from"] == str(resumed / f"checkpoint-{5 // every * every}")
             assert sorted(p.name for p in resumed.glob("checkpoint-*")) == [f"checkpoint-{5 // every * every}", "checkpoint-6"]
             assert (resumed / "checkpoint-6" / "relora_method.json").is_file()
+
+    assert not (tmp_path / "relora/zero3-planted/exploit_ran").exists()  # refused before DeepSpeed unpickled it
 
     # ReLoRA's merges happen after the updates its schedule names, which ran at LR 0 (Trainer's records)
     for name in ("one/relora", "relora/zero2", "relora/fsdp2"):

@@ -240,6 +240,11 @@ class Backend(ABC):
         """An adopted engine: restore what `save_adopted` wrote, after the framework loaded its own files."""
 
     @classmethod
+    def check_adopted_checkpoint(cls, directory: Path) -> None:
+        """Before a framework resumes an adopted engine from its checkpoint `directory`: the files the engine itself
+        unpickles without weights_only, read as data first (a planted one refused by name). Default: none."""
+
+    @classmethod
     def checkpoint_model_source(cls, directory: Path) -> Path:
         """The file or folder holding the model state in a checkpoint this engine wrote (for error messages)."""
         return Path(directory) / "model.pt"

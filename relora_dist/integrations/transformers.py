@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 from transformers import PretrainedConfig, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..access import fp32_frozen_parameters
 from ..backends import adopt_engine, backend_class
@@ -277,6 +278,15 @@ class MethodTrainer(Trainer):
                 f"{k} {saved['settings'].get(k)!r} there, {this['settings'].get(k)!r} here" for k in changed))
         self.method.load_state_dict(load_method_state(directory))
         self.adopt_engine().load_adopted(directory)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer's train; a checkpoint to resume from has the files its engine unpickles itself checked as data
+        first (DeepSpeed's: a planted pickle is refused in one line before DeepSpeed reads it)."""
+        if resume_from_checkpoint:
+            path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            if path:
+                backend_class(trainer_engine(self.args)).check_adopted_checkpoint(Path(path))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_merged(self, directory: str | Path) -> Path:
         """The plain model (ReLoRA's s*B@A folded into W, ...) as safetensors with its config and the tokenizer

@@ -7,6 +7,8 @@ accelerator is reset between cases, as a new process would start).
 CASES.json: {"common": [flags...], "cases": [{"name": ..., "args": [flags...], ...}, ...]}, a case optionally with
 - `resume_from`: DIR: before the case, rank 0 copies DIR's checkpoints but the last into the case's --out, so the case
   resumes (its args say --resume) from the one before;
+- `plant`: FILE (with `resume_from`): that file of the copy replaced by a pickle that would run `touch
+  OUT/exploit_ran` when unpickled;
 - `refused`: TEXT: the case must end in a refusal (ValueError, or argparse's exit 2) whose message holds TEXT, or
   with `exit_code` 0, in argparse's exit 0 (--help) with TEXT in its output;
 - `cpu_fsdp2`: false: MethodTrainer without accelerate's CPU device gate lifted;
@@ -18,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -47,6 +50,14 @@ def copy_all_but_last_checkpoint(source: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for checkpoint in checkpoints[:-1]:
         shutil.copytree(checkpoint, target / checkpoint.name)
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
 class _WithoutCpuGate(hf_trainer.MethodTrainer):
@@ -86,8 +97,11 @@ def main(path: str) -> int:
     for case in spec["cases"]:
         started = time.perf_counter()
         args = [str(a) for a in spec["common"] + case["args"]]
+        out = Path(args[args.index("--out") + 1])
         if case.get("resume_from") and rank == 0:
-            copy_all_but_last_checkpoint(Path(case["resume_from"]), Path(args[args.index("--out") + 1]))
+            copy_all_but_last_checkpoint(Path(case["resume_from"]), out)
+            if case.get("plant"):
+                torch.save(_Exploit(out / "exploit_ran"), out / case["plant"])
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         run_case(case, args)

@@ -23,8 +23,8 @@ import torch
 from ...access import FlatPartitionOptimizer, dormant_modules, external_parameters, fp32_frozen_parameters, write_pieces
 from ...distributed import rank0_first
 from ..base import Backend, checkpoint_must_fit, clip_replicated_gradients, set_group_lrs
-from .checkpoint import (CHECKPOINT_TAG, MASTER_NAMES_KEY, check_checkpoint_data, read_checkpoint_model, saved_buffers,
-                         saved_frozen_parameters, saved_world_size, universal_checkpoint)
+from .checkpoint import (CHECKPOINT_TAG, MASTER_NAMES_KEY, check_checkpoint_data, check_engine_files, read_checkpoint_model,
+                         saved_buffers, saved_frozen_parameters, saved_world_size, universal_checkpoint)
 from .engine_config import engine_config, load_engine_config
 from .fp32_copies import FrozenShadows, saved_shadows
 from .layout import full_parameters, shard_access_for
@@ -232,6 +232,10 @@ class DeepSpeedBackend(Backend):
     def load_adopted(self, directory):
         if self.shadows:
             self._restore_exact_copies(Path(directory))
+
+    @classmethod
+    def check_adopted_checkpoint(cls, directory):
+        check_engine_files(Path(directory))
 
     def _partitioned_optimizer(self):
         """The optimizer inside the ZeRO wrapper when its state is laid out per flat partition, else None."""

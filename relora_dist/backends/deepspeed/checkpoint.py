@@ -54,9 +54,18 @@ def check_checkpoint_data(directory: Path) -> None:
     """Every file DeepSpeed may unpickle from this checkpoint (its native folder, and the universal one a resume at
     another world size made) loaded as data, before DeepSpeed reads any: a file that is not is refused by name
     (`CheckpointNotData`). The tensors' bytes are mapped, not read."""
+    check_engine_files(Path(directory), (CHECKPOINT_TAG, UNIVERSAL_DIR))
+
+
+def check_engine_files(directory: Path, tags: tuple[str, ...] | None = None) -> None:
+    """The `*.pt` files under `directory`'s tag folders loaded as data; default tags: the one DeepSpeed's `latest`
+    file names (a checkpoint another framework had DeepSpeed write, Trainer's `checkpoint-N/global_stepN`)."""
+    if tags is None:
+        latest = Path(directory) / "latest"
+        tags = (latest.read_text().strip(),) if latest.is_file() else ()
     allowed = engine_file_classes()
-    for folder in (Path(directory) / CHECKPOINT_TAG, Path(directory) / UNIVERSAL_DIR):
-        for file in sorted(folder.rglob("*.pt")):
+    for tag in tags:
+        for file in sorted((Path(directory) / tag).rglob("*.pt")):
             load_checkpoint_file(file, allowed=allowed, mmap=True)
 
 
