@@ -320,5 +320,9 @@ def set_group_lrs(param_groups: list[dict], lr: float | Mapping[str, float]) -> 
     """Set every group's rate: one for all, or each group's by its `name` (a group the mapping misses is an error,
     not a silent old rate), times the group's `lr_scale` where it has one (--non-projection-lr-scale)."""
     for group in param_groups:
-        rate = lr[group["name"]] if isinstance(lr, Mapping) else lr
-        group["lr"] = rate * group["lr_scale"] if "lr_scale" in group else rate
+        group["lr"] = scaled_rate(group, lr[group["name"]] if isinstance(lr, Mapping) else lr)
+
+
+def scaled_rate(group: dict, rate: float) -> float:
+    """A param group's rate for the schedule's `rate`: times its `lr_scale` where it has one."""
+    return rate * group["lr_scale"] if "lr_scale" in group else rate

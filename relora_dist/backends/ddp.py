@@ -60,11 +60,10 @@ class DDPBackend(Backend):
     @classmethod
     def adopt(cls, wrapped, optimizer, *, dtype="fp32", fp32_values=None):
         replicated = isinstance(wrapped, DistributedDataParallel)
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if not replicated and world > 1:
-            return None  # a bare module in a larger world is another engine's
         module = wrapped.module if replicated else wrapped
         backend = cls(device=next(module.parameters()).device, dtype=dtype)
+        if not replicated and backend.world_size > 1:
+            return None  # a bare module in a larger world is another engine's
         backend._module, backend._wrapped, backend._optimizer = module, wrapped, optimizer
         return backend
 

@@ -32,9 +32,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..access import fp32_frozen_parameters
 from ..backends import adopt_engine, backend_class
+from ..backends.base import scaled_rate
 from ..methods import method_class
 from ..models import save_hf_model
-from ..train.build import scale_non_projection_lr
+from ..train.build import method_param_groups
 from ..train.checkpoint import load_method_state, save_method_state
 from ..train.config import RunConfig
 
@@ -110,7 +111,7 @@ def check_trainer_arguments(args: TrainingArguments, optimizers=(None, None)) ->
 def check_layout(method_obj, args: TrainingArguments) -> None:
     """The method's optimizer against the tensors the engine hands it (whole, row shards, flat partitions)."""
     engine = backend_class(trainer_engine(args))
-    options = engine.Options(config=args.hf_deepspeed_config.config) if args.deepspeed else engine.Options()
+    options = engine.Options(**({engine.implied_by: args.hf_deepspeed_config.config} if args.deepspeed else {}))
     method_obj.check_optimizer_layout(engine.optimizer_layout(options, dtype=method_obj.cfg.train.dtype))
 
 
@@ -124,8 +125,7 @@ class MethodSchedule(LRScheduler):
 
     def get_lr(self):
         step = max(self.last_epoch, 0)
-        return [self.method.group_lr(step, group["name"]) * group.get("lr_scale", 1.0)
-                for group in self.optimizer.param_groups]
+        return [scaled_rate(group, self.method.group_lr(step, group["name"])) for group in self.optimizer.param_groups]
 
     def state_dict(self):
         return {k: v for k, v in super().state_dict().items() if k != "method"}  # plain data: weights_only loads it
@@ -201,9 +201,7 @@ class MethodTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            groups = scale_non_projection_lr(self.method.param_groups(opt_model), opt_model,
-                                             self.method.cfg.optim.non_projection_lr_scale)
+            groups = method_param_groups(self.method, self.model if model is None else model)
             self.optimizer = self.method.make_optimizer(groups)
         return self.optimizer
 

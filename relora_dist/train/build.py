@@ -32,9 +32,14 @@ def set_up_engine(backend, method, model: nn.Module, *, compile: bool = False, c
     compile before fully_shard). Returns the param group names."""
     if compile:
         compile_decoder_layers(model, compile_backend)
-    groups = scale_non_projection_lr(method.param_groups(model), model, method.cfg.optim.non_projection_lr_scale)
+    groups = method_param_groups(method, model)
     backend.setup(model, method.make_optimizer, groups)
     return [g["name"] for g in groups]
+
+
+def method_param_groups(method, model: nn.Module) -> list[dict]:
+    """The optimizer's param groups for `method` on `model`: the method's own, with --non-projection-lr-scale applied."""
+    return scale_non_projection_lr(method.param_groups(model), model, method.cfg.optim.non_projection_lr_scale)
 
 
 def scale_non_projection_lr(groups: list[dict], model: nn.Module, scale: float) -> list[dict]:
